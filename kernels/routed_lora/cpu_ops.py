@@ -1,0 +1,152 @@
+"""The fast CPU path of routed LoRA: a segmented shrink/expand over the pair plan.
+
+    h[p]            = lora_a[s_p] @ x[t_p]                         (shrink, [P, r] fp32)
+    out[t_p]       += weight_p * scaling[s_p] * lora_b[s_p] @ h[p]  (expand, [T, d_out] fp32)
+
+for the pairs p of the plan, grouped by slot s so each expert's weights are read once per call.
+
+Two implementations, chosen by measurement (BENCHMARKS.md, "Kernels"):
+- a small C++ kernel (`cpu_kernel.cpp`, OpenMP, fp32/bf16 weights) compiled once with g++ and
+  loaded through ctypes: one foreign call per routed linear, which is what decode steps need, where
+  Python/ATen dispatch per op would cost more than the arithmetic;
+- a per-segment loop of ATen matmuls, used for large P (prefill), for fp16 weights, and whenever the
+  C++ kernel is unavailable (no compiler, build failure, or MOLESERVE_CPU_KERNEL=0).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kernels.pairs import PairPlan, plan_from_slots
+from kernels.routed_lora.torch_ops import scaling_vector
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# Above this many pairs the ATen per-segment loop wins (its GEMMs are blocked; see BENCHMARKS.md).
+SEGMENT_LOOP_MIN_PAIRS = 1024
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOLESERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "moleserve"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    # -march=native makes the binary CPU-specific; key the cache on the CPU's feature flags.
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+@lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL | None:
+    """Compile (once per source/flags/CPU, cached on disk) and load the C++ kernel; None if unavailable."""
+    if os.environ.get("MOLESERVE_CPU_KERNEL", "1") == "0":
+        return None
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    lib_path = _cache_dir() / f"routed_lora_cpu_{key}.so"
+    try:
+        if not lib_path.exists():
+            lib_path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+                tmp_so = Path(tmp) / lib_path.name
+                cxx = os.environ.get("CXX", "g++")
+                subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", str(tmp_so)], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(tmp_so, lib_path)  # atomic: concurrent builders race harmlessly
+        lib = ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("routed_lora: C++ CPU kernel unavailable (%s); using the ATen segment loop", exc)
+        return None
+    fn = lib.routed_lora_cpu
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, p, p, i64, i64, ctypes.c_int, p, p, p, ctypes.c_float,
+                   p, p, p, i64, p, p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def routed_lora_cpu(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    slots: Tensor,
+    weights: Tensor,
+    scaling: float | Tensor,
+    *,
+    plan: PairPlan | None = None,
+) -> Tensor:
+    """Same contract as `routed_lora_torch`; CPU tensors.  Uses `plan` when given (it must describe
+    `slots`/`weights`), otherwise builds it."""
+    if plan is None:
+        plan = plan_from_slots(slots, weights)
+    lib = load_library()
+    if (
+        lib is None
+        or plan.num_pairs >= SEGMENT_LOOP_MIN_PAIRS
+        or lora_a.dtype not in (torch.float32, torch.bfloat16)
+        or lora_b.dtype != lora_a.dtype
+        or not lora_a.is_contiguous()
+        or not (lora_b.is_contiguous() or lora_b.transpose(1, 2).is_contiguous())
+    ):
+        return segment_loop(x, lora_a, lora_b, plan, scaling)
+    return _call_kernel(lib, x, lora_a, lora_b, plan, scaling)
+
+
+def _call_kernel(lib, x, lora_a, lora_b, plan: PairPlan, scaling) -> Tensor:
+    t, d_in = x.shape
+    _, r, _ = lora_a.shape
+    d_out = lora_b.shape[1]
+    xf = x.float().contiguous()
+    if isinstance(scaling, Tensor):
+        scale = scaling.float().contiguous()
+        scale_ptr, scale_scalar = scale.data_ptr(), 0.0
+    else:
+        scale_ptr, scale_scalar = None, float(scaling)
+    h = torch.empty(plan.num_pairs, r, dtype=torch.float32)
+    out = torch.empty(t, d_out, dtype=torch.float32)
+    rc = lib.routed_lora_cpu(
+        xf.data_ptr(), t, d_in, lora_a.data_ptr(), lora_b.data_ptr(), r, d_out,
+        32 if lora_a.dtype == torch.float32 else 16,
+        plan.pair_token.data_ptr(), plan.pair_weight.data_ptr(), scale_ptr, scale_scalar,
+        plan.seg_slot.data_ptr(), plan.seg_start.data_ptr(), plan.seg_len.data_ptr(),
+        plan.num_segments, h.data_ptr(), out.data_ptr(), int(not lora_b.is_contiguous()),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"routed_lora_cpu kernel failed with code {rc}")
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def segment_loop(x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: PairPlan, scaling) -> Tensor:
+    """One gather + two GEMMs + one scatter-add per segment (slot).  Any dtype, any device."""
+    scale = scaling_vector(scaling, lora_a.shape[0], x.device)
+    xs = x.index_select(0, plan.pair_token).float()  # [P, d_in], rows in slot order
+    coef = plan.pair_weight * scale[plan.pair_slot]  # [P]
+    ys = torch.empty(plan.num_pairs, lora_b.shape[1], dtype=torch.float32, device=x.device)
+    starts, lens, segs = plan.seg_start.tolist(), plan.seg_len.tolist(), plan.seg_slot.tolist()
+    for s, p0, n in zip(segs, starts, lens):
+        h = xs[p0 : p0 + n] @ lora_a[s].float().t()  # [n, r]
+        h.mul_(coef[p0 : p0 + n, None])
+        torch.mm(h, lora_b[s].float().t(), out=ys[p0 : p0 + n])
+    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, plan.pair_token, ys)
+    return out.to(x.dtype)
