@@ -1,0 +1,30 @@
+# The two commands of the README. Both set up everything on a fresh machine and are quick after.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STAMP := $(VENV)/.moleserve-installed
+TEST_STAMP := $(VENV)/.moleserve-test-installed
+
+.PHONY: serve test model bench clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	VENV=$(VENV) scripts/install.sh
+	touch $@
+
+$(TEST_STAMP): pyproject.toml scripts/install.sh
+	VENV=$(VENV) scripts/install.sh test
+	touch $(STAMP) $@
+
+model: $(STAMP)
+	$(PY) -m server.model.embedded
+
+serve: model
+	$(VENV)/bin/moleserve generate --chat "Say hello in one short sentence."
+
+test: $(TEST_STAMP)
+	$(PY) -m server.model.embedded
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

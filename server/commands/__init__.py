@@ -1,0 +1,1 @@
+"""Subcommands of the ``moleserve`` console script (see server/cli.py)."""

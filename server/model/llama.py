@@ -1,0 +1,167 @@
+"""A compact Llama-family forward over a flat batch of tokens from many sequences (no padding).
+
+Each token carries its position (``StepContext.positions``); attention is delegated to the step's
+``AttentionStep`` (paged cache in the engine, a simple cache in tests); every adapter-targetable
+linear is a ``TargetLinear`` hook point. q/k/v and gate/up are fused into one GEMM each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .context import get_step_context
+from .errors import ModelLoadError
+from .layers import RMSNorm, RotaryEmbedding, TargetLinear, apply_rotary
+from .weights import load_state
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = TargetLinear(layer, ("q_proj", "k_proj", "v_proj"), cfg.hidden_size,
+                                     (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.qkv_bias)
+        self.o_proj = TargetLinear(layer, ("o_proj",), cfg.q_size, (cfg.hidden_size,), cfg.o_bias)
+        self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = apply_rotary(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.kv_heads, self.head_dim)
+        out = get_step_context().attention.forward(self.layer, q, k, v)
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)), gate and up fused into one GEMM."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = TargetLinear(layer, ("gate_proj", "up_proj"), cfg.hidden_size,
+                                         (cfg.intermediate_size, cfg.intermediate_size), cfg.mlp_bias)
+        self.down_proj = TargetLinear(layer, ("down_proj",), cfg.intermediate_size, (cfg.hidden_size,), cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = get_step_context().adapters
+        if adapters is not None:
+            replaced = adapters.mlp(self.layer, x, self)
+            if replaced is not None:
+                return replaced
+        return self.dense(x)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """input_ids [T] (flat, many sequences) -> logits [L, vocab] for ``StepContext.logits_indices``."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        if rotary is None:
+            with torch.device("cpu"):  # its tables are real even when the model is built on meta
+                rotary = RotaryEmbedding(cfg)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head_weight = self.embed_tokens.weight
+        else:
+            self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> final normed hidden states [T, hidden]."""
+        ctx = get_step_context()
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(ctx.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.hidden_states(input_ids)
+        idx = get_step_context().logits_indices
+        if idx is not None:
+            h = h.index_select(0, idx)
+        return F.linear(h, self.lm_head_weight)
+
+    @torch.no_grad()
+    def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a validated HF state dict in (fusing q/k/v and gate/up)."""
+        cfg = self.config
+        self.embed_tokens.weight.copy_(state["model.embed_tokens.weight"])
+        self.norm.weight.copy_(state["model.norm.weight"])
+        if not cfg.tie_word_embeddings:
+            self.lm_head_weight.copy_(state["lm_head.weight"])
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            layer.input_layernorm.weight.copy_(state[p + "input_layernorm.weight"])
+            layer.post_attention_layernorm.weight.copy_(state[p + "post_attention_layernorm.weight"])
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj.weight.copy_(torch.cat([state[p + f"self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]))
+            if cfg.qkv_bias:
+                attn.qkv_proj.bias.copy_(torch.cat([state[p + f"self_attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")]))
+            attn.o_proj.weight.copy_(state[p + "self_attn.o_proj.weight"])
+            if cfg.o_bias:
+                attn.o_proj.bias.copy_(state[p + "self_attn.o_proj.bias"])
+            mlp.gate_up_proj.weight.copy_(torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]))
+            mlp.down_proj.weight.copy_(state[p + "mlp.down_proj.weight"])
+            if cfg.mlp_bias:
+                mlp.gate_up_proj.bias.copy_(torch.cat([state[p + "mlp.gate_proj.bias"], state[p + "mlp.up_proj.bias"]]))
+                mlp.down_proj.bias.copy_(state[p + "mlp.down_proj.bias"])
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LlamaModel:
+    """Load a local Hugging Face Llama-family folder. Raises ModelLoadError with one clear line."""
+    folder = Path(path)
+    cfg = ModelConfig.from_folder(folder)
+    state = load_state(folder, cfg)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:
+        model.lm_head_weight = model.embed_tokens.weight
+    model.load_hf_state(state)
+    for name, t in model.named_parameters():
+        # amax/amin propagate NaN and catch +-inf without allocating a mask per tensor.
+        if not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
+            raise ModelLoadError(f"{folder}: parameter {name} holds NaN or inf")
+    model = model.to(device=device, dtype=dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head_weight = model.embed_tokens.weight
+    return model.eval()
