@@ -47,7 +47,10 @@ def convert_moe_peft(ckpt: Checkpoint, base: BaseFingerprint, name: str) -> Expe
         raise ckpt.config_error("LoRAMoE checkpoints are not supported (kinds: mixlora, dynmole, mola)")
     rank, alpha, use_rslora = ckpt.lora_hparams()
     targets = ckpt.targets()
-    n = check_num_experts(cfg.get("num_experts"), "num_experts")
+    try:
+        n = check_num_experts(cfg.get("num_experts"), "num_experts")
+    except BankError as exc:
+        raise exc.within(file=CONFIG_FILE) from None
     if strategy == "dynmole" or strategy == "mola":
         kind, routing, act_fn = strategy, _plugin_routing(ckpt, strategy), None
     else:
