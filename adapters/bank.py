@@ -40,7 +40,6 @@ class LinearExperts:
     scaling: float  # alpha / r (alpha / sqrt(r) with rsLoRA)
     router: Tensor | None = None  # [N, in_features] fp32: per-linear router (dynmole, mola)
 
-    @property
     def num_experts(self) -> int:
         return self.lora_a.shape[0]
 
@@ -64,7 +63,7 @@ class LayerAdapters:
 
     def num_experts(self) -> int:
         """Experts routed in this layer (the largest count when targets differ); 0 if untouched."""
-        counts = [le.num_experts for le in self.linears.values()]
+        counts = [le.num_experts() for le in self.linears.values()]
         if self.block_router is not None:
             counts.append(self.block_router.shape[0])
         return max(counts, default=0)

@@ -59,7 +59,7 @@ def bank_metadata(bank: ExpertBank) -> dict[str, Any]:
     for layer in bank.layers:
         entry: dict[str, Any] = {}
         if layer.linears:
-            entry["experts"] = {t: layer.linears[t].num_experts for t in bank.targets if t in layer.linears}
+            entry["experts"] = {t: layer.linears[t].num_experts() for t in bank.targets if t in layer.linears}
         if layer.block_router is not None:
             entry["block_router"] = layer.block_router.shape[0]
         if layer.extra:
