@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from bank_builders import TINY, random_bank
+from tests.adapters.bank_builders import TINY, random_bank
 
 from adapters import BankError, BaseFingerprint, ExpertBank, load_bank, validate_bank
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from bank_builders import TINY, write_mixlora, write_peft_lora, write_plugin_moe
+from tests.adapters.bank_builders import TINY, write_mixlora, write_peft_lora, write_plugin_moe
 
 from adapters import BankError, ExpertBank, RoutingConfig, load_bank
 from adapters.convert import cli

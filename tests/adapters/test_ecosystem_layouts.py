@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bank_builders import TINY, write_mixlora, write_peft_lora
+from tests.adapters.bank_builders import TINY, write_mixlora, write_peft_lora
 
 from adapters import load_bank
 

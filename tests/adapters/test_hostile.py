@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from bank_builders import TINY, random_bank, write_mixlora, write_peft_lora
+from tests.adapters.bank_builders import TINY, random_bank, write_mixlora, write_peft_lora
 from safetensors.torch import save_file
 
 import adapters.storage
