@@ -36,6 +36,8 @@ def main(argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
         bank = _convert(args)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
     except _UsageError as exc:
         print(f"moleserve convert: {exc} (usage: {USAGE})", file=sys.stderr)
         return 2
@@ -61,16 +63,17 @@ def _convert(args: argparse.Namespace):
     return bank
 
 
-def _fingerprint(model_folder: str) -> BaseFingerprint:
+def _fingerprint(model_folder: str, label: str | None = None) -> BaseFingerprint:
+    label = label or f"--model {model_folder!r}"
     path = Path(model_folder) / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise _UsageError(f"--model {model_folder!r}: cannot read config.json ({exc})") from None
+        raise _UsageError(f"{label}: cannot read config.json ({exc})") from None
     try:
         return BaseFingerprint.from_hf_config(raw)
     except BankError as exc:
-        raise _UsageError(f"--model {model_folder!r}: {exc}") from None
+        raise _UsageError(f"{label}: {exc}") from None
 
 
 def _default_fingerprint() -> BaseFingerprint | None:
@@ -80,8 +83,7 @@ def _default_fingerprint() -> BaseFingerprint | None:
         from server.model import default_model_path
     except ImportError:
         return None
-    try:
-        folder = default_model_path()
-    except Exception as exc:  # whatever the model package raises, reported as one line
-        raise _UsageError(f"no --model given and the default model is unavailable ({exc})") from None
-    return _fingerprint(str(folder))
+    folder = default_model_path()
+    if not (Path(folder) / "config.json").is_file():
+        raise _UsageError(f"no --model given and the default model is not prepared at {str(folder)!r}; pass --model BASE_FOLDER")
+    return _fingerprint(str(folder), label=f"default model {str(folder)!r}")

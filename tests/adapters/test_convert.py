@@ -186,6 +186,14 @@ def _model_folder(tmp_path, **changes):
     return folder
 
 
+def test_cli_without_model_and_no_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOLESERVE_CACHE", str(tmp_path / "empty-cache"))
+    write_plugin_moe(tmp_path / "src")
+    assert cli([str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and ("pass --model" in err or "needs the base model's fingerprint" in err), err
+
+
 def test_cli_converts(tmp_path, capsys):
     write_mixlora(tmp_path / "src")
     model = _model_folder(tmp_path)
