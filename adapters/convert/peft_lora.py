@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import BankError
 from ..bank import ExpertBank, LayerAdapters, LinearExperts
+from ..errors import BankError
 from ..fingerprint import ATTENTION_TARGETS, TARGETS, BaseFingerprint
 from ..routing import RoutingConfig
 from .checkpoint import Checkpoint, scaling_of
