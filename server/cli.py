@@ -14,6 +14,7 @@ import sys
 # name -> module with `HELP`, `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
     "generate": "server.commands.generate",
+    "convert": "server.commands.convert",
 }
 
 
@@ -43,7 +44,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     modules = {}
     for name, path in COMMANDS.items():
         mod = importlib.import_module(path)
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        # A command that parses its own arguments (convert) sets PASSTHROUGH = True.
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, add_help=not getattr(mod, "PASSTHROUGH", False))
         mod.add_arguments(p)
         modules[name] = mod
     return parser, modules
