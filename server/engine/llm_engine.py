@@ -1,0 +1,227 @@
+"""The synchronous engine: requests in, one scheduled step at a time, events out.
+
+``add_request`` validates and queues a request; ``step`` schedules one flat batch, runs it, samples,
+and returns the events of that step; ``abort`` drops a request and frees its blocks. Not
+thread-safe: ``AsyncEngine`` drives it from one thread. Tests and benchmarks drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from server.model import LlamaModel, ModelConfig, load_model
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
+from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
+from .protocol import (AdapterProvider, GenerationEvent, GenerationRequest, InvalidRequest, RequestStats,
+                       StatsSink, StepStats, UnknownBank)
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy import
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, model: LlamaModel | None = None, tokenizer: Any = None):
+        self.config = config
+        device = config.resolved_device()
+        dtype = config.resolved_dtype(device)
+        self.model = model if model is not None else load_model(config.model, device=device, dtype=dtype)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        cfg = self.model_config
+        device, dtype = self.model.device, self.model.dtype
+        max_len = config.max_model_len or cfg.max_position_embeddings
+        bs = config.block_size
+        useful = config.max_num_seqs * -(-max_len // bs)
+        num_blocks = num_blocks_for_budget(cfg, bs, dtype, device, config.resolved_kv_cache_memory(device), useful)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no KV block "
+                             f"({bytes_per_block(cfg, bs, dtype)} bytes each)")
+        if num_blocks * bs < max_len:
+            # One sequence must always fit in the whole cache, or preemption could deadlock.
+            log.warning("max_model_len lowered from %d to %d: the KV cache holds only %d tokens",
+                        max_len, num_blocks * bs, num_blocks * bs)
+            max_len = num_blocks * bs
+        self.max_model_len = max_len
+        self.eos_token_ids = tuple(cfg.eos_token_ids)
+        self.cache = KVCache(cfg, num_blocks, bs, device, dtype)
+        self.block_manager = BlockManager(num_blocks, bs)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
+        self.sequences: dict[str, Sequence] = {}
+        self.stats_sink: StatsSink | None = None
+        self.adapter_provider: AdapterProvider | None = None
+        self.num_steps = 0
+        torch.manual_seed(config.seed)  # unseeded sampling draws from the global generator
+
+    # --- properties the server reads -------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def set_stats_sink(self, sink: StatsSink | None) -> None:
+        self.stats_sink = sink
+
+    def set_adapter_provider(self, provider: AdapterProvider | None) -> None:
+        self.adapter_provider = provider
+
+    # --- requests ----------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest when ``request`` cannot run here (thread-safe: reads config only)."""
+        request.params.validate()
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty")
+        if n >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
+                                 f"tokens, which must also hold at least one generated token")
+        if n + request.params.max_tokens > self.max_model_len:
+            raise InvalidRequest(f"the prompt ({n} tokens) plus max_tokens ({request.params.max_tokens}) "
+                                 f"exceeds this model's context of {self.max_model_len} tokens")
+        vocab = self.model_config.vocab_size
+        if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if request.request_id in self.sequences:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+
+    def acquire_bank(self, bank: str | None) -> Any:
+        """The adapter handle for ``bank`` (None for the base model); raises UnknownBank."""
+        if bank is None:
+            return None
+        if self.adapter_provider is None:
+            raise UnknownBank(f"bank {bank!r} not found: this server has no adapter banks")
+        return self.adapter_provider.acquire(bank)
+
+    def release_bank(self, handle: Any) -> None:
+        if handle is not None and self.adapter_provider is not None:
+            try:
+                self.adapter_provider.release(handle)
+            except Exception:  # noqa: BLE001 - a provider bug must not take the loop down
+                log.exception("adapter provider: release failed")
+
+    def add_request(self, request: GenerationRequest, *, adapter_handle: Any = None, acquired: bool = False) -> None:
+        """Validate and queue ``request``. ``acquired``: the caller already holds its bank's handle."""
+        self.validate(request)
+        handle = adapter_handle if acquired else self.acquire_bank(request.bank)
+        generator = None
+        if request.params.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(request.params.seed)
+        seq = Sequence(request, adapter_handle=handle, generator=generator)
+        try:
+            self.outputs.start(seq)
+        except Exception:
+            self.release_bank(handle)
+            raise
+        self.sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> GenerationEvent | None:
+        """Drop a request now (its blocks are freed at once); its final event, or None if unknown."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, GenerationEvent(request_id=request_id), "abort")
+
+    def _finish(self, seq: Sequence, event: GenerationEvent, reason: str, error: str | None = None) -> GenerationEvent:
+        if not event.finished:
+            OutputProcessor.finish(seq, event, reason, error)
+        self.scheduler.remove(seq)
+        self.sequences.pop(seq.request_id, None)
+        self.release_bank(seq.adapter_handle)
+        if self.stats_sink is not None:
+            now = time.monotonic()
+            arrival = seq.request.arrival_time
+            self._report(self.stats_sink.on_request_finished, RequestStats(
+                request_id=seq.request_id, bank=seq.bank, prompt_tokens=seq.num_prompt_tokens,
+                completion_tokens=seq.num_output_tokens, finish_reason=reason,
+                queue_time_s=(seq.first_scheduled_time or now) - arrival,
+                ttft_s=None if seq.first_token_time is None else seq.first_token_time - arrival,
+                e2e_s=now - arrival, inter_token_s=list(seq.inter_token_s)))
+        return event
+
+    @staticmethod
+    def _report(fn, stats) -> None:
+        try:
+            fn(stats)
+        except Exception:  # noqa: BLE001 - metrics must not take the loop down
+            log.exception("stats sink failed")
+
+    # --- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[GenerationEvent]:
+        """Schedule and run one step; the events it produced (one per sequence that sampled or ended)."""
+        t0 = time.monotonic()
+        batch = self.scheduler.schedule()
+        events: list[GenerationEvent] = []
+        if batch.seqs:
+            for seq in batch.seqs:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = t0
+            try:
+                adapters = None
+                if self.adapter_provider is not None:
+                    adapters = self.adapter_provider.build_step([s.adapter_handle for s in batch.seqs],
+                                                                list(batch.num_tokens))
+                sampled, out = self.runner.run(batch, adapters)
+            except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep the engine
+                log.exception("engine step failed")
+                msg = f"internal error while running the model: {type(exc).__name__}: {exc}"
+                return [self._finish(s, GenerationEvent(request_id=s.request_id), "error", msg) for s in batch.seqs]
+            for seq, k in zip(batch.seqs, batch.num_tokens):
+                seq.num_computed_tokens += k
+            for j, seq in enumerate(sampled):
+                try:
+                    event = self.outputs.on_token(seq, out.token_ids[j], out.logprobs[j])
+                except Exception as exc:  # noqa: BLE001 - one request's failure is that request's
+                    log.exception("output processing failed for %s", seq.request_id)
+                    event = GenerationEvent(request_id=seq.request_id)
+                    OutputProcessor.finish(seq, event, "error", f"{type(exc).__name__}: {exc}")
+                if event.finished:
+                    self._finish(seq, event, event.finish_reason, event.error)
+                events.append(event)
+        self.num_steps += 1
+        if self.stats_sink is not None:
+            self._report(self.stats_sink.on_step, StepStats(
+                time=time.time(), duration_s=time.monotonic() - t0,
+                num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens,
+                num_running=self.num_running, num_waiting=self.num_waiting,
+                kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
+                num_preempted=len(batch.preempted),
+                running_banks=tuple(sorted({s.bank for s in self.scheduler.running if s.bank is not None})),
+                waiting_banks=tuple(sorted({s.bank for s in self.scheduler.waiting if s.bank is not None}))))
+        return events
+
+    def generate(self, requests: list[GenerationRequest]) -> dict[str, list[GenerationEvent]]:
+        """Run ``requests`` to completion (tests, benchmarks): every request's events, in order."""
+        result: dict[str, list[GenerationEvent]] = {}
+        for r in requests:
+            self.add_request(r)
+            result[r.request_id] = []
+        while self.has_unfinished():
+            for e in self.step():
+                result.setdefault(e.request_id, []).append(e)
+        return result

@@ -1,0 +1,76 @@
+"""Runs one scheduled step: builds the flat batch and its metadata once, runs the model, samples.
+
+Per step (never per layer): input ids, positions, each token's cache slot, the block tables, the
+decode rows / prefill chunks for attention, the rows whose logits are wanted, and the adapter step
+(token -> bank) from the provider. The per-token work is tensor ops; Python loops only over the
+scheduled sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from server.model import LlamaModel, StepContext, step_context
+
+from .kv_cache import KVCache
+from .paged_attention import PagedAttentionMetadata, PagedAttentionStep, PrefillChunk, select_backend
+from .sampler import Sampler, SamplerOutput, SamplingBatch
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, cache: KVCache, eos_token_ids: tuple[int, ...]):
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.backend = select_backend(cache)
+        self.sampler = Sampler()
+
+    def build_attention(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, PagedAttentionMetadata]:
+        """positions [T] and the step's paged attention metadata (see ``PagedAttentionMetadata``)."""
+        dev, bs = self.device, self.cache.block_size
+        starts = [s.num_computed_tokens for s in seqs]
+        n = torch.tensor(num_tokens, dtype=torch.long)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), n)  # [T]
+        first_row = n.cumsum(0) - n  # [S] flat row of each chunk's first token
+        positions = torch.arange(int(n.sum())) - first_row[seq_of_token] + torch.tensor(starts)[seq_of_token]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        block_tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
+                                    dtype=torch.long)
+        slots = block_tables[seq_of_token, positions // bs] * bs + positions % bs
+        decode = [i for i, k in enumerate(num_tokens) if k == 1]
+        prefills = [PrefillChunk(int(first_row[i]), k, starts[i], i) for i, k in enumerate(num_tokens) if k > 1]
+        decode_idx = torch.tensor(decode, dtype=torch.long)
+        decode_rows = first_row[decode_idx]
+        meta = PagedAttentionMetadata(
+            slot_mapping=slots.to(dev), block_tables=block_tables.to(dev), decode_rows=decode_rows.to(dev),
+            decode_seq=decode_idx.to(dev), decode_ctx_lens=(positions[decode_rows] + 1).to(dev), prefills=prefills,
+        )
+        return positions.to(dev), meta
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, adapters: Any = None) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Run the model over ``batch``; return the sequences that reached their end (in batch order) and
+        their sampled tokens. Sequences whose prefill chunk stops short of their end sample nothing."""
+        seqs, num_tokens = batch.seqs, batch.num_tokens
+        ids = [t for s, k in zip(seqs, num_tokens) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + k]]
+        positions, meta = self.build_attention(seqs, num_tokens)
+        sample_idx = [i for i, (s, k) in enumerate(zip(seqs, num_tokens)) if s.num_computed_tokens + k == len(s)]
+        ends = torch.tensor(num_tokens, dtype=torch.long).cumsum(0) - 1
+        logits_indices = ends[torch.tensor(sample_idx, dtype=torch.long)].to(self.device)
+        ctx = StepContext(positions=positions,
+                          attention=PagedAttentionStep(self.cache, meta, self.backend, self.model.config.sliding_window),
+                          adapters=adapters, logits_indices=logits_indices)
+        with step_context(ctx):
+            logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device))
+        sampling = [seqs[i] for i in sample_idx]
+        if not sampling:
+            return [], None
+        sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_token_ids for s in sampling],
+                                     [s.output_token_ids for s in sampling], [s.generator for s in sampling],
+                                     self.device, eos_token_ids=self.eos_token_ids)
+        return sampling, self.sampler(logits.float(), sbatch)

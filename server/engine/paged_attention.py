@@ -1,0 +1,122 @@
+"""Attention over the paged KV cache for one step's flat batch (the engine's ``AttentionStep``).
+
+Built once per step from the scheduled sequences (``PagedAttentionMetadata``), then called by every
+layer: it writes the step's new keys/values into their cache slots (one ``index_copy_``), then
+
+- decode tokens (chunks of one token) attend over their sequence's cached blocks in one call for
+  the whole batch: the C++ kernel on CPU (``paged_attention_cpu``), otherwise
+  ``paged_attention_torch`` (gather the blocks in the batch's block tables, one masked SDPA);
+- prefill chunks run one causal SDPA each, over the chunk's own keys/values when it starts the
+  sequence, over its sequence's gathered blocks when it continues one (chunked prefill, recompute).
+
+The backend is picked once, in ``select_backend``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.model import causal_attention
+
+from .kv_cache import KVCache
+from .paged_attention_cpu import load_library, paged_attention_cpu
+
+
+@dataclass
+class PrefillChunk:
+    """``num_tokens`` consecutive tokens of the flat batch from ``start``, at positions ``context_start``..
+    of the sequence whose block table is row ``seq`` of ``block_tables``."""
+
+    start: int
+    num_tokens: int
+    context_start: int
+    seq: int
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """slot_mapping [T] int64: each token's flat cache slot.
+    block_tables [S, max_blocks] int64: the step's sequences' block tables, padded with 0.
+    decode_rows / decode_seq / decode_ctx_lens [N] int64: the single-token chunks: their row in the
+        flat batch, their sequence's row in block_tables, and their context length (position + 1).
+    prefills: the multi-token chunks.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_seq: torch.Tensor
+    decode_ctx_lens: torch.Tensor
+    prefills: list[PrefillChunk]
+
+
+def paged_attention_torch(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          rows: torch.Tensor, row_seq: torch.Tensor, ctx_lens: torch.Tensor,
+                          block_tables: torch.Tensor, scale: float, window: int | None) -> None:
+    """Reference (and GPU first step): fill ``out[rows]``, q/out [T, H, D], caches [blocks, BS, Hkv, D].
+
+    Each row attends positions [max(0, ctx - window), ctx) of its sequence, gathered from its blocks.
+    """
+    bs = k_cache.shape[1]
+    used = int(-(-int(ctx_lens.max()) // bs))
+    bt = block_tables.index_select(0, row_seq)[:, :used]  # [N, used]
+    n = bt.shape[0]
+    k = k_cache[bt].flatten(1, 2).transpose(1, 2)  # [N, Hkv, used*BS, D]
+    v = v_cache[bt].flatten(1, 2).transpose(1, 2)
+    pos = torch.arange(used * bs, device=q.device)[None, :]
+    allowed = pos < ctx_lens[:, None]
+    if window:
+        allowed &= pos >= ctx_lens[:, None] - window
+    qs = q.index_select(0, rows)[:, :, None, :]  # [N, H, 1, D]
+    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=allowed[:, None, None, :], scale=scale,
+                                       enable_gqa=k.shape[1] != qs.shape[1])
+    out.index_copy_(0, rows, o.reshape(n, q.shape[1], q.shape[2]))
+
+
+def select_backend(cache: KVCache) -> str:
+    """"cpu_kernel" when the C++ kernel can serve this cache, else "torch"."""
+    if cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 and load_library() is not None:
+        return "cpu_kernel"
+    return "torch"
+
+
+class PagedAttentionStep:
+    """``AttentionStep`` over a ``KVCache``, bound to one step's metadata."""
+
+    def __init__(self, cache: KVCache, meta: PagedAttentionMetadata, backend: str, sliding_window: int | None):
+        self.cache = cache
+        self.meta = meta
+        self.backend = backend
+        self.window = sliding_window
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+        meta = self.meta
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        hkv, d = kc.shape[2], kc.shape[3]
+        kc.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
+        vc.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+        out = q.new_empty(q.shape)  # contiguous, as the kernel wants
+        if meta.decode_rows.numel():
+            scale = d ** -0.5
+            if self.backend == "cpu_kernel":
+                paged_attention_cpu(load_library(), q.contiguous(), out, kc, vc, meta.decode_rows, meta.decode_seq,
+                                    meta.decode_ctx_lens, meta.block_tables, scale, self.window)
+            else:
+                paged_attention_torch(q, out, kc, vc, meta.decode_rows, meta.decode_seq, meta.decode_ctx_lens,
+                                      meta.block_tables, scale, self.window)
+        bs = self.cache.block_size
+        for c in meta.prefills:
+            end = c.start + c.num_tokens
+            if c.context_start == 0:
+                ks, vs = k[c.start:end], v[c.start:end]
+            else:
+                total = c.context_start + c.num_tokens
+                blocks = meta.block_tables[c.seq, : -(-total // bs)]
+                ks = kc[blocks].flatten(0, 1)[:total].to(q.dtype)
+                vs = vc[blocks].flatten(0, 1)[:total].to(q.dtype)
+            out[c.start:end] = causal_attention(q[c.start:end], ks, vs, c.context_start, self.window)
+        return out

@@ -1,0 +1,107 @@
+"""Continuous batching with chunked prefill: which tokens of which sequences run in the next step.
+
+Every step builds one flat batch under a token budget (``max_num_batched_tokens``) and a sequence
+cap (``max_num_seqs``): first the running sequences (one decode token each, or the next chunk of an
+unfinished prefill), then waiting sequences in FIFO order, the last one admitted possibly with only
+a chunk of its prompt. When the cache has no block left for a running sequence, the most recently
+admitted running sequence is preempted: its blocks are freed and it goes back to the front of the
+waiting queue to be recomputed later (its outputs are kept). One sequence always fits in the whole
+cache (the engine caps max_model_len to it), so preemption cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: ``seqs[i]`` computes its next ``num_tokens[i]`` uncomputed tokens."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of either queue and free its blocks (finish or abort)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()  # the newest running sequence goes back to waiting
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                bm.allocate(seq, seq.num_computed_tokens + n)
+                self._add(batch, seq, n)
+                budget -= n
+                i += 1
+
+        # No admission in a step that had to preempt: the cache is full.
+        while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not bm.can_allocate(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add(batch, seq, n)
+            budget -= n
+        return batch
+
+    @staticmethod
+    def _add(batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        batch.seqs.append(seq)
+        batch.num_tokens.append(n)
+        if seq.num_computed_tokens + n == len(seq) and n == 1 and seq.num_output_tokens > 0 \
+                and seq.num_computed_tokens == len(seq) - 1:
+            batch.num_decode_tokens += 1
+        else:
+            batch.num_prefill_tokens += n

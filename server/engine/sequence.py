@@ -1,0 +1,94 @@
+"""A Sequence: one request's tokens, its place in the KV cache and its output state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .protocol import GenerationRequest, SamplingParams, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine.
+
+    ``token_ids`` is prompt + generated output; ``num_computed_tokens`` how many of them already
+    have keys/values in the cache (the next step computes the rest, in chunks for a long prefill);
+    ``block_table`` the cache blocks holding them, in order. A preempted sequence drops its blocks
+    and ``num_computed_tokens`` goes back to 0 (recomputed later, outputs kept).
+    """
+
+    request: GenerationRequest
+    adapter_handle: Any = None
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    # output state (the detokenizer / stop matcher are owned by the engine's output processing)
+    detokenizer: Any = None
+    stop_matcher: Any = None
+    pending_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # timing
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_token_ids)
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def bank(self) -> str | None:
+        return self.request.bank
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        now = time.monotonic()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        else:
+            self.inter_token_s.append(now - self.last_token_time)
+        self.last_token_time = now
