@@ -1,0 +1,244 @@
+"""The sampler against plain restatements of vLLM's semantics, on small random logits."""
+
+import pytest
+import torch
+
+from server.engine.protocol import SamplingParams
+from server.engine.sampler import Sampler, SamplingBatch, make_generator
+
+V = 64
+sampler = Sampler()
+
+
+def run(logits, params, *, prompt=None, output=None, generators=None, eos=()):
+    n = len(params)
+    batch = SamplingBatch.build(params, prompt or [[] for _ in range(n)], output or [[] for _ in range(n)],
+                                generators or [None] * n, "cpu", eos_token_ids=eos)
+    return sampler(logits, batch)
+
+
+def draw_many(logits_row, params, n=400, seed=0):
+    """Sample one row n times in one batch of n copies, seeded, -> the set of tokens drawn."""
+    torch.manual_seed(seed)
+    out = run(logits_row.expand(n, -1).clone(), [params] * n)
+    return set(out.token_ids)
+
+
+def test_greedy_is_argmax_and_input_is_untouched():
+    logits = torch.randn(5, V)
+    before = logits.clone()
+    out = run(logits, [SamplingParams(temperature=0.0)] * 5)
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None] * 5
+    assert torch.equal(logits, before)
+
+
+def test_greedy_and_sampled_rows_mixed():
+    torch.manual_seed(0)
+    logits = torch.randn(4, V)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=3),
+              SamplingParams(temperature=0.0, top_k=5, top_p=0.5), SamplingParams(temperature=0.7)]
+    for _ in range(10):
+        out = run(logits, params)
+        assert out.token_ids[0] == logits[0].argmax().item()
+        assert out.token_ids[2] == logits[2].argmax().item()
+        assert out.token_ids[1] in logits[1].topk(3).indices.tolist()
+
+
+def test_temperature_sampling_matches_softmax_frequencies():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-30.0] * (V - 4)])
+    for temperature in (0.5, 1.0, 2.0):
+        torch.manual_seed(1)
+        n = 20000
+        out = run(logits.expand(n, -1).clone(), [SamplingParams(temperature=temperature)] * n)
+        freq = torch.bincount(torch.tensor(out.token_ids), minlength=V).float() / n
+        expected = (logits[0] / temperature).softmax(-1)
+        torch.testing.assert_close(freq[:4], expected[:4], atol=0.015, rtol=0)
+
+
+def test_top_k_restricts_support():
+    logits = torch.randn(1, V)
+    allowed = set(logits[0].topk(5).indices.tolist())
+    assert draw_many(logits, SamplingParams(temperature=1.5, top_k=5)) == allowed
+
+
+def test_top_k_larger_than_vocab_and_off():
+    logits = torch.randn(2, V)
+    params = [SamplingParams(temperature=1.0, top_k=10 * V), SamplingParams(temperature=1.0, top_k=-1)]
+    out = run(logits, params)
+    assert all(0 <= t < V for t in out.token_ids)
+
+
+def nucleus(row, p):
+    """The smallest set of most probable tokens whose mass reaches p (restated directly)."""
+    probs, order = row.softmax(-1).sort(descending=True)
+    keep, mass = [], 0.0
+    for prob, tok in zip(probs.tolist(), order.tolist()):
+        keep.append(tok)
+        mass += prob
+        if mass >= p:
+            break
+    return set(keep)
+
+
+def test_top_p_restricts_support():
+    torch.manual_seed(3)
+    logits = torch.randn(1, V) * 2
+    assert draw_many(logits, SamplingParams(temperature=1.0, top_p=0.6), n=2000) == nucleus(logits[0], 0.6)
+
+
+def test_top_k_then_top_p():
+    torch.manual_seed(4)
+    logits = torch.randn(1, V)
+    top10 = logits[0].topk(10)
+    restricted = torch.full((V,), float("-inf"))
+    restricted[top10.indices] = top10.values
+    expected = nucleus(restricted, 0.7)
+    assert draw_many(logits, SamplingParams(temperature=1.0, top_k=10, top_p=0.7), n=2000) == expected
+
+
+def test_top_p_rows_mixed_with_top_k_only_rows():
+    torch.manual_seed(5)
+    logits = torch.randn(3, V)
+    params = [SamplingParams(top_k=2), SamplingParams(top_p=0.3), SamplingParams()]
+    seen = [set(), set(), set()]
+    for _ in range(200):
+        for i, t in enumerate(run(logits, params).token_ids):
+            seen[i].add(t)
+    assert seen[0] == set(logits[0].topk(2).indices.tolist())
+    assert seen[1] == nucleus(logits[1], 0.3)
+    assert len(seen[2]) > 20
+
+
+def test_min_p_restricts_support():
+    logits = torch.randn(1, V)
+    probs = logits[0].softmax(-1)
+    allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+    assert draw_many(logits, SamplingParams(temperature=1.0, min_p=0.2), n=2000) == allowed
+
+
+def test_min_p_applies_after_temperature():
+    logits = torch.randn(1, V)
+    probs = (logits[0] / 0.5).softmax(-1)
+    allowed = set(torch.nonzero(probs >= 0.1 * probs.max()).flatten().tolist())
+    assert draw_many(logits, SamplingParams(temperature=0.5, min_p=0.1), n=2000) == allowed
+
+
+def penalised(logits, prompt, output, rep, freq, pres):
+    """vLLM/HF penalties, one token at a time."""
+    out = logits.clone()
+    for t in set(prompt) | set(output):
+        out[t] = out[t] / rep if out[t] > 0 else out[t] * rep
+    for t in set(output):
+        out[t] -= freq * output.count(t) + pres
+    return out
+
+
+def test_penalties_against_restatement():
+    torch.manual_seed(6)
+    logits = torch.randn(3, V) * 3
+    prompts = [[1, 2, 3, 3], [5, 6], [7]]
+    outputs = [[3, 4, 4, 4, 9], [6, 6, 10], []]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.7),
+              SamplingParams(temperature=0.0, repetition_penalty=0.8),
+              SamplingParams(temperature=0.0, frequency_penalty=-1.0)]
+    batch = SamplingBatch.build(params, prompts, outputs, [None] * 3, "cpu")
+    from server.engine.sampler import apply_penalties
+    got = apply_penalties(logits, batch)
+    for i, p in enumerate(params):
+        expected = penalised(logits[i], prompts[i], outputs[i], p.repetition_penalty,
+                             p.frequency_penalty, p.presence_penalty)
+        torch.testing.assert_close(got[i], expected)
+
+
+def test_penalties_change_the_greedy_choice():
+    logits = torch.zeros(1, V)
+    logits[0, 7] = 2.0
+    logits[0, 8] = 1.5
+    out = run(logits, [SamplingParams(temperature=0.0, frequency_penalty=0.3)], output=[[7, 7]])
+    assert out.token_ids == [8]
+    out = run(logits, [SamplingParams(temperature=0.0, repetition_penalty=1.5)], prompt=[[7]])
+    assert out.token_ids == [8]
+
+
+def test_min_tokens_masks_eos_and_stop_tokens():
+    logits = torch.zeros(3, V)
+    logits[:, 2] = 10.0  # EOS
+    logits[:, 11] = 9.0  # a stop token
+    params = [SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[11]),
+              SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[11]),
+              SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True)]
+    out = run(logits, params, output=[[5], [5, 6], []], eos=[2])
+    assert out.token_ids[0] not in (2, 11)  # 1 < min_tokens: both masked
+    assert out.token_ids[1] == 2  # min_tokens reached
+    assert out.token_ids[2] == 2  # ignore_eos: EOS is no stop, so it is not masked
+
+
+def test_min_tokens_masks_sampled_rows():
+    logits = torch.zeros(1, V)
+    logits[0, 2] = 30.0
+    torch.manual_seed(0)
+    out = run(logits.expand(50, -1).clone(), [SamplingParams(min_tokens=1)] * 50, eos=[2])
+    assert 2 not in out.token_ids
+
+
+def test_seeded_rows_are_independent_of_the_batch():
+    torch.manual_seed(7)
+    steps = 6
+    logits = torch.randn(steps, 8, V)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+
+    def tokens_alone():
+        g = make_generator(1234, "cpu")
+        return [run(logits[s, 0:1], [seeded], generators=[g]).token_ids[0] for s in range(steps)]
+
+    def tokens_in_batch(row):
+        g = make_generator(1234, "cpu")
+        others = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.0),
+                  SamplingParams(temperature=0.5, top_k=3, seed=9), SamplingParams(temperature=1.3, min_p=0.05)]
+        params = others[:row] + [seeded] + others[row:]
+        gens = [None, None, make_generator(9, "cpu"), None]
+        gens = gens[:row] + [g] + gens[row:]
+        got = []
+        for s in range(steps):
+            batch_logits = torch.randn(len(params), V)
+            batch_logits[row] = logits[s, 0]
+            got.append(run(batch_logits, params, generators=gens).token_ids[row])
+        return got
+
+    alone = tokens_alone()
+    assert alone == tokens_alone()
+    assert tokens_in_batch(0) == alone
+    assert tokens_in_batch(3) == alone
+    assert len(set(alone)) > 1  # it did sample
+
+
+def test_logprobs_from_raw_logits():
+    torch.manual_seed(8)
+    logits = torch.randn(4, V)
+    params = [SamplingParams(temperature=0.0, logprobs=5, repetition_penalty=2.0),
+              SamplingParams(temperature=0.8, top_k=4),
+              SamplingParams(temperature=1.0, logprobs=0),
+              SamplingParams(temperature=0.3, logprobs=20)]
+    out = run(logits, params, prompt=[[1, 2], [], [], []])
+    ref = logits.log_softmax(-1)
+    assert out.logprobs[1] is None
+    for i in (0, 2, 3):
+        lp = out.logprobs[i]
+        assert lp.token_id == out.token_ids[i]
+        assert lp.logprob == pytest.approx(ref[i, lp.token_id].item(), abs=1e-5)
+        k = params[i].logprobs
+        assert len(lp.top) == k
+        vals, ids = ref[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        assert [t for t, _ in lp.top] == ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(vals.tolist(), abs=1e-5)
+        assert all(a[1] >= b[1] for a, b in zip(lp.top, lp.top[1:]))
+
+
+def test_build_marks_only_needed_stages():
+    b = SamplingBatch.build([SamplingParams(temperature=0.0)] * 3, [[1]] * 3, [[]] * 3, [None] * 3, "cpu")
+    assert b.all_greedy and b.top_k is None and b.top_p is None and b.min_p is None
+    assert b.repetition_penalty is None and b.frequency_penalty is None and b.banned_pairs is None
+    assert b.logprob_rows is None
+    b = SamplingBatch.build([SamplingParams(temperature=0.7)] * 2, [[]] * 2, [[]] * 2, [None] * 2, "cpu")
+    assert b.temperature == 0.7 and b.greedy is None and not b.all_greedy
