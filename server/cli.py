@@ -52,8 +52,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    if argv and getattr(modules.get(argv[0]), "PASSTHROUGH", False):
+        args = argparse.Namespace(command=argv[0], argv=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
