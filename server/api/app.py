@@ -1,0 +1,185 @@
+"""The FastAPI app: routes, auth, limits, lifecycle. ``create_app`` wires the engine, the bank
+registry and the metrics together; nothing here knows how generation works.
+
+Routes: GET /health, GET /ready, GET /metrics, GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions, and with an admin key the bank routes of banks.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+
+from server.metrics import ServerMetrics
+from server.settings import Settings
+
+from . import banks as bank_routes
+from .auth import admin_key_guard, api_key_guard
+from .errors import APIError, error_body, install_error_handlers
+from .lifecycle import Admission
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       ErrorResponse, ModelCard, ModelList)
+from .serving_chat import OpenAIServingChat
+from .serving_completions import OpenAIServingCompletion
+from .serving_engine import ServingContext
+
+log = logging.getLogger("moleserve.api")
+
+_STARTED = int(time.time())  # "created" of the models list
+ALWAYS_OPEN = ("/health", "/ready", "/metrics")  # still answered while draining
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
+STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+          "description": "with stream=true: server-sent events, ending with data: [DONE]"}
+
+
+def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: ServerMetrics | None = None) -> FastAPI:
+    """``engine``: an ``AsyncEngine`` (or anything with its surface); ``banks``: a ``BankAdmin``
+    (server/api/banks.py) or None. The lifespan starts the engine and stops it."""
+    model_name = settings.served_model_name or engine.model_config.name
+    max_model_len = (settings.max_model_len or getattr(engine, "max_model_len", None)
+                     or engine.model_config.max_position_embeddings)
+    metrics = metrics or ServerMetrics(model_name, max_lora=getattr(engine, "max_banks", 0) or 0)
+    admission = Admission()
+    ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
+                         metrics=metrics, banks=banks, retry_after=settings.retry_after)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.set_stats_sink(metrics)
+        if not engine.is_running:
+            await engine.start()
+        if banks is not None:
+            metrics.banks_loaded.set(len(banks.list()))
+        try:
+            yield
+        finally:
+            await engine.stop()
+            chat._executor.shutdown(wait=False)
+            completions._executor.shutdown(wait=False)
+
+    app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible inference with mixture-of-LoRA-experts banks.")
+    app.state.settings, app.state.engine, app.state.banks = settings, engine, banks
+    app.state.metrics, app.state.admission, app.state.retry_after = metrics, admission, settings.retry_after
+    app.state.model_name, app.state.max_model_len = model_name, max_model_len
+    install_error_handlers(app)
+    app.add_middleware(LimitsMiddleware, admission=admission, max_bytes=settings.max_request_bytes,
+                       retry_after=settings.retry_after, metrics=metrics)
+
+    api_key, admin_key = Settings.secret(settings.api_key), Settings.secret(settings.admin_key)
+    guard = Depends(api_key_guard(api_key, admin_key))
+    chat, completions = OpenAIServingChat(ctx), OpenAIServingCompletion(ctx)
+
+    @app.get("/health", tags=["probes"])
+    async def health() -> dict[str, str]:
+        """Alive: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["probes"], responses={503: {"model": ErrorResponse}})
+    async def ready() -> Any:
+        """Ready: the model is loaded, the engine loop runs, and the server is not shutting down."""
+        if admission.draining:
+            raise APIError(503, "shutting down", headers={"Retry-After": str(settings.retry_after)})
+        if not engine.is_running:
+            raise APIError(503, "the engine is not running", headers={"Retry-After": str(settings.retry_after)})
+        return {"status": "ready", "model": model_name}
+
+    metrics_deps = [guard] if settings.metrics_auth else []
+
+    @app.get("/metrics", tags=["probes"], dependencies=metrics_deps, response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    v1 = APIRouter(dependencies=[guard], responses={401: {"model": ErrorResponse}})
+
+    @v1.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        """The base model first, then every loaded bank."""
+        cards = [ModelCard(id=model_name, created=_STARTED, root=model_name, max_model_len=max_model_len)]
+        for b in (banks.list() if banks is not None else []):
+            cards.append(ModelCard(id=b.name, created=_STARTED, root=model_name, parent=model_name,
+                                   max_model_len=max_model_len, kind=b.kind, num_experts=b.num_experts))
+        return ModelList(data=cards)
+
+    @v1.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: STREAM})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await chat.create(body, request)
+
+    @v1.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, 200: STREAM})
+    async def completions_route(body: CompletionRequest, request: Request) -> Any:
+        return await completions.create(body, request)
+
+    app.include_router(v1)
+    if admin_key:
+        app.include_router(bank_routes.build_router(admin_key_guard(admin_key)))
+    return app
+
+
+class LimitsMiddleware:
+    """Refuses new work while draining (503) and bodies over the size limit (413), before any
+    route reads them. Pure ASGI so streaming and disconnect detection pass through untouched."""
+
+    def __init__(self, app, admission: Admission, max_bytes: int, retry_after: int, metrics: ServerMetrics):
+        self.app, self.admission, self.max_bytes = app, admission, max_bytes
+        self.retry_after, self.metrics = retry_after, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.admission.draining and scope["path"] not in ALWAYS_OPEN:
+            self.metrics.on_rejected("shutting_down")
+            return await _send_error(send, 503, "the server is shutting down; retry on another replica",
+                                     {"Retry-After": str(self.retry_after), "Connection": "close"})
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_large = f"the request body is larger than the limit of {self.max_bytes} bytes"
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await _send_error(send, 400, "invalid Content-Length header")
+            if declared > self.max_bytes:
+                self.metrics.on_rejected("too_large")
+                return await _send_error(send, 413, too_large, {"Connection": "close"})
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the whole (bounded) body first, then replay it; later receive() calls go to the
+        # server, so disconnects still reach the routes.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                self.metrics.on_rejected("too_large")
+                return await _send_error(send, 413, too_large, {"Connection": "close"})
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(error_body(status, message)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})

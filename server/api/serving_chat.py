@@ -1,0 +1,132 @@
+"""``POST /v1/chat/completions``: messages through the model's chat template, then the engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogprob
+
+from .errors import APIError
+from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
+                       ChatTokenLogprob, TopLogprob)
+from .serving_engine import SSE_HEADERS, OpenAIServing, sse, sse_error
+
+
+class OpenAIServingChat(OpenAIServing):
+    request_prefix = "chatcmpl"
+
+    async def create(self, req: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
+        bank = self.resolve_bank(req.model)
+        if req.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        prompt_ids = await self.run_blocking(self._render, req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling_params(req, len(prompt_ids), max_tokens, logprobs, "messages")
+        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank)
+        model = req.model or self.ctx.model_name
+        first, events = await self.start(http, gen)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(gen, model, first, events, include_usage),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        return await self.until_disconnect(http, gen.request_id, self._full(gen, model, first, events, req.logprobs))
+
+    def _render(self, req: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list):
+                texts = []
+                for part in m.content:
+                    if part.type != "text" or part.text is None:
+                        raise APIError(400, f"messages[{i}]: content parts of type {part.type!r} are not supported "
+                                            "(only text)", param="messages")
+                    texts.append(part.text)
+                content = "".join(texts)
+            else:
+                content = m.content or ""
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - the template rejects a conversation (jinja raise_exception)
+            raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _logprobs(self, items: list[TokenLogprob] | None) -> list[ChatTokenLogprob]:
+        out = []
+        for lp in items or ():
+            token = self.token_text(lp.token_id)
+            top = [TopLogprob(token=(t := self.token_text(tid)), logprob=v, bytes=list(t.encode())) for tid, v in lp.top]
+            out.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top))
+        return out
+
+    async def _full(self, gen: GenerationRequest, model: str, first: GenerationEvent,
+                    events: AsyncIterator[GenerationEvent], want_logprobs: bool | None) -> ChatCompletionResponse:
+        texts, logprobs, n_tokens, event = [], [], 0, first
+        try:
+            while True:
+                texts.append(event.text)
+                n_tokens += len(event.token_ids)
+                if want_logprobs:
+                    logprobs.extend(self._logprobs(event.logprobs))
+                if event.finished:
+                    break
+                event = await events.__anext__()
+        finally:
+            await events.aclose()
+        self.check_final(event)
+        return ChatCompletionResponse(
+            id=gen.request_id, model=model,
+            choices=[ChatChoice(message=AssistantMessage(content="".join(texts)), finish_reason=event.finish_reason,
+                                logprobs=ChatChoiceLogprobs(content=logprobs) if want_logprobs else None)],
+            usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
+        )
+
+    async def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
+                      events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        want_logprobs = gen.params.logprobs is not None
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> str:
+            body: dict[str, Any] = {
+                "id": gen.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            }
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        n_tokens, event = 0, first
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                n_tokens += len(event.token_ids)
+                lp = None
+                if want_logprobs and event.logprobs:
+                    lp = {"content": [x.model_dump() for x in self._logprobs(event.logprobs)]}
+                if event.finished:
+                    if event.finish_reason == "error":
+                        self.check_final(event)
+                    yield chunk({"content": event.text} if event.text else {}, event.finish_reason, lp)
+                    break
+                if event.text or lp:
+                    yield chunk({"content": event.text}, None, lp)
+                event = await events.__anext__()
+            if include_usage:
+                usage = self.usage(event, len(gen.prompt_token_ids), n_tokens)
+                yield sse({"id": gen.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage.model_dump()})
+        except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
+            yield sse_error(exc)
+        finally:
+            await events.aclose()
+        yield sse("[DONE]")

@@ -1,0 +1,212 @@
+"""What chat and completions share: resolving ``model`` to a bank, building and checking
+``SamplingParams``, submitting to the engine, aborting on client disconnect, logprob rendering and
+server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from server.engine.protocol import MAX_LOGPROBS, EngineError, GenerationEvent, GenerationRequest, SamplingParams, Usage
+
+from .errors import APIError, error_body, from_exception
+from .lifecycle import Admission
+from .protocol import UsageInfo, _Sampling
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServingContext:
+    """Everything a serving object needs, built once by the app factory."""
+
+    engine: Any  # AsyncEngine (server/engine/async_engine.py) or a test double with its surface
+    model_name: str
+    max_model_len: int
+    admission: Admission
+    metrics: Any  # server.metrics.ServerMetrics
+    banks: Any = None  # server.api.banks.BankAdmin or None
+    retry_after: int = 1
+
+
+class OpenAIServing:
+    request_prefix = "req"
+
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+        self.tokenizer = ctx.engine.tokenizer
+        # One thread: tokenizing a long prompt must not stall the event loop, and HF fast
+        # tokenizers are not safe to call from several threads at once.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._decode_one = lru_cache(maxsize=65536)(lambda tid: self.tokenizer.decode([tid]))
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def new_id(self) -> str:
+        return f"{self.request_prefix}-{uuid.uuid4().hex}"
+
+    # -- request -> GenerationRequest ------------------------------------------------------------
+
+    def resolve_bank(self, model: str | None) -> str | None:
+        if model is None or model == self.ctx.model_name:
+            return None
+        banks = self.ctx.banks
+        if banks is not None and any(getattr(b, "name", None) == model for b in banks.list()):
+            return model
+        raise APIError(404, f"the model {model!r} does not exist (the base model is {self.ctx.model_name!r}; "
+                            "GET /v1/models lists the banks)", param="model", code="model_not_found")
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of range [0, {vocab})", param=param)
+
+    def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                        prompt_param: str) -> SamplingParams:
+        if req.n not in (None, 1):
+            raise APIError(400, f"n must be 1, got {req.n}", param="n")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        limit = self.ctx.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
+                                f"{prompt_len} tokens", param=prompt_param, code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = limit - prompt_len
+        elif prompt_len + max_tokens > limit:
+            raise APIError(400, f"max_tokens ({max_tokens}) plus the prompt's {prompt_len} tokens exceed this model's "
+                                f"maximum context length of {limit} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        stop_ids = list(req.stop_token_ids or [])
+        self.check_token_ids(stop_ids, "stop_token_ids")
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            stop=[s for s in stop if s],
+            stop_token_ids=stop_ids,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+        params.validate()  # InvalidRequest -> 400
+        return params
+
+    # -- running it --------------------------------------------------------------------------------
+
+    async def start(self, http: Request, gen: GenerationRequest) -> tuple[GenerationEvent, AsyncIterator[GenerationEvent]]:
+        """Submit and wait for the first event, aborting if the client goes away meanwhile. Errors
+        the engine raises at admission (400, 404, 429, 503) come out as ``APIError``."""
+        events = self._events(gen)
+        first = await self.until_disconnect(http, gen.request_id, events.__anext__())
+        return first, events
+
+    async def _events(self, gen: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        admission, engine = self.ctx.admission, self.ctx.engine
+        admission.enter()
+        finished = False
+        iterator = None
+        try:
+            try:
+                iterator = engine.submit(gen)
+                if inspect.isawaitable(iterator):
+                    iterator = await iterator
+            except EngineError as exc:
+                if exc.status == 429:
+                    self.ctx.metrics.on_rejected("overloaded")
+                raise from_exception(exc, self.ctx.retry_after) from None
+            try:
+                async for event in iterator:
+                    finished = event.finished
+                    yield event
+                    if finished:
+                        return
+            except EngineError as exc:
+                finished = True  # the engine ended it
+                raise from_exception(exc, self.ctx.retry_after) from None
+            raise APIError(500, "the engine ended the request without a final event")
+        finally:
+            if not finished:
+                await self.abort(gen.request_id)
+            if iterator is not None and hasattr(iterator, "aclose"):
+                try:
+                    await iterator.aclose()
+                except Exception:  # noqa: BLE001 - closing a finished iterator must not mask the real error
+                    pass
+            admission.leave()
+
+    async def abort(self, request_id: str) -> None:
+        result = self.ctx.engine.abort(request_id)
+        if inspect.isawaitable(result):
+            await result
+
+    async def until_disconnect(self, http: Request, request_id: str, work: Awaitable[T]) -> T:
+        """Run ``work``; if the client disconnects first, abort the request at once and stop."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_disconnect(http))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            await self.abort(request_id)
+            task.cancel()
+            raise APIError(499, "client disconnected", type="client_closed_request")
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+
+    # -- output --------------------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        return self._decode_one(token_id)
+
+    @staticmethod
+    def usage(event: GenerationEvent, prompt_len: int, completion_tokens: int) -> UsageInfo:
+        u = event.usage or Usage(prompt_len, completion_tokens)
+        return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+    @staticmethod
+    def check_final(event: GenerationEvent) -> None:
+        if event.finish_reason == "error":
+            raise APIError(500, f"generation failed: {event.error or 'engine error'}")
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    e = from_exception(exc)
+    return sse(error_body(e.status, e.message, e.type, e.param, e.code))
+
+
+async def _wait_disconnect(http: Request) -> None:
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

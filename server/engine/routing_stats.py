@@ -1,0 +1,70 @@
+"""What the adapter runtime reports about routing, once per step, in ``StepStats.routing``.
+
+The runtime aggregates on the device as it routes (a few ``bincount`` / ``bucketize`` per routed
+linear) and hands over counts; the metrics layer (server/metrics.py) turns them into Prometheus
+series after the step. Nothing here is called per token or per layer from Python.
+
+Counts may be ``torch.Tensor`` (any device; read once per step) or plain sequences of numbers.
+Terms: a *decision* is one token at one routed site (one (layer, target) router for DynMoLE / MoLA,
+one layer's FFN router for MixLoRA, ``target="mlp"``). A token of a bank with 2 layers x 4 routed
+targets makes 8 decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Upper bounds of the routing-entropy buckets. Entropy is normalised: the Shannon entropy of the
+# router's softmax divided by log(num_experts), so 0 = certain, 1 = uniform, comparable across banks.
+# ``entropy_counts`` has len(ENTROPY_BUCKETS) + 1 entries, the last one for values above 1.0 (none).
+ENTROPY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+Counts = Sequence[int] | Sequence[float] | Any  # a 1-D list / tuple / torch.Tensor of counts
+
+
+@dataclass
+class BankRoutingStats:
+    """One bank's routing in one step.
+
+    ``selections``: (layer, target) -> counts of shape [num_experts]: how many of the step's decisions
+        at that site selected each expert (a broadcast decision selects every expert).
+    ``tokens``: tokens of this bank in the step (counted once, not per site).
+    ``decisions``: token x site decisions in the step.
+    ``broadcast``: decisions that broadcast to all experts (DynMoLE's high-entropy case; 0 otherwise).
+    ``experts_per_decision``: counts of shape [max_k + 1]; entry k = decisions that used k experts.
+    ``entropy_counts``: counts of shape [len(ENTROPY_BUCKETS) + 1] (non-cumulative) of normalised
+        router entropy per decision; ``entropy_sum`` the sum of those entropies. Empty for plain LoRA.
+    """
+
+    tokens: int = 0
+    decisions: int = 0
+    broadcast: int = 0
+    selections: dict[tuple[int, str], Counts] = field(default_factory=dict)
+    experts_per_decision: Counts = ()
+    entropy_counts: Counts = ()
+    entropy_sum: float = 0.0
+
+
+@dataclass
+class RoutingStats:
+    """All banks' routing in one step, plus the expert pool's occupancy.
+
+    ``banks``: bank name -> its stats (only banks with tokens in the step).
+    ``pool_slots_used`` / ``pool_slots_total``: slots of the device pool that holds loaded banks'
+        expert weights (None: the runtime has no pool).
+    """
+
+    banks: dict[str, BankRoutingStats] = field(default_factory=dict)
+    pool_slots_used: int | None = None
+    pool_slots_total: int | None = None
+
+
+def entropy_bucket_counts(entropy: Any) -> Any:
+    """Counts of shape [len(ENTROPY_BUCKETS) + 1] for a 1-D tensor of normalised entropies [D]."""
+    import torch
+
+    edges = torch.tensor(ENTROPY_BUCKETS, dtype=entropy.dtype, device=entropy.device)
+    idx = torch.bucketize(entropy, edges)  # value <= edge[i] -> i
+    return torch.bincount(idx, minlength=len(ENTROPY_BUCKETS) + 1)

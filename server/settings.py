@@ -1,0 +1,95 @@
+"""The server's one typed settings object: defaults here, overridden by ``MOLESERVE_*`` environment
+variables, overridden by ``moleserve serve`` flags (one flag per field, generated from this class).
+
+    MOLESERVE_API_KEY=secret moleserve serve --port 9000 --bank-root /banks
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOLESERVE_", extra="ignore", protected_namespaces=())
+
+    # Listening
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    # Model and banks
+    model: str | None = Field(None, description="local Hugging Face folder of a Llama-family model (default: the embedded SmolLM2-135M-Instruct)")
+    served_model_name: str | None = Field(None, description="the base model's name in the API (default: the model folder's name)")
+    banks: Path | None = Field(None, description="folder whose sub-folders are expert banks, all loaded at start")
+    bank_root: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="folder under which banks may be loaded at run time (repeatable; env: comma-separated); --banks is always allowed")
+
+    # Auth
+    api_key: SecretStr | None = Field(None, description="bearer token required on every route except /health, /ready (and /metrics)")
+    admin_key: SecretStr | None = Field(None, description="bearer token for the bank routes; without it they do not exist")
+    metrics_auth: bool = Field(False, description="require the API key on /metrics too")
+
+    # Engine
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
+    kv_cache_memory: float | None = Field(None, gt=0, description="KV-cache size: bytes (> 1) or a fraction of free memory (default: 0.8 CUDA, 0.1 CPU)")
+    max_num_batched_tokens: int = Field(512, ge=1, description="most tokens (decode + prefill chunks) in one engine step")
+
+    # Limits and backpressure
+    max_num_seqs: int = Field(64, ge=1, description="sequences the engine runs at once")
+    max_waiting: int = Field(256, ge=0, description="requests that may wait for a slot; beyond it: 429")
+    max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's max_position_embeddings)")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted; beyond it: 413")
+    retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+    grace_period: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may run before they are aborted")
+
+    @field_validator("bank_root", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p for p in value.split(",") if p.strip()]
+        return value
+
+    def allowed_bank_roots(self) -> list[Path]:
+        roots = list(self.bank_root)
+        if self.banks is not None:
+            roots.append(self.banks)
+        return roots
+
+    @staticmethod
+    def secret(value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per settings field. Flags default to "unset" so that the environment and the
+    class defaults (shown in --help) stay the one source of defaults."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        default = field.get_default(call_default_factory=True)
+        shown = "" if isinstance(default, SecretStr) or default in (None, []) else f" (default: {default})"
+        help_text = f"{field.description}{shown}; env MOLESERVE_{name.upper()}"
+        if annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif get_origin(annotation) is list:
+            parser.add_argument(flag, dest=name, action="append", metavar="DIR", default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            choices = get_args(annotation) if get_origin(annotation) is Literal else None
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices,
+                                metavar=None if choices else name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags given on the command line on top (validated
+    once, here)."""
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**given)
