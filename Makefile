@@ -17,13 +17,13 @@ $(TEST_STAMP): pyproject.toml scripts/install.sh
 	touch $(STAMP) $@
 
 model: $(STAMP)
-	$(PY) -m server.model.embedded
+	$(PY) -c "from server.model import ensure_default_model; print(ensure_default_model())"
 
 serve: model
 	$(VENV)/bin/moleserve generate --chat "Say hello in one short sentence."
 
 test: $(TEST_STAMP)
-	$(PY) -m server.model.embedded
+	$(PY) -c "from server.model import ensure_default_model; print(ensure_default_model())"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
