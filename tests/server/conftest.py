@@ -1,0 +1,100 @@
+"""Fixtures for the HTTP tests: the default model's tokenizer, an app around the fake engine served by
+uvicorn on 127.0.0.1 (a free port, in a thread), and a client for it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from server.api.app import create_app
+from server.settings import Settings
+
+from tests.server.fake_engine import FakeBanks, FakeEngine
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@dataclass
+class Served:
+    url: str
+    app: Any
+    engine: FakeEngine
+    banks: FakeBanks | None
+    server: uvicorn.Server
+
+    def client(self, key: str | None = None, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving ``app`` from a thread (no signal handlers), for as long as the context lasts."""
+
+    def __init__(self, app, port: int | None = None):
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                   timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture
+def serve(tokenizer, tmp_path) -> Iterator[Callable[..., Served]]:
+    """``serve(**settings, engine_kw={...}, with_banks=True)`` -> a running server around a fake engine."""
+    stack: list[ServerThread] = []
+
+    def start(*, engine_kw: dict | None = None, with_banks: bool = True, **settings_kw) -> Served:
+        banks = FakeBanks(tmp_path) if with_banks else None
+        engine = FakeEngine(tokenizer, banks=banks, **(engine_kw or {}))
+        app = create_app(Settings(**settings_kw), engine, banks=banks)
+        st = ServerThread(app).__enter__()
+        stack.append(st)
+        return Served(f"http://127.0.0.1:{st.port}", app, engine, banks, st.server)
+
+    yield start
+    for st in reversed(stack):
+        st.__exit__(None, None, None)
+
+
+@pytest.fixture
+def served(serve) -> Served:
+    return serve()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
