@@ -30,3 +30,28 @@ def test_concurrent_equals_reference(make_engine, tiny_model):
     engine = make_engine(max_num_batched_tokens=64, block_size=8)
     assert _run(engine, prompts, 10) == ref
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_torch_backend_and_tiny_chunks_equal_reference(make_engine, tiny_model):
+    """The torch attention path, prefill chunks of 5 tokens and 3 sequences per step give the same tokens."""
+    prompts = _prompts(6, tiny_model.config.vocab_size, seed=1)
+    ref = greedy_generate(tiny_model, prompts, 6)
+    engine = make_engine(max_num_batched_tokens=5, max_num_seqs=3, block_size=4)
+    engine.runner.backend = "torch"
+    assert _run(engine, prompts, 6) == ref
+
+
+def test_preemption_completes_with_unchanged_outputs(make_engine, tiny_model):
+    from server.engine.kv_cache import bytes_per_block
+
+    prompts = _prompts(16, tiny_model.config.vocab_size, seed=2, lo=20, hi=40)
+    ref = greedy_generate(tiny_model, prompts, 24)  # flat batch over the simple cache
+    per_block = bytes_per_block(tiny_model.config, 8, torch.float32)
+    engine = make_engine(block_size=8, kv_cache_memory=20 * per_block)  # 160 tokens: ~3 requests at once
+    preempted = []
+    engine.set_stats_sink(type("S", (), {"on_step": lambda self, s: preempted.append(s.num_preempted),
+                                         "on_request_finished": lambda self, s: None})())
+    assert engine.block_manager.num_blocks == 20
+    assert _run(engine, prompts, 24) == ref
+    assert sum(preempted) > 0
+    assert engine.block_manager.num_free_blocks == 20
