@@ -1,0 +1,82 @@
+"""What the runtime needs to know about one bank: where its experts apply and how they route.
+
+Built once per loaded bank version (off the engine thread), with its tensors packed for the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters import ExpertBank, RoutingConfig
+from adapters.fingerprint import FFN_TARGETS
+
+from .pool import PackedBank, Site
+
+
+@dataclass(frozen=True)
+class SiteRule:
+    """How the tokens of a bank are treated at one per-linear hook site.
+
+    n experts; ``routed``: a per-linear router picks among them (dynmole, mola); otherwise n == 1
+    and the one expert applies with weight 1 (plain LoRA, MixLoRA's attention LoRAs).
+    ``group``: tokens of banks with equal groups are routed by one call (same strategy, N and
+    the parameters that cannot vary per token).
+    """
+
+    n: int
+    routed: bool
+    group: tuple = ()
+
+
+@dataclass
+class BankLayout:
+    name: str
+    kind: str
+    routing: RoutingConfig
+    act_fn: str | None
+    sites: dict[Site, SiteRule]  # per-linear hook sites (MixLoRA's FFN projections are not among them)
+    blocks: dict[int, SiteRule]  # layer -> the block router's rule (MixLoRA)
+    packed: PackedBank
+    nbytes: int = field(default=0)
+
+
+def route_group(routing: RoutingConfig, n: int) -> tuple:
+    """Key of the routing call a site joins: DynMoLE parameters may differ per token (they become
+    [T] tensors); top-k's k and top-p's parameters are part of the key."""
+    s = routing.strategy
+    if s == "dynmole":
+        return ("dynmole", n, routing.entropy_type)
+    if s == "topk":
+        return ("topk", n, min(routing.top_k, n))
+    if s == "topp":
+        return ("topp", n, routing.top_p, routing.temperature)
+    return ("none", n)
+
+
+def build_layout(bank: ExpertBank, *, dtype: torch.dtype) -> BankLayout:
+    """Pack ``bank`` (validated, fp32 on the host) for a pool of ``dtype``."""
+    linears, blocks, sites, block_rules = {}, {}, {}, {}
+    n_max = 1
+    for layer, la in enumerate(bank.layers):
+        for target, ex in la.linears.items():
+            site = (layer, target)
+            a = ex.lora_a.to(dtype).contiguous()
+            b = ex.lora_b.transpose(1, 2).to(dtype).contiguous()
+            router = ex.router.float().contiguous() if ex.router is not None else None
+            linears[site] = (a, b, router)
+            n = ex.num_experts()
+            n_max = max(n_max, n)
+            if bank.kind == "mixlora" and target in FFN_TARGETS:
+                continue  # applied inside the FFN mixture, not by the per-linear hook
+            routed = router is not None
+            sites[site] = SiteRule(n, routed, route_group(bank.routing, n) if routed else ("none", 1))
+        if la.block_router is not None:
+            n = la.block_router.shape[0]
+            n_max = max(n_max, n)
+            blocks[layer] = la.block_router.float().contiguous()
+            block_rules[layer] = SiteRule(n, True, route_group(bank.routing, n))
+    packed = PackedBank(num_slots=n_max, rank=bank.rank, scaling=float(bank.scaling), linears=linears, blocks=blocks)
+    return BankLayout(name=bank.name, kind=bank.kind, routing=bank.routing, act_fn=bank.act_fn, sites=sites,
+                      blocks=block_rules, packed=packed, nbytes=packed.nbytes())

@@ -1,0 +1,320 @@
+"""The bank registry: the engine's ``AdapterProvider`` and the server's bank admin.
+
+Loading (file I/O, conversion, validation, packing) runs off the engine thread; only the swap and
+the copy into free pool slots happen under the lock, between two ``build_step`` calls. Each load
+makes a new *version*; ``acquire`` pins the current version of a name for a request's lifetime, so
+a replace never changes a running request's weights, and a retired version is freed when its last
+request releases it.
+
+The device pool stays within ``pool_memory_bytes``: a bank that does not fit evicts the least
+recently used banks with no request in flight (their weights stay in host memory and come back on
+the next ``build_step`` that needs them). When the banks of one step alone exceed the budget the
+pool grows past it rather than fail requests (``over_budget`` in ``list()`` says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapters import BankError, BaseFingerprint, ExpertBank, load_bank, resolve_bank_path
+from server.engine.protocol import UnknownBank
+from server.model import ModelConfig
+
+from .layout import BankLayout, build_layout
+from .pool import SlotPool
+from .step import BankStep, StepBank
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class BankAdminError(Exception):
+    """A bank admin request was refused; ``status`` is the HTTP status the API answers with."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class BankNotFound(BankAdminError):
+    status = 404
+    type = "not_found_error"
+
+
+class BankLoadError(BankAdminError):
+    """The bank files were refused (the message names the file and the reason)."""
+
+    status = 422
+
+
+class BankPathRefused(BankAdminError):
+    status = 403
+    type = "permission_error"
+
+
+@dataclass(eq=False)
+class BankVersion:
+    """One loaded version of a named bank."""
+
+    name: str
+    version: int  # registry-wide counter, increases with every load
+    layout: BankLayout
+    source: str
+    label: str = ""  # the bank's own version string
+    refs: int = 0
+    retired: bool = False
+    offset: int | None = None  # slot offset in the device pool; None: host memory only
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(eq=False)
+class BankHandle:
+    """What ``acquire`` returns: a request's pin on one version."""
+
+    bank: BankVersion
+    released: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.bank.name
+
+    @property
+    def version(self) -> int:
+        return self.bank.version
+
+
+class BankRegistry:
+    """Banks by name, their versions, and the device slot pool they run from.
+
+    model_config: the served model's config (its fingerprint is checked on every load).
+    dtype: the pool's storage dtype (default: the model's dtype, float32 here; bfloat16 halves
+        the memory and the bandwidth of routed LoRA calls on CPU).
+    pool_memory_bytes: budget of the device pool (None: unbounded).
+    allowed_roots: folders client-supplied paths must resolve into.
+    """
+
+    def __init__(self, model_config: ModelConfig, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, pool_memory_bytes: int | None = None,
+                 allowed_roots=(), collect_stats: bool = True, backend: str = "auto"):
+        self.config = model_config
+        self.fingerprint = BaseFingerprint.from_hf_config(model_config.raw)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pool_memory_bytes = pool_memory_bytes
+        self.allowed_roots: list[Path] = [Path(r) for r in allowed_roots]
+        self.collect_stats = collect_stats
+        self.backend = backend
+        self.pool = SlotPool(model_config, device=self.device, dtype=dtype)
+        self._lock = threading.RLock()
+        self._current: dict[str, BankVersion] = {}
+        self._live: list[BankVersion] = []  # every version holding memory (current or pinned)
+        self._counter = itertools.count(1)
+        self.over_budget = False
+
+    # -- admin -----------------------------------------------------------------------------------
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            return [self._describe(v) for v in self._current.values()]
+
+    def get(self, name: str) -> dict:
+        with self._lock:
+            v = self._current.get(name)
+            if v is None:
+                raise BankNotFound(f"bank {name!r} is not loaded")
+            return self._describe(v)
+
+    def _describe(self, v: BankVersion) -> dict:
+        return {"name": v.name, "version": v.version, "bank_version": v.label, "kind": v.layout.kind,
+                "num_experts": v.layout.packed.num_slots, "rank": v.layout.packed.rank, "source": v.source,
+                "resident": v.offset is not None, "in_flight": sum(x.refs for x in self._live if x.name == v.name),
+                "bytes": v.layout.nbytes, "loaded_at": v.loaded_at}
+
+    def add_root(self, root: str | Path) -> None:
+        with self._lock:
+            if Path(root) not in self.allowed_roots:
+                self.allowed_roots.append(Path(root))
+
+    async def load(self, name: str, path: str | Path) -> dict:
+        """Load (or replace) ``name`` from ``path`` without blocking the event loop."""
+        return await asyncio.to_thread(self.load_sync, name, path)
+
+    async def unload(self, name: str) -> None:
+        self.unload_sync(name)
+
+    def load_sync(self, name: str, path: str | Path) -> dict:
+        """Resolve ``path`` inside the allowed roots, load any supported format, validate, pack,
+        then swap in. On any error the registry is left exactly as it was."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise BankAdminError(f"bank name {name!r} is invalid: 1-128 characters from A-Z a-z 0-9 . _ -, "
+                                 "starting with a letter or digit")
+        try:
+            real = resolve_bank_path(path, self.allowed_roots)
+        except BankError as exc:
+            raise BankPathRefused(str(exc)) from None
+        try:
+            bank = load_bank(real, base=self.fingerprint, name=name)
+        except BankError as exc:
+            raise BankLoadError(str(exc)) from None
+        return self.add(bank, source=str(real))
+
+    def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>") -> dict:
+        """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this)."""
+        name = name or bank.name
+        layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
+        with self._lock:
+            v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version)
+            self._place(v, pinned=set(), over_budget_ok=False)
+            old = self._current.get(name)
+            self._current[name] = v
+            self._live.append(v)
+            if old is not None:
+                self._retire(old)
+            return self._describe(v)
+
+    def unload_sync(self, name: str) -> None:
+        """Remove ``name``: new requests get UnknownBank; running ones finish on their version."""
+        with self._lock:
+            v = self._current.pop(name, None)
+            if v is None:
+                raise BankNotFound(f"bank {name!r} is not loaded")
+            self._retire(v)
+
+    def load_dir(self, folder: str | Path) -> tuple[list[str], list[str]]:
+        """Load every bank folder under ``folder`` (name = folder name) and allow ``folder`` as a
+        root. Returns (loaded names, error messages); a broken bank does not stop the others."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BankAdminError(f"--banks {str(folder)!r} is not a folder")
+        self.add_root(folder)
+        loaded, errors = [], []
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            try:
+                self.load_sync(sub.name, sub)
+                loaded.append(sub.name)
+            except BankAdminError as exc:
+                errors.append(f"{sub}: {exc}")
+                log.error("bank %s not loaded: %s", sub.name, exc)
+        return loaded, errors
+
+    # -- engine side (AdapterProvider) ------------------------------------------------------------
+
+    def acquire(self, bank: str) -> BankHandle:
+        with self._lock:
+            v = self._current.get(bank)
+            if v is None:
+                raise UnknownBank(f"bank {bank!r} is not loaded")
+            v.refs += 1
+            return BankHandle(v)
+
+    def release(self, handle: BankHandle | None) -> None:
+        if handle is None:
+            return
+        with self._lock:
+            if handle.released:
+                return
+            handle.released = True
+            v = handle.bank
+            v.refs -= 1
+            v.last_used = time.monotonic()
+            if v.retired and v.refs == 0:
+                self._drop(v)
+
+    def build_step(self, handles: list[BankHandle | None], num_tokens: list[int]) -> BankStep | None:
+        """The step's AdapterStep (None when no sequence has a bank). Evicted banks come back here."""
+        if all(h is None for h in handles):
+            return None
+        index: dict[int, int] = {}
+        versions: list[BankVersion] = []
+        seq_bank = []
+        for h in handles:
+            if h is None:
+                seq_bank.append(-1)
+                continue
+            i = index.get(id(h.bank))
+            if i is None:
+                i = index[id(h.bank)] = len(versions)
+                versions.append(h.bank)
+            seq_bank.append(i)
+        with self._lock:
+            now = time.monotonic()
+            pinned = {id(v) for v in versions}
+            for v in versions:
+                if v.offset is None:
+                    self._place(v, pinned, over_budget_ok=True)
+                v.last_used = now
+            banks = [StepBank(v.name, v.layout, v.offset) for v in versions]
+            state = self.pool.state
+        token_bank = torch.repeat_interleave(torch.tensor(seq_bank, dtype=torch.long),
+                                             torch.tensor(num_tokens, dtype=torch.long)).to(self.device)
+        return BankStep(self.config, state, banks, token_bank, collect_stats=self.collect_stats, backend=self.backend)
+
+    def pool_slots_used(self) -> int:
+        return self.pool.slots_used
+
+    # -- residency --------------------------------------------------------------------------------
+
+    def _retire(self, v: BankVersion) -> None:
+        v.retired = True
+        if v.refs == 0:
+            self._drop(v)
+
+    def _drop(self, v: BankVersion) -> None:
+        if v.offset is not None:
+            self.pool.free(v.offset)
+            v.offset = None
+        if v in self._live:
+            self._live.remove(v)
+
+    def _fits(self, packed, capacity: int) -> bool:
+        return self.pool_memory_bytes is None or self.pool.bytes_with(packed, capacity) <= self.pool_memory_bytes
+
+    def _place(self, v: BankVersion, pinned: set[int], over_budget_ok: bool) -> None:
+        """Give ``v`` a slot range: a free range, else grow within the budget, else evict idle
+        banks (LRU), else compact; past the budget only when ``over_budget_ok`` (a step needs it),
+        otherwise ``v`` stays in host memory until a step needs it."""
+        pool, packed = self.pool, v.layout.packed
+        n = packed.num_slots
+        compacted = False
+        while True:
+            off = pool.find(n)
+            if off is not None and self._fits(packed, pool.capacity):
+                v.offset = pool.install(packed, off)
+                return
+            end = pool.end()
+            want = max(end + n, 2 * pool.capacity, 8)
+            if self.pool_memory_bytes is not None:
+                want = min(want, self.pool_memory_bytes // max(pool.bytes_with(packed, 1), 1))
+            if want >= end + n and self._fits(packed, want):
+                v.offset = pool.install(packed, end, want)
+                return
+            idle = [x for x in self._live if x.offset is not None and x.refs == 0 and id(x) not in pinned and x is not v]
+            if idle:
+                victim = min(idle, key=lambda x: x.last_used)
+                pool.free(victim.offset)
+                victim.offset = None
+                log.info("bank %s (version %d) evicted from the device pool", victim.name, victim.version)
+                continue
+            if not compacted and pool.capacity - pool.slots_used >= n:  # enough slots, but in holes
+                compacted = True
+                resident = [x for x in self._live if x.offset is not None]
+                moved = pool.compact({x.offset: x.layout.packed for x in resident})
+                for x in resident:
+                    x.offset = moved[x.offset]
+                continue
+            if not over_budget_ok:
+                return
+            self.over_budget = True
+            log.warning("expert pool over its memory budget: the banks of one step do not fit")
+            v.offset = pool.install(packed, end, end + n)
+            return

@@ -1,0 +1,394 @@
+"""One engine step's adapter work: token -> bank -> expert slots, routers, routed LoRA calls.
+
+``BankStep`` implements ``server.model.AdapterStep``. It is built once per step by the registry
+from the pool state and each token's bank; everything per token is a tensor op, Python loops run
+over banks and sites only. Per (layer, target) hook site and step:
+
+- one router GEMM for every bank at once (``x @ router_pool.T`` -> [T, S]), then each token reads
+  its own bank's N columns (one ``take`` with a per-step index);
+- one routing call per group of banks that route alike (all DynMoLE banks with N experts share one
+  ``dynamic_route`` call, their parameters as per-token tensors);
+- one pair plan, one ``routed_lora`` call per target over the pooled slots.
+
+Sites where every bank present is a plain LoRA (N = 1, no router) get a plan built once per step.
+MixLoRA banks replace the FFN of their tokens (``mlp``): base gate/up once for all tokens, then per
+(token, expert) pair the expert's gate/up deltas, the activation, the base down projection plus the
+expert's down delta, weighted and summed (one plan per layer, reused for gate, up and down).
+
+Routing statistics are kept as the tensors routing produced and reduced once, after the forward,
+by ``routing_stats()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import PairPlan, dynamic_route, plan_from_slots, routed_lora, slots_from_dense, topk_route
+from server.engine.routing_stats import ENTROPY_BUCKETS, BankRoutingStats, RoutingStats
+from server.model import ModelConfig
+
+from .layout import BankLayout, SiteRule
+from .pool import PoolState, Site, linear_shape
+
+_MISSING = object()
+
+
+@dataclass
+class RouteGroup:
+    """Tokens routed by one call at a site. rows [Tg] (None: all T tokens); take_idx [Tg, n] flat
+    indices into the [T, S] logits; offsets [Tg] each row's bank slot offset; bank [Tg] each row's
+    index in the step's bank list; params: scalars or [Tg] tensors; bcast_thr [Tg]: the entropy
+    above which a row broadcasts (+inf where broadcast is off)."""
+
+    key: tuple
+    rows: Tensor | None
+    take_idx: Tensor
+    offsets: Tensor
+    bank: Tensor
+    params: dict
+    bcast_thr: Tensor | None
+
+
+@dataclass
+class SiteSpec:
+    groups: list[RouteGroup]
+    plain_slot: Tensor | None  # [T] slot of tokens whose bank applies a plain LoRA here, -1 elsewhere
+    static_plan: PairPlan | None  # when nothing is routed here
+    full: bool  # one group covering every token, nothing plain
+    rows_mask: Tensor | None = None  # [T] bool: tokens with any work at this site (blocks only)
+    acts: list = field(default_factory=list)  # blocks: (activation, [P?] selector) per distinct act
+
+
+def _topp_route(logits: Tensor, top_p: float, temperature: float) -> Tensor:
+    """MoE-PEFT mixlora-dynamic: keep experts while the cumulative sum *before* them is <= top_p."""
+    p = torch.softmax(logits.float(), dim=-1)
+    if temperature > 0:
+        p = p / temperature
+    sorted_p, order = torch.sort(p, dim=-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) <= top_p
+    mask = torch.empty_like(keep).scatter_(-1, order, keep)
+    return p * mask
+
+
+def _entropy(p: Tensor, kind: str, q: Tensor | float, eps: float) -> Tensor:
+    """Normalised Shannon (eps inside the log, as the DynMoLE release) or Renyi entropy [T]."""
+    n = p.shape[-1]
+    if n <= 1:
+        return torch.zeros(p.shape[0])
+    if kind == "shannon":
+        pe = p + eps
+        return -(pe * pe.log()).sum(-1) / math.log(n)
+    q = q.reshape(-1) if isinstance(q, Tensor) else q
+    return torch.log(p.pow(q.unsqueeze(-1) if isinstance(q, Tensor) else q).sum(-1)) / (1 - q) / math.log(n)
+
+
+def route(group: RouteGroup, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+    """logits [Tg, n] -> (dense weights [Tg, n] fp32, DynMoLE entropy [Tg] or None)."""
+    strategy = group.key[0]
+    prm = group.params
+    if strategy == "topk":
+        return topk_route(logits, group.key[2]), None
+    if strategy == "topp":
+        return _topp_route(logits, group.key[2], group.key[3]), None
+    if strategy == "dynmole":
+        etype = group.key[2]
+        if etype == "tsallis":
+            return dynamic_route(logits, top_p=prm["top_p"], keep_top_k=prm["keep_top_k"],
+                                 entropy_threshold=prm["entropy_threshold"], q=prm["q"], eps=prm["eps"])
+        w, _ = dynamic_route(logits, top_p=prm["top_p"], keep_top_k=prm["keep_top_k"], entropy_threshold=1.0,
+                             q=2.0, eps=prm["eps"])
+        p = torch.softmax(logits.float(), dim=-1)
+        ent = _entropy(p, etype, prm["q"], prm["eps"])
+        return torch.where((ent > group.bcast_thr).unsqueeze(-1), p, w), ent
+    raise ValueError(f"unknown routing strategy {strategy!r}")
+
+
+def pair_plan(plan: PairPlan) -> PairPlan:
+    """The plan whose 'tokens' are ``plan``'s pairs (already grouped by slot), each weight 1."""
+    p = plan.num_pairs
+    ones = torch.ones(p, dtype=torch.float32, device=plan.pair_slot.device)
+    return PairPlan(slots=plan.pair_slot.unsqueeze(1), weights=ones.unsqueeze(1),
+                    pair_token=torch.arange(p, device=ones.device), pair_slot=plan.pair_slot, pair_weight=ones,
+                    seg_slot=plan.seg_slot, seg_start=plan.seg_start, seg_len=plan.seg_len,
+                    max_seg_len=plan.max_seg_len)
+
+
+def _activation(name: str | None, cfg: ModelConfig) -> Callable[[Tensor], Tensor]:
+    name = name or cfg.hidden_act
+    if name in ("silu", "swish"):
+        return F.silu
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+@dataclass
+class StepBank:
+    """A bank version present in the step: its layout and where the pool holds it."""
+
+    name: str
+    layout: BankLayout
+    offset: int
+
+
+class BankStep:
+    """The step's ``AdapterStep``. ``token_bank [T]``: each token's index into ``banks``, -1 = base."""
+
+    def __init__(self, cfg: ModelConfig, state: PoolState, banks: list[StepBank], token_bank: Tensor, *,
+                 collect_stats: bool = True, backend: str = "auto"):
+        self.cfg = cfg
+        self.state = state
+        self.banks = banks
+        self.num_tokens = token_bank.shape[0]
+        self.token_bank = token_bank
+        self.collect_stats = collect_stats
+        self.backend = backend
+        dev = token_bank.device
+        table = torch.tensor([b.offset for b in banks] + [-1], dtype=torch.long, device=dev)
+        self.token_offset = table[token_bank]  # -1 indexes the trailing -1: base tokens
+        self._bank_ids = torch.arange(len(banks), device=dev)
+        self._sites: dict[Site, SiteSpec | None] = {}
+        self._blocks: dict[int, SiteSpec | None] = {}
+        self._by_key: dict[tuple, SiteSpec | None] = {}
+        self._columns: dict[tuple[str, ...], list[tuple[str, int, int]]] = {}
+        self._records: list[tuple[object, RouteGroup, Tensor, Tensor, Tensor | None]] = []
+
+    # -- per-step metadata, built on first use and cached --------------------------------------
+
+    def _spec(self, rules: list[SiteRule | None], block_layer: int | None = None) -> SiteSpec | None:
+        key = (block_layer is not None, *(None if r is None else (r.routed, r.group) for r in rules),
+               *(self.banks[i].layout.act_fn for i, r in enumerate(rules) if r is not None and block_layer is not None))
+        spec = self._by_key.get(key, _MISSING)
+        if spec is not _MISSING:
+            return spec
+        spec = self._build_spec(rules, block_layer is not None)
+        self._by_key[key] = spec
+        return spec
+
+    def _build_spec(self, rules: list[SiteRule | None], block: bool) -> SiteSpec | None:
+        if all(r is None for r in rules):
+            return None
+        t, dev, cap = self.num_tokens, self.token_bank.device, self.state.capacity
+        plain = [i for i, r in enumerate(rules) if r is not None and not r.routed]
+        by_group: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rules):
+            if r is not None and r.routed:
+                by_group.setdefault(r.group, []).append(i)
+        plain_slot = None
+        if plain:
+            is_plain = torch.isin(self.token_bank, torch.tensor(plain, device=dev))
+            plain_slot = torch.where(is_plain, self.token_offset, -1)
+        groups = []
+        for key, members in by_group.items():
+            n = key[1]
+            in_group = torch.isin(self.token_bank, torch.tensor(members, device=dev))
+            rows = in_group.nonzero().squeeze(1)
+            full = rows.numel() == t
+            offsets = self.token_offset[rows]
+            take = (rows * cap + offsets).unsqueeze(1) + torch.arange(n, device=dev)
+            bank = self.token_bank[rows]
+            params, thr = {}, None
+            if key[0] == "dynmole":
+                cfgs = [self.banks[i].layout.routing for i in members]
+                for name, attr in (("top_p", "top_p"), ("keep_top_k", "keep_top_k"),
+                                   ("entropy_threshold", "entropy_threshold"), ("q", "entropy_index")):
+                    values = [getattr(c, attr) for c in cfgs]
+                    if len(set(values)) == 1:
+                        params[name] = values[0]
+                    else:  # one value per token: a table over the step's banks, read per row
+                        table = torch.zeros(len(self.banks), dtype=torch.float32, device=dev)
+                        table[torch.tensor(members, device=dev)] = torch.tensor(values, dtype=torch.float32, device=dev)
+                        params[name] = table[bank]
+                params["eps"] = cfgs[0].entropy_eps
+                off = torch.tensor([math.inf if (c.entropy_index <= 0 or c.entropy_threshold >= 1) else c.entropy_threshold
+                                    for c in cfgs], dtype=torch.float32, device=dev)
+                table = torch.full((len(self.banks),), math.inf, device=dev)
+                table[torch.tensor(members, device=dev)] = off
+                thr = table[bank]
+            groups.append(RouteGroup(key, None if full else rows, take, offsets, bank, params, thr))
+        full = len(groups) == 1 and groups[0].rows is None and plain_slot is None
+        static = None
+        if not groups:
+            static = plan_from_slots(plain_slot.unsqueeze(1), (plain_slot >= 0).float().unsqueeze(1))
+        spec = SiteSpec(groups, plain_slot, static, full)
+        if block:
+            spec.rows_mask = torch.isin(self.token_bank, torch.tensor([i for i, r in enumerate(rules) if r], device=dev))
+        return spec
+
+    def _site_spec(self, site: Site) -> SiteSpec | None:
+        spec = self._sites.get(site, _MISSING)
+        if spec is _MISSING:
+            spec = self._spec([b.layout.sites.get(site) for b in self.banks])
+            self._sites[site] = spec
+        return spec
+
+    def _block_spec(self, layer: int) -> SiteSpec | None:
+        spec = self._blocks.get(layer, _MISSING)
+        if spec is _MISSING:
+            spec = self._spec([b.layout.blocks.get(layer) for b in self.banks], block_layer=layer)
+            self._blocks[layer] = spec
+        return spec
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _plan(self, spec: SiteSpec, router: Tensor, x: Tensor, site: object) -> PairPlan:
+        """Route every group of ``spec`` on x [T, in] with the pooled router [S, in]; one plan."""
+        if spec.static_plan is not None:
+            return spec.static_plan
+        logits = torch.mm(x.float(), router.t())  # [T, S]: every bank's router at once
+        parts = []
+        for g in spec.groups:
+            lg = logits.take(g.take_idx)  # [Tg, n]: each row its own bank's experts
+            w, ent = route(g, lg)
+            if self.collect_stats:
+                self._records.append((site, g, lg, w, ent))
+            parts.append((g, *slots_from_dense(w, g.offsets)))
+        if spec.full:
+            _, slots, weights = parts[0]
+            return plan_from_slots(slots, weights)
+        k = max([s.shape[1] for _, s, _ in parts] + [1])
+        t = self.num_tokens
+        if spec.plain_slot is not None:
+            slots = torch.full((t, k), -1, dtype=torch.long, device=x.device)
+            weights = torch.zeros(t, k, dtype=torch.float32, device=x.device)
+            slots[:, 0] = spec.plain_slot
+            weights[:, 0] = (spec.plain_slot >= 0).float()
+        else:
+            slots = torch.full((t, k), -1, dtype=torch.long, device=x.device)
+            weights = torch.zeros(t, k, dtype=torch.float32, device=x.device)
+        for g, s, w in parts:
+            rows = g.rows if g.rows is not None else slice(None)
+            slots[rows, : s.shape[1]] = s
+            weights[rows, : s.shape[1]] = w
+        return plan_from_slots(slots, weights)
+
+    # -- the hook points -----------------------------------------------------------------------
+
+    def _target_columns(self, targets: tuple[str, ...]) -> list[tuple[str, int, int]]:
+        cols = self._columns.get(targets)
+        if cols is None:
+            cols, start = [], 0
+            for t in targets:
+                size = linear_shape(self.cfg, t)[1]
+                cols.append((t, start, start + size))
+                start += size
+            self._columns[targets] = cols
+        return cols
+
+    def _delta(self, site: Site, x: Tensor, plan: PairPlan) -> Tensor:
+        st = self.state
+        return routed_lora(x, st.lora_a[site], st.lora_b_view(site), plan.slots, plan.weights, st.scaling,
+                           backend=self.backend, plan=plan)
+
+    def linear(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> None:
+        for target, c0, c1 in self._target_columns(targets):
+            site = (layer, target)
+            spec = self._site_spec(site)
+            if spec is None:
+                continue
+            plan = self._plan(spec, self.state.router.get(site), x, site)
+            if plan.num_pairs:
+                out[:, c0:c1] += self._delta(site, x, plan)
+
+    def mlp(self, layer: int, x: Tensor, mlp: torch.nn.Module) -> Tensor | None:
+        spec = self._block_spec(layer)
+        if spec is None:
+            return None
+        st = self.state
+        inter = mlp.intermediate_size
+        g, u = mlp.gate_up_proj(x).split(inter, dim=-1)  # base (+ per-linear deltas of other banks)
+        plan = self._plan(spec, st.block_router[layer], x, (layer, "mlp"))
+        tok = plan.pair_token
+        pp = pair_plan(plan)
+        gp, upp = g.index_select(0, tok), u.index_select(0, tok)  # [P, I]
+        xp = None
+        if (layer, "gate_proj") in st.lora_a or (layer, "up_proj") in st.lora_a:
+            xp = x.index_select(0, tok)
+        if (layer, "gate_proj") in st.lora_a:
+            gp = gp + self._delta((layer, "gate_proj"), xp, pp)
+        if (layer, "up_proj") in st.lora_a:
+            upp = upp + self._delta((layer, "up_proj"), xp, pp)
+        hp = self._act(spec, plan, gp) * upp
+        yp = F.linear(hp, mlp.down_proj.weight, mlp.down_proj.bias)  # base down, per pair
+        if (layer, "down_proj") in st.lora_a:
+            yp = yp + self._delta((layer, "down_proj"), hp, pp)
+        yp = yp * plan.pair_weight.unsqueeze(1).to(yp.dtype)
+        mixed = torch.zeros(x.shape[0], yp.shape[1], dtype=x.dtype, device=x.device).index_add_(0, tok, yp)
+        if spec.full:
+            return mixed
+        dense = mlp.down_proj(F.silu(g) * u)
+        return torch.where(spec.rows_mask.unsqueeze(1), mixed, dense)
+
+    def _act(self, spec: SiteSpec, plan: PairPlan, gp: Tensor) -> Tensor:
+        names = {self.banks[int(b)].layout.act_fn for g in spec.groups for b in g.bank.unique()}
+        if len(names) == 1:
+            return _activation(names.pop(), self.cfg)(gp)
+        # banks with different activations in one layer: each pair gets its own bank's
+        pair_bank = self.token_bank[plan.pair_token]
+        out = torch.empty_like(gp)
+        for name in names:
+            ids = [i for i, b in enumerate(self.banks) if b.layout.act_fn == name]
+            sel = torch.isin(pair_bank, torch.tensor(ids, device=gp.device))
+            out[sel] = _activation(name, self.cfg)(gp[sel])
+        return out
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def routing_stats(self, pool_slots_used: int | None = None) -> RoutingStats:
+        """Reduce the step's routing records (call once, after the forward)."""
+        stats = RoutingStats(pool_slots_used=pool_slots_used, pool_slots_total=self.state.capacity)
+        nb = len(self.banks)
+        if nb == 0:
+            return stats
+        tokens = torch.bincount(self.token_bank[self.token_bank >= 0], minlength=nb).tolist()
+        per_bank = [BankRoutingStats(tokens=tokens[i]) for i in range(nb)]
+        by_n: dict[int, list] = {}
+        for rec in self._records:
+            by_n.setdefault(rec[3].shape[1], []).append(rec)
+        max_k = max(by_n, default=1)
+        nbk = len(ENTROPY_BUCKETS) + 1
+        epd = torch.zeros(nb, max_k + 1, dtype=torch.long)
+        ent_counts = torch.zeros(nb, nbk, dtype=torch.long)
+        ent_sum = torch.zeros(nb, dtype=torch.float64)
+        decisions = torch.zeros(nb, dtype=torch.long)
+        bcast = torch.zeros(nb, dtype=torch.long)
+        edges = torch.tensor(ENTROPY_BUCKETS)
+        for n, recs in by_n.items():
+            sites = [r[0] for r in recs]
+            lens = torch.tensor([r[3].shape[0] for r in recs])
+            bank = torch.cat([r[1].bank for r in recs])
+            site_id = torch.repeat_interleave(torch.arange(len(recs)), lens)
+            sel = torch.cat([r[3] for r in recs]) > 0  # [R, n]
+            p = torch.softmax(torch.cat([r[2] for r in recs]).float(), dim=-1)
+            h = -torch.special.xlogy(p, p).sum(-1) / math.log(n) if n > 1 else torch.zeros(p.shape[0])
+            k = sel.sum(1)
+            decisions += torch.bincount(bank, minlength=nb)
+            epd += torch.bincount(bank * (max_k + 1) + k, minlength=nb * (max_k + 1)).view(nb, max_k + 1)
+            ent_counts += torch.bincount(bank * nbk + torch.bucketize(h, edges), minlength=nb * nbk).view(nb, nbk)
+            ent_sum += torch.bincount(bank, weights=h.double(), minlength=nb)
+            dyn = [r for r in recs if r[4] is not None]
+            if dyn:
+                b = torch.cat([r[1].bank for r in dyn])
+                over = torch.cat([r[4] > r[1].bcast_thr for r in dyn])
+                bcast += torch.bincount(b[over], minlength=nb)
+            sel_counts = torch.zeros(len(recs) * nb, n, dtype=torch.long).index_add_(0, site_id * nb + bank, sel.long())
+            sel_counts = sel_counts.view(len(recs), nb, n)
+            present = torch.zeros(len(recs), nb, dtype=torch.bool)
+            present[site_id, bank] = True
+            for i, j in present.nonzero().tolist():
+                per_bank[j].selections[sites[i]] = sel_counts[i, j]
+        dec, bc, es = decisions.tolist(), bcast.tolist(), ent_sum.tolist()
+        for i, s in enumerate(per_bank):
+            s.decisions, s.broadcast, s.entropy_sum = dec[i], bc[i], es[i]
+            s.experts_per_decision = epd[i]
+            s.entropy_counts = ent_counts[i] if self.banks[i].layout.kind != "lora" else ()
+            name = self.banks[i].name
+            if s.tokens:
+                stats.banks[name] = s
+        return stats
