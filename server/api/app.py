@@ -149,7 +149,7 @@ class LimitsMiddleware:
                 self.metrics.on_rejected("too_large")
                 return await _send_error(send, 413, too_large, {"Connection": "close"})
         if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
+            return await self._guarded(scope, receive, send)
         # Read the whole (bounded) body first, then replay it; later receive() calls go to the
         # server, so disconnects still reach the routes.
         chunks, size = [], 0
@@ -174,7 +174,25 @@ class LimitsMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        return await self._guarded(scope, replay, send)
+
+    async def _guarded(self, scope, receive, send):
+        """The last resort for an unexpected error: a JSON 500 (details in the log), never a
+        traceback and never a dropped connection."""
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if not started:
+                await _send_error(send, 500, "internal server error")
 
 
 async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
