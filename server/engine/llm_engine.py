@@ -147,6 +147,11 @@ class LLMEngine:
             return None
         return self._finish(seq, GenerationEvent(request_id=request_id), "abort")
 
+    def fail_all(self, message: str) -> list[GenerationEvent]:
+        """Finish every request with an error (last resort when the loop itself failed)."""
+        return [self._finish(seq, GenerationEvent(request_id=seq.request_id), "error", message)
+                for seq in list(self.sequences.values())]
+
     def _finish(self, seq: Sequence, event: GenerationEvent, reason: str, error: str | None = None) -> GenerationEvent:
         if not event.finished:
             OutputProcessor.finish(seq, event, reason, error)

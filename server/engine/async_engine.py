@@ -1,0 +1,228 @@
+"""The engine as the HTTP layer sees it: ``submit`` returns an async stream of events.
+
+The step loop runs in its own thread (the forward releases the GIL inside torch), so the event loop
+stays responsive. Handoff is one way in each direction: the event loop appends commands (add,
+abort) to a thread-safe inbox the step thread drains before each step; the step thread hands each
+step's events back with one ``loop.call_soon_threadsafe`` into per-request asyncio queues.
+Request validation, the overload check and bank lookup run in ``submit`` itself, so their errors
+reach the caller at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+from server.model import ModelConfig
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .protocol import (AdapterProvider, EngineOverloaded, EngineStopped, GenerationEvent, GenerationRequest,
+                       InvalidRequest, StatsSink)
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Async iterator over one request's events; ends after the event with ``finished`` set."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine"):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self.finished = False
+
+    def _put(self, event: GenerationEvent) -> None:
+        self._queue.put_nowait(event)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        if self.finished:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event.finished:
+            self.finished = True
+        return event
+
+    async def aclose(self) -> None:
+        """Stop listening; aborts the request if it has not finished (e.g. the client went away)."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, *, engine: LLMEngine | None = None):
+        self.config = config
+        self.engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._stop_thread = False
+        self._accepting = False
+        self._streams: dict[str, RequestStream] = {}
+        self.num_steps_failed = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model (in a worker thread) unless an engine was given, then start the step loop."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        self._stop_thread = False
+        self._thread = threading.Thread(target=self._run, name="moleserve-engine", daemon=True)
+        self._thread.start()
+        self._accepting = True
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for up to ``grace_s`` seconds, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._stop_thread = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        for stream in list(self._streams.values()):  # anything the loop did not get to
+            stream._put(GenerationEvent(request_id=stream.request_id, finished=True, finish_reason="abort"))
+        self._streams.clear()
+
+    shutdown = stop
+
+    @property
+    def is_running(self) -> bool:
+        return self._accepting and self._thread is not None and self._thread.is_alive()
+
+    # --- what the server reads ---------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._need_engine().tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._need_engine().model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self._need_engine().max_model_len
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet admitted (including those submitted since the last step)."""
+        adds = sum(1 for kind, _ in list(self._inbox) if kind == "add")
+        return (self.engine.num_waiting if self.engine else 0) + adds
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running if self.engine else 0
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.engine.block_manager.num_free_blocks if self.engine else 0
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.engine.block_manager.num_blocks if self.engine else 0
+
+    def set_stats_sink(self, sink: StatsSink | None) -> None:
+        self._need_engine().set_stats_sink(sink)
+
+    def set_adapter_provider(self, provider: AdapterProvider | None) -> None:
+        self._need_engine().set_adapter_provider(provider)
+
+    def _need_engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise EngineStopped("the engine has not started")
+        return self.engine
+
+    # --- requests ----------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue ``request``; raises InvalidRequest, EngineOverloaded, UnknownBank or EngineStopped now."""
+        if not self.is_running:
+            raise EngineStopped("the engine is not running")
+        engine = self.engine
+        engine.validate(request)
+        if request.request_id in self._streams:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        if self.num_waiting >= self.config.max_waiting:
+            raise EngineOverloaded(f"{self.config.max_waiting} requests are already waiting; retry later")
+        handle = engine.acquire_bank(request.bank)
+        stream = RequestStream(request.request_id, self)
+        self._streams[request.request_id] = stream
+        self._inbox.append(("add", (request, handle)))
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown or finished); its blocks are freed before the next step."""
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    # --- the step thread ---------------------------------------------------------------------------
+    def _drain_inbox(self) -> list[GenerationEvent]:
+        events = []
+        while self._inbox:
+            kind, arg = self._inbox.popleft()
+            if kind == "add":
+                request, handle = arg
+                try:
+                    self.engine.add_request(request, adapter_handle=handle, acquired=True)
+                except Exception as exc:  # noqa: BLE001 - e.g. a duplicate id raced in: fail that request
+                    self.engine.release_bank(handle)
+                    events.append(GenerationEvent(request_id=request.request_id, finished=True,
+                                                  finish_reason="error", error=str(exc)))
+            else:
+                event = self.engine.abort(arg)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop_thread:
+            try:
+                events = self._drain_inbox()
+                if engine.has_unfinished():
+                    events += engine.step()
+                if events:
+                    self._loop.call_soon_threadsafe(self._deliver, events)
+                elif not engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive; its requests fail with a message
+                log.exception("engine loop error")
+                self.num_steps_failed += 1
+                try:
+                    events = engine.fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
+                    self._loop.call_soon_threadsafe(self._deliver, events)
+                except Exception:  # noqa: BLE001
+                    log.exception("engine loop: could not fail the requests")
+                    time.sleep(0.1)
+        # Stopping: apply the last commands, then abort whatever is left so every block is returned.
+        events = self._drain_inbox()
+        events += [engine.abort(rid) for rid in list(engine.sequences)]
+        if events:
+            self._loop.call_soon_threadsafe(self._deliver, events)
+
+    def _deliver(self, events: list[GenerationEvent]) -> None:
+        """On the event loop: route each event to its request's stream."""
+        for event in events:
+            stream = self._streams.get(event.request_id)
+            if stream is None:
+                continue
+            stream._put(event)
+            if event.finished:
+                del self._streams[event.request_id]
