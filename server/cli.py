@@ -14,6 +14,7 @@ import sys
 # name -> module with `HELP`, `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
     "generate": "server.commands.generate",
+    "serve": "server.commands.serve",
     "convert": "server.commands.convert",
 }
 
