@@ -242,3 +242,39 @@ def test_build_marks_only_needed_stages():
     assert b.logprob_rows is None
     b = SamplingBatch.build([SamplingParams(temperature=0.7)] * 2, [[]] * 2, [[]] * 2, [None] * 2, "cpu")
     assert b.temperature == 0.7 and b.greedy is None and not b.all_greedy
+
+
+def test_top_p_without_full_sort_matches_the_sort():
+    """The candidates-first nucleus equals vLLM's sort formulation, and falls back when it spills."""
+    from server.engine.sampler import _top_k_top_p_by_sort, _top_k_top_p_by_topk, apply_top_k_top_p
+
+    torch.manual_seed(9)
+    V_big = 4096
+    logits = torch.randn(6, V_big) * torch.tensor([[8.0], [4.0], [3.0], [6.0], [5.0], [8.0]])
+    top_p = torch.tensor([0.9, 0.5, 1.0, 0.95, 1.0, 0.3])
+    top_k = torch.tensor([0, 40, 0, 7, 100, 0])
+    for k in (None, top_k):
+        fast = _top_k_top_p_by_topk(logits, k, top_p, candidates=256)
+        assert fast is not None
+        assert torch.equal(torch.isinf(fast), torch.isinf(_top_k_top_p_by_sort(logits, k, top_p)))
+        assert torch.equal(fast[~torch.isinf(fast)], logits[~torch.isinf(fast)])
+    flat = torch.randn(2, V_big) * 0.1  # the nucleus of 0.9 holds thousands of tokens
+    p = torch.tensor([0.9, 0.5])
+    assert _top_k_top_p_by_topk(flat, None, p, candidates=256) is None
+    masked = apply_top_k_top_p(flat, None, 0, p)
+    assert torch.equal(masked, _top_k_top_p_by_sort(flat, None, p))
+    assert 256 < int((~torch.isinf(masked[0])).sum()) < V_big
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-53])
+def test_draw_never_picks_zero_probability_tokens(monkeypatch, u):
+    from server.engine import sampler as sampler_module
+
+    probs = torch.zeros(2, V)
+    probs[0, 5] = probs[0, 9] = 0.5
+    probs[1, 0] = 1.0
+    batch = SamplingBatch.build([SamplingParams()] * 2, [[]] * 2, [[]] * 2, [None] * 2, "cpu")
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: real_rand(*a, **k).fill_(u))
+    tokens = sampler_module.draw(probs, batch).tolist()
+    assert tokens == ([5, 0] if u == 0.0 else [9, 0])
