@@ -139,6 +139,13 @@ def _validate(bank: ExpertBank, values: bool) -> None:
                     raise BankError(f"{where} has {n} experts, the layer's block router has {block_n}")
             elif not spec.linear_router and n != 1:
                 raise BankError(f"{where} has {n} experts; kind {bank.kind!r} allows one LoRA here")
+    if not spec.lora_experts:
+        if used:
+            raise BankError(f"kind {bank.kind!r} holds no LoRA experts, found some on {sorted(used)}")
+        from .factor.bank import validate_factor_bank  # the factor kind's own rules
+
+        validate_factor_bank(bank, values)
+        return
     unused = [t for t in bank.targets if t not in used]
     if unused:
         raise BankError(f"targets {unused} are listed but no layer adapts them")

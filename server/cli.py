@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "server.commands.generate",
     "serve": "server.commands.serve",
     "convert": "server.commands.convert",
+    "factorize": "server.commands.factorize",
 }
 
 
