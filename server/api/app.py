@@ -103,7 +103,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     async def list_models() -> ModelList:
         """The base model first, then every loaded bank."""
         cards = [ModelCard(id=model_name, created=_STARTED, root=model_name, max_model_len=max_model_len)]
-        for b in (banks.list() if banks is not None else []):
+        for b in bank_routes.bank_infos(banks):
             cards.append(ModelCard(id=b.name, created=_STARTED, root=model_name, parent=model_name,
                                    max_model_len=max_model_len, kind=b.kind, num_experts=b.num_experts))
         return ModelList(data=cards)

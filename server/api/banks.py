@@ -45,14 +45,33 @@ class BankAdmin(Protocol):
     async def unload(self, name: str) -> None: ...
 
 
-def bank_card(info: Any) -> BankCard:
-    if is_dataclass(info):
+def bank_info(info: Any) -> BankInfo:
+    """A registry's description of a bank (a ``BankInfo``, a dict or an object with the same
+    attributes) as a ``BankInfo``; further keys go to ``extra``."""
+    if isinstance(info, BankInfo):
+        return info
+    if isinstance(info, dict):
+        data = dict(info)
+    elif is_dataclass(info):
         data = asdict(info)
     else:
-        data = {k: getattr(info, k, None) for k in ("name", "kind", "num_experts", "version")}
-    extra = data.pop("extra", None) or {}
-    data = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in {**extra, **data}.items()}
-    return BankCard(**data)
+        data = dict(vars(info))
+    extra = {**(data.pop("extra", None) or {}), **{k: v for k, v in data.items() if k not in _CORE}}
+    return BankInfo(name=data["name"], kind=data.get("kind", "unknown"), num_experts=int(data.get("num_experts") or 0),
+                    version=data.get("version"), extra=extra)
+
+
+def bank_infos(banks: BankAdmin | None) -> list[BankInfo]:
+    return [bank_info(b) for b in banks.list()] if banks is not None else []
+
+
+def bank_card(info: Any) -> BankCard:
+    b = bank_info(info)
+    extra = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in b.extra.items()}
+    return BankCard(**extra, name=b.name, kind=b.kind, num_experts=b.num_experts, version=b.version)
+
+
+_CORE = ("name", "kind", "num_experts", "version")
 
 
 def build_router(admin_guard) -> APIRouter:
@@ -78,7 +97,7 @@ def build_router(admin_guard) -> APIRouter:
 
     @router.get("/v1/banks", response_model=BankList)
     async def list_banks(request: Request) -> BankList:
-        return BankList(data=[bank_card(b) for b in registry(request).list()])
+        return BankList(data=[bank_card(b) for b in bank_infos(registry(request))])
 
     @router.post("/v1/banks", response_model=BankCard,
                  responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})

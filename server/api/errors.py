@@ -61,7 +61,8 @@ def from_exception(exc: BaseException, retry_after: int = 1) -> APIError:
     status = getattr(exc, "status", None)
     if isinstance(status, int) and 400 <= status < 600:
         headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
-        etype = getattr(exc, "type", None) if isinstance(exc, EngineError) else None
+        etype = getattr(exc, "type", None)
+        etype = etype if isinstance(etype, str) else None
         code = getattr(exc, "code", None)
         return APIError(status, str(exc) or TYPES.get(status, "error"), type=etype, code=code,
                         param=getattr(exc, "param", None), headers=headers)

@@ -18,6 +18,7 @@ from fastapi import Request
 
 from server.engine.protocol import MAX_LOGPROBS, EngineError, GenerationEvent, GenerationRequest, SamplingParams, Usage
 
+from .banks import bank_infos
 from .errors import APIError, error_body, from_exception
 from .lifecycle import Admission
 from .protocol import UsageInfo, _Sampling
@@ -60,8 +61,7 @@ class OpenAIServing:
     def resolve_bank(self, model: str | None) -> str | None:
         if model is None or model == self.ctx.model_name:
             return None
-        banks = self.ctx.banks
-        if banks is not None and any(getattr(b, "name", None) == model for b in banks.list()):
+        if any(b.name == model for b in bank_infos(self.ctx.banks)):
             return model
         raise APIError(404, f"the model {model!r} does not exist (the base model is {self.ctx.model_name!r}; "
                             "GET /v1/models lists the banks)", param="model", code="model_not_found")

@@ -92,9 +92,9 @@ def served(serve) -> Served:
     return serve()
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: Any = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from tests.server.fake_engine import SCRIPT
 
@@ -122,7 +123,7 @@ def test_completion_stream_logprobs(served):
 def test_bank_selected_by_name(served, tmp_path):
     (tmp_path / "b1").mkdir()
     with served.client() as c:
-        served.banks.loaded["b1"] = type("I", (), {"name": "b1", "kind": "mola", "num_experts": 8})()
+        served.banks.loaded["b1"] = SimpleNamespace(name="b1", kind="mola", num_experts=8)
         models = c.get("/v1/models").json()["data"]
         r = c.post("/v1/completions", json={"model": "b1", "prompt": "Hi", "max_tokens": 2})
     assert [m["id"] for m in models] == ["fake-model", "b1"]

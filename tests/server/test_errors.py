@@ -115,10 +115,11 @@ def test_queue_full_is_429_with_retry_after(serve):
         with s.client() as c:
             results.append(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 40}).status_code)
 
-    threads = [threading.Thread(target=one) for _ in range(2)]  # one runs, one waits
-    for t in threads:
-        t.start()
-    wait_until(lambda: len(s.engine.running) == 1 and len(s.engine.waiting) == 1, what="a full queue")
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    threads[0].start()
+    wait_until(lambda: len(s.engine.running) == 1, what="a running request")
+    threads[1].start()
+    wait_until(lambda: len(s.engine.waiting) == 1, what=lambda: f"a waiting request: {results}")
     with s.client() as c:
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
         metrics = c.get("/metrics").text

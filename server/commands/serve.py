@@ -1,0 +1,87 @@
+"""``moleserve serve``: the OpenAI-compatible HTTP server (uvicorn) around the engine and the banks.
+
+Every flag is a field of ``server.settings.Settings`` (also settable as ``MOLESERVE_<FIELD>``).
+SIGTERM (or Ctrl-C) drains: new requests get 503, in-flight ones may finish for ``--grace-period``
+seconds, the rest are aborted, and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+HELP = "serve the OpenAI-compatible HTTP API with expert banks"
+
+log = logging.getLogger("moleserve.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from server.settings import add_arguments as add_settings
+
+    add_settings(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from server.cli import UserError
+    from server.settings import settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise UserError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                                  for e in exc.errors())) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine, banks = build_engine(settings)
+    from server.api.app import create_app
+
+    app = create_app(settings, engine, banks)
+    return serve_app(app, settings)
+
+
+def build_engine(settings: Any) -> tuple[Any, Any]:
+    """The engine (model loaded now, so a bad model fails before the port opens) and the bank
+    registry, with ``--banks`` loaded."""
+    from adapters.runtime.registry import BankAdminError, BankRegistry
+    from server.cli import UserError
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.config import EngineConfig, EngineConfigError
+    from server.engine.llm_engine import LLMEngine
+
+    from .common import resolve_model_path
+
+    mem = settings.kv_cache_memory
+    try:
+        config = EngineConfig(
+            model=resolve_model_path(settings.model), device=settings.device, dtype=settings.dtype,
+            kv_cache_memory=int(mem) if mem is not None and mem > 1 else mem, max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
+            max_waiting=settings.max_waiting)
+        config.resolved_device()
+    except EngineConfigError as exc:
+        raise UserError(str(exc)) from None
+    llm = LLMEngine(config)
+    registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=llm.model.dtype,
+                            allowed_roots=settings.bank_root)
+    if settings.banks is not None:
+        try:
+            loaded, errors = registry.load_dir(settings.banks)
+        except BankAdminError as exc:
+            raise UserError(str(exc)) from None
+        log.info("banks loaded from %s: %s%s", settings.banks, ", ".join(loaded) or "none",
+                 f" ({len(errors)} refused, see above)" if errors else "")
+    llm.set_adapter_provider(registry)
+    return AsyncEngine(config, engine=llm), registry
+
+
+def serve_app(app: Any, settings: Any) -> int:
+    import uvicorn
+
+    from server.api.lifecycle import DrainingServer
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    DrainingServer(config, app, settings.grace_period).run()
+    return 0
