@@ -278,3 +278,18 @@ def test_draw_never_picks_zero_probability_tokens(monkeypatch, u):
     monkeypatch.setattr(torch, "rand", lambda *a, **k: real_rand(*a, **k).fill_(u))
     tokens = sampler_module.draw(probs, batch).tolist()
     assert tokens == ([5, 0] if u == 0.0 else [9, 0])
+
+
+def test_draw_keeps_the_tail_of_many_tiny_probabilities():
+    """49151 tokens of 2e-8 each after one of ~0.999: an fp32 CDF would round them all away."""
+    from server.engine.sampler import draw
+
+    vocab = 49152
+    probs = torch.full((1, vocab), 2e-8)
+    probs[0, 0] = 1.0 - 2e-8 * (vocab - 1)
+    n = 20000
+    batch = SamplingBatch.build([SamplingParams()] * n, [[]] * n, [[]] * n, [None] * n, "cpu")
+    torch.manual_seed(0)
+    tokens = draw(probs.expand(n, -1), batch)
+    tail = int((tokens != 0).sum())  # expected about n * 1e-3 = 20
+    assert 5 <= tail <= 45
