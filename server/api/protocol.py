@@ -191,14 +191,17 @@ class ModelList(BaseModel):
 # -- banks -------------------------------------------------------------------------------------
 
 
+PATH = dict(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")  # a NUL byte is no path
+
+
 class LoadBankRequest(_Request):
     name: str = Field(..., min_length=1, max_length=128)
-    path: str = Field(..., min_length=1, max_length=4096)
+    path: str = Field(..., **PATH)
 
 
 class LoadLoRAAdapterRequest(_Request):
     lora_name: str = Field(..., min_length=1, max_length=128)
-    lora_path: str = Field(..., min_length=1, max_length=4096)
+    lora_path: str = Field(..., **PATH)
 
 
 class UnloadLoRAAdapterRequest(_Request):
