@@ -56,11 +56,10 @@ class Settings(BaseSettings):
             return [p for p in value.split(",") if p.strip()]
         return value
 
-    def allowed_bank_roots(self) -> list[Path]:
-        roots = list(self.bank_root)
-        if self.banks is not None:
-            roots.append(self.banks)
-        return roots
+    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @staticmethod
     def secret(value: SecretStr | None) -> str | None:
