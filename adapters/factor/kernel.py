@@ -77,7 +77,7 @@ def factor_ffn(x: Tensor, w_gate_up: Tensor, w_down: Tensor, plan: PairPlan, *,
             intermediate[:, e * m:(e + 1) * m].index_copy_(0, tok, act)
         y = torch.mm(act, w_down[e]).float()
         y = y * plan.pair_weight[start:start + n].unsqueeze(1)
-        out.index_add_(0, tok, y)
+        out.index_put_((tok,), y, accumulate=True)  # index_add_ measured 100-1000x slower on CPU here
     return out.to(x.dtype)
 
 
