@@ -389,6 +389,28 @@ class BankStep:
             s.experts_per_decision = epd[i]
             s.entropy_counts = ent_counts[i] if self.banks[i].layout.kind != "lora" else ()
             name = self.banks[i].name
-            if s.tokens:
-                stats.banks[name] = s
+            if not s.tokens:
+                continue
+            prev = stats.banks.get(name)
+            if prev is not None:  # two versions of one name in the step (a replace in progress)
+                s = _merged(prev, s)
+            stats.banks[name] = s
         return stats
+
+
+def _merged(a: BankRoutingStats, b: BankRoutingStats) -> BankRoutingStats:
+    def add(x, y):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if x.numel() == 0 or y.numel() == 0:
+            return x if y.numel() == 0 else y
+        n = max(x.numel(), y.numel())
+        return F.pad(x, (0, n - x.numel())) + F.pad(y, (0, n - y.numel()))
+
+    sel = dict(a.selections)
+    for k, v in b.selections.items():
+        sel[k] = add(sel[k], v) if k in sel else v
+    return BankRoutingStats(tokens=a.tokens + b.tokens, decisions=a.decisions + b.decisions,
+                            broadcast=a.broadcast + b.broadcast, selections=sel,
+                            experts_per_decision=add(a.experts_per_decision, b.experts_per_decision),
+                            entropy_counts=add(a.entropy_counts, b.entropy_counts),
+                            entropy_sum=a.entropy_sum + b.entropy_sum)

@@ -1,0 +1,219 @@
+"""Expert banks end to end on the default model (CPU): tokens/s with banks vs the base model and
+vs transformers + the `mixlora` package, hot-load time, routing statistics. Prints the tables of
+BENCHMARKS.md ("Expert banks").
+
+    python benchmarks/banks.py [--threads 2] [--tokens 32] [--skip-peer] [--profile]
+
+Banks are random (router weights normal so routing is non-trivial, B non-zero). One run, side by
+side; the machine is shared, so numbers move between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from adapters import BaseFingerprint, ExpertBank, LayerAdapters, LinearExperts, RoutingConfig  # noqa: E402
+from adapters.runtime import BankRegistry  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.llm_engine import LLMEngine  # noqa: E402
+from server.engine.protocol import GenerationRequest, SamplingParams  # noqa: E402
+from server.model import ensure_default_model  # noqa: E402
+
+PROMPT_LEN = 16
+
+
+def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16) -> ExpertBank:
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(fp.num_hidden_layers):
+        la = LayerAdapters()
+        for t in ("gate_proj", "up_proj", "down_proj"):
+            i, o = fp.linear_shape(t)
+            la.linears[t] = LinearExperts(
+                lora_a=torch.randn(experts, r, i, generator=gen) / math.sqrt(i),
+                lora_b=torch.randn(experts, o, r, generator=gen) * 0.01,
+                scaling=2.0, router=torch.randn(experts, i, generator=gen) * (2.0 / math.sqrt(i)))
+        layers.append(la)
+    return ExpertBank(name=name, version="1", kind="dynmole", base=fp, rank=r, alpha=2.0 * r, use_rslora=False,
+                      routing=RoutingConfig("dynmole"), targets=("gate_proj", "up_proj", "down_proj"), layers=layers)
+
+
+def requests(n: int, banks: list[str | None], max_tokens: int, vocab: int, seed=0) -> list[GenerationRequest]:
+    gen = torch.Generator().manual_seed(seed)
+    return [GenerationRequest(f"r{i}", torch.randint(10, vocab, (PROMPT_LEN,), generator=gen).tolist(),
+                              SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                              bank=banks[i % len(banks)]) for i in range(n)]
+
+
+def run(engine: LLMEngine, reqs) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    out = engine.generate(reqs)
+    dt = time.perf_counter() - t0
+    return dt, sum(len(e.token_ids) for evs in out.values() for e in evs)
+
+
+class StatsProbe:
+    """Wraps a registry: reduces each step's routing statistics once the next step starts."""
+
+    def __init__(self, registry: BankRegistry):
+        self.registry, self.last, self.totals = registry, None, {}
+
+    def acquire(self, bank):
+        return self.registry.acquire(bank)
+
+    def release(self, h):
+        self.registry.release(h)
+
+    def build_step(self, handles, num_tokens):
+        self.flush()
+        self.last = self.registry.build_step(handles, num_tokens)
+        return self.last
+
+    def flush(self):
+        if self.last is not None:
+            for name, s in self.last.routing_stats().banks.items():
+                t = self.totals.setdefault(name, [0, 0, 0, 0])
+                k = torch.as_tensor(s.experts_per_decision).double()
+                t[0] += s.decisions
+                t[1] += s.broadcast
+                t[2] += float((k * torch.arange(k.numel())).sum())
+                t[3] += s.entropy_sum
+            self.last = None
+
+
+def mixlora_peer(model_dir: Path, folders: list[Path], reqs, max_tokens: int) -> tuple[float, int]:
+    """transformers + mixlora: each bank's requests batched with left padding, one bank at a time."""
+    from mixlora.model import inject_adapter_in_model, load_adapter_weights
+    from transformers import AutoModelForCausalLM
+
+    models = []
+    for folder in folders:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        config, weights = load_adapter_weights(str(folder), device="cpu", dtype=torch.float32)
+        inject_adapter_in_model(hf, config, weights)
+        hf.eval()
+        for layer in hf.model.layers:
+            for moe in layer.mlp.mixlora_moes.values():
+                for e in moe.experts_.values():
+                    e.eval()
+        models.append(hf)
+    t0 = time.perf_counter()
+    produced = 0
+    with torch.inference_mode():
+        for b, hf in enumerate(models):
+            mine = [r for i, r in enumerate(reqs) if i % len(models) == b]
+            ids = torch.tensor([r.prompt_token_ids for r in mine])  # equal lengths: padding is a no-op here
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=2)
+            produced += (out.shape[1] - ids.shape[1]) * out.shape[0]
+    return time.perf_counter() - t0, produced
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--pool-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--profile", action="store_true", help="print a torch profiler table of the DynMoLE run")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = ensure_default_model()
+    pool_dtype = getattr(torch, args.pool_dtype)
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", kv_cache_memory=512 << 20,
+                                    max_num_seqs=32, max_num_batched_tokens=512))
+    cfg = engine.model_config
+    fp = BaseFingerprint.from_hf_config(cfg.raw)
+    vocab = cfg.vocab_size
+    rows = []
+
+    # --- 1. 32 requests over 8 DynMoLE banks vs the base model --------------------------------------
+    registry = BankRegistry(cfg, dtype=pool_dtype)
+    tmp = Path(tempfile.mkdtemp(prefix="moleserve-bench-"))
+    banks = [dynmole_bank(fp, f"dyn{i}", seed=i) for i in range(8)]
+    banks[0].save(tmp / "dyn0")
+    registry.add_root(tmp)
+    t0 = time.perf_counter()
+    registry.load_sync("dyn0", tmp / "dyn0")
+    hot_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for b in banks[1:]:
+        registry.add(b)
+    add_mem = (time.perf_counter() - t0) / 7
+    engine.set_adapter_provider(registry)
+    run(engine, requests(4, [None], 4, vocab))  # warm-up (kernel build, allocator)
+    run(engine, requests(8, [b.name for b in banks], 4, vocab))
+    base_dt, base_n = run(engine, requests(32, [None], args.tokens, vocab, seed=1))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(engine, requests(32, [b.name for b in banks], 8, vocab, seed=2))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    dyn_dt, dyn_n = run(engine, requests(32, [b.name for b in banks], args.tokens, vocab, seed=1))
+    base_tps, dyn_tps = base_n / base_dt, dyn_n / dyn_dt
+    rows.append(("32 req, base model", base_tps, "-", "-"))
+    rows.append((f"32 req over 8 DynMoLE banks (6 experts, r=16, gate/up/down; pool {args.pool_dtype})", dyn_tps,
+                 f"{dyn_tps / base_tps:.2f}x base", ">= 0.75x base"))
+    probe = StatsProbe(registry)
+    engine.set_adapter_provider(probe)
+    run(engine, requests(32, [b.name for b in banks], 8, vocab, seed=3))
+    probe.flush()
+    dyn_stats = dict(probe.totals)
+    bank_mb = registry.list()[0]["bytes"] / 2**20
+
+    # --- 2. 16 requests over 4 MixLoRA banks vs transformers + mixlora --------------------------------
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.adapters.bank_builders import write_mixlora
+
+    mix_folders = []
+    for i in range(4):
+        folder = tmp / f"mix{i}"
+        write_mixlora(folder, fp, r=16, alpha=32, num_experts=8, top_k=2,
+                      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed=i)
+        registry.load_sync(f"mix{i}", folder)
+        mix_folders.append(folder)
+    engine.set_adapter_provider(registry)
+    mix_names = [f"mix{i}" for i in range(4)]
+    mix_tokens = min(args.tokens, 16)
+    run(engine, requests(4, mix_names, 2, vocab))
+    mix_dt, mix_n = run(engine, requests(16, mix_names, mix_tokens, vocab, seed=4))
+    mix_tps = mix_n / mix_dt
+    probe = StatsProbe(registry)
+    engine.set_adapter_provider(probe)
+    run(engine, requests(16, mix_names, 8, vocab, seed=5))
+    probe.flush()
+    mix_stats = dict(probe.totals)
+    if args.skip_peer:
+        peer = "skipped"
+        rows.append(("16 req over 4 MixLoRA banks (8 experts top-2, r=16, all 7 targets)", mix_tps, peer, ">= 5x peer"))
+    else:
+        peer_dt, peer_n = mixlora_peer(model_dir, mix_folders, requests(16, mix_names, mix_tokens, vocab, seed=4), mix_tokens)
+        peer_tps = peer_n / peer_dt
+        rows.append(("16 req, transformers + mixlora (per bank, batched)", peer_tps, "-", "-"))
+        rows.append(("16 req over 4 MixLoRA banks (8 experts top-2, r=16, all 7 targets)", mix_tps,
+                     f"{mix_tps / peer_tps:.1f}x peer", ">= 5x peer"))
+
+    print(f"threads={args.threads}, {args.tokens} new tokens per request (MixLoRA: {mix_tokens}), prompts {PROMPT_LEN} tokens\n")
+    print("| workload | tokens/s | ratio | target |\n|---|---|---|---|")
+    for name, tps, ratio, target in rows:
+        print(f"| {name} | {tps:.1f} | {ratio} | {target} |")
+    print(f"\nHot load of one DynMoLE bank ({bank_mb:.0f} MB fp32, our format, from disk -> pool): {hot_load * 1000:.0f} ms; "
+          f"pack + install of an in-memory bank: {add_mem * 1000:.0f} ms")
+    print("\n| banks | decisions | experts per decision | broadcast rate | mean normalised entropy |\n|---|---|---|---|---|")
+    for label, stats in (("8 DynMoLE (per linear)", dyn_stats), ("4 MixLoRA (per block)", mix_stats)):
+        d = sum(v[0] for v in stats.values())
+        print(f"| {label} | {d} | {sum(v[2] for v in stats.values()) / max(d, 1):.2f} | "
+              f"{sum(v[1] for v in stats.values()) / max(d, 1):.1%} | {sum(v[3] for v in stats.values()) / max(d, 1):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
