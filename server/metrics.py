@@ -193,6 +193,13 @@ class ServerMetrics:
         """``reason``: "overloaded" (429), "shutting_down" (503), "too_large" (413)."""
         self.rejected.labels(reason).inc()
 
+    def set_load(self, num_running: int, num_waiting: int, kv_usage: float) -> None:
+        """The engine's current load, read at scrape time: the last step's stats go stale when the
+        engine idles (an abort between steps, say)."""
+        self.running.labels(self.model_name).set(num_running)
+        self.waiting.labels(self.model_name).set(num_waiting)
+        self.kv_usage.labels(self.model_name).set(kv_usage)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

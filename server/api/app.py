@@ -95,6 +95,9 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     @app.get("/metrics", tags=["probes"], dependencies=metrics_deps, response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
+        load = _engine_load(engine)
+        if load is not None:
+            metrics.set_load(*load)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     v1 = APIRouter(dependencies=[guard], responses={401: {"model": ErrorResponse}})
@@ -120,6 +123,15 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     if admin_key:
         app.include_router(bank_routes.build_router(admin_key_guard(admin_key)))
     return app
+
+
+def _engine_load(engine: Any) -> tuple[int, int, float] | None:
+    """(running, waiting, KV usage) from an engine that exposes them (AsyncEngine does), else None."""
+    try:
+        total = engine.kv_blocks_total
+        return engine.num_running, engine.num_waiting, (total - engine.kv_blocks_free) / total if total else 0.0
+    except Exception:  # noqa: BLE001 - a scrape must not fail on a stopping engine
+        return None
 
 
 class LimitsMiddleware:

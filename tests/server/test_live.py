@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def test_disconnect_mid_stream_frees_kv_blocks(live):
     wait_until(lambda: _idle(engine), timeout=10, what="the aborted request's blocks to be freed")
     text = httpx.get(live["url"] + "/metrics").text
     assert 'finish_reason="abort"' in text
+    assert re.search(r'^vllm:num_requests_running\{[^}]*\} 0\.0$', text, flags=re.M)
+    assert re.search(r'^vllm:kv_cache_usage_perc\{[^}]*\} 0\.0$', text, flags=re.M)
 
 
 def test_disconnect_while_waiting_for_a_full_response_aborts(live):
