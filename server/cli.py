@@ -17,6 +17,8 @@ COMMANDS = {
     "serve": "server.commands.serve",
     "convert": "server.commands.convert",
     "factorize": "server.commands.factorize",
+    "train": "server.commands.train",
+    "eval": "server.commands.evaluate",
 }
 
 
@@ -73,4 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m server.cli` this file runs as __main__; call the importable module's main so
+    # the error classes it catches are the same ones the commands raise.
+    from server.cli import main as _main
+
+    sys.exit(_main())
