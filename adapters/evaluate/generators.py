@@ -1,0 +1,120 @@
+"""Where evaluation gets its tokens from: greedy generation and log-likelihood scoring, batched.
+
+``Generator`` and ``ChoiceScorer`` are the two interfaces the evaluator needs. ``LocalRunner``
+implements both on our ``LlamaModel`` with an optional bank run by the training adapter step in eval
+mode (no dropout; every expert computed densely, weights as the server routes them).
+``EngineGenerator`` sends the same greedy requests through the serving engine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from server.model import LlamaModel, SequenceKVCache, StepContext, step_context
+
+
+class Generator(Protocol):
+    def generate(self, prompts: list[list[int]], max_tokens: int,
+                 done: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+        """Greedy continuation of each prompt, stopping at EOS, ``max_tokens``, or once ``done``
+        (called with the tokens generated so far) says the answer is already decided."""
+        ...
+
+
+class ChoiceScorer(Protocol):
+    def score(self, prefix: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
+        """Sum of log p(continuation tokens | prefix + earlier continuation tokens) for every
+        continuation of every item; prefix [items][tokens], continuations [items][choices][tokens]."""
+        ...
+
+
+class LocalRunner:
+    """Generator and ChoiceScorer over our model in this process, ``batch_size`` sequences per forward."""
+
+    def __init__(self, model: LlamaModel, bank=None, *, batch_size: int = 16):
+        from adapters.train.modules import TrainableBank
+
+        self.model = model
+        self.bank = None if bank is None else TrainableBank.from_bank(bank).to(model.device).eval()
+        self.batch_size = batch_size
+        self.eos = tuple(model.config.eos_token_ids)
+
+    def _adapters(self):
+        from adapters.train.modules import TrainingAdapterStep
+
+        return None if self.bank is None else TrainingAdapterStep(self.bank, training=False)
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_tokens, done=None):
+        outputs: list[list[int]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            outputs.extend(self._generate_batch(prompts[start:start + self.batch_size], max_tokens, done))
+        return outputs
+
+    def _generate_batch(self, prompts, max_tokens, done):
+        device = self.model.device
+        cache = SequenceKVCache(self.model.config)
+        outs: list[list[int]] = [[] for _ in prompts]
+        feed = [list(p) for p in prompts]
+        live = list(range(len(prompts)))
+        for _ in range(max_tokens):
+            if not live:
+                break
+            lens = [len(feed[i]) for i in live]
+            attn = cache.step(live, lens)
+            ids = torch.tensor([t for i in live for t in feed[i]], dtype=torch.long, device=device)
+            last = torch.tensor(lens, device=device).cumsum(0) - 1
+            ctx = StepContext(positions=attn.positions().to(device), attention=attn, adapters=self._adapters(),
+                              logits_indices=last)
+            with step_context(ctx):
+                nxt = self.model(ids).argmax(-1).tolist()
+            still = []
+            for i, tok in zip(live, nxt):
+                outs[i].append(tok)
+                feed[i] = [tok]
+                if tok in self.eos or (done is not None and done(outs[i])):
+                    cache.free(i)
+                else:
+                    still.append(i)
+            live = still
+        return outs
+
+    @torch.inference_mode()
+    def score(self, prefix, continuations):
+        # Flatten (item, choice) into sequences; the common case (every choice one token after the
+        # shared prefix) needs one sequence per item instead of one per choice.
+        seqs: list[tuple[list[int], list[tuple[int, int]]]] = []  # tokens, [(position, target)]
+        owners: list[list[tuple[int, int]]] = []  # per sequence: (item, choice) for each scored group
+        for i, (pre, conts) in enumerate(zip(prefix, continuations)):
+            if all(len(c) == 1 for c in conts):
+                seqs.append((list(pre), [(len(pre) - 1, c[0]) for c in conts]))
+                owners.append([(i, j) for j in range(len(conts))])
+            else:
+                for j, c in enumerate(conts):
+                    toks = list(pre) + list(c)
+                    seqs.append((toks, [(len(pre) - 1 + k, c[k]) for k in range(len(c))]))
+                    owners.append([(i, j)] * len(c))
+        scores = [[0.0] * len(c) for c in continuations]
+        for start in range(0, len(seqs), self.batch_size):
+            chunk = seqs[start:start + self.batch_size]
+            rows, offset = [], 0
+            for toks, targets in chunk:
+                rows.extend(offset + p for p, _ in targets)
+                offset += len(toks)
+            cache = SequenceKVCache(self.model.config)
+            attn = cache.step(list(range(len(chunk))), [len(t) for t, _ in chunk])
+            device = self.model.device
+            ids = torch.tensor([t for toks, _ in chunk for t in toks], dtype=torch.long, device=device)
+            ctx = StepContext(positions=attn.positions().to(device), attention=attn, adapters=self._adapters(),
+                              logits_indices=torch.tensor(rows, dtype=torch.long, device=device))
+            with step_context(ctx):
+                logp = F.log_softmax(self.model(ids).float(), dim=-1)
+            r = 0
+            for (toks, targets), own in zip(chunk, owners[start:start + self.batch_size]):
+                for (_, target), (i, j) in zip(targets, own):
+                    scores[i][j] += float(logp[r, target])
+                    r += 1
+        return scores

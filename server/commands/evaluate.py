@@ -1,0 +1,61 @@
+"""``moleserve eval``: accuracy of a bank (or the base model) on LLM-Adapters-format sets."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_argument
+
+HELP = "accuracy of a bank or the base model on LLM-Adapters multiple-choice / true-false sets"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--bank", metavar="DIR", help="bank folder (or a converted checkpoint); default: the base model alone")
+    parser.add_argument("--data", action="append", required=True, metavar="FILE", help="test file (repeatable)")
+    parser.add_argument("--limit", type=int, help="the first N items of each file")
+    parser.add_argument("--mode", choices=("generate", "loglik"), default="generate",
+                        help="generate: greedy generation + the papers' answer extraction (default); "
+                             "loglik: the most likely answer label")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generate mode: new tokens at most")
+    parser.add_argument("--json", metavar="OUT", help="write the results (accuracy, per-set numbers, predictions) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from adapters.evaluate import LocalRunner, evaluate_set, format_table, load_eval_set, set_name, summary
+    from adapters.train import DataError
+    from server.cli import UserError
+    from server.model import load_model
+
+    from .common import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    model = load_model(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bank = None
+    if args.bank:
+        from adapters import BaseFingerprint, load_bank
+
+        bank = load_bank(args.bank, base=BaseFingerprint.from_hf_config(model.config.raw))
+    runner = LocalRunner(model, bank, batch_size=args.batch_size)
+    results = []
+    try:
+        for file in args.data:
+            items = load_eval_set(file, args.limit)
+            results.append(evaluate_set(set_name(file), items, tokenizer, mode=args.mode, generator=runner,
+                                        scorer=runner, max_tokens=args.max_tokens))
+            print(format_table(results[-1:]).splitlines()[-1], flush=True)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    print(format_table(results))
+    if args.json:
+        report = summary(results, bank=args.bank, model=str(path), mode=args.mode, limit=args.limit,
+                         runner="local model + training adapter step (eval mode)")
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
