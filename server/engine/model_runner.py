@@ -46,9 +46,11 @@ class ModelRunner:
         prefills = [PrefillChunk(int(first_row[i]), k, starts[i], i) for i, k in enumerate(num_tokens) if k > 1]
         decode_idx = torch.tensor(decode, dtype=torch.long)
         decode_rows = first_row[decode_idx]
+        decode_ctx = positions[decode_rows] + 1
         meta = PagedAttentionMetadata(
             slot_mapping=slots.to(dev), block_tables=block_tables.to(dev), decode_rows=decode_rows.to(dev),
-            decode_seq=decode_idx.to(dev), decode_ctx_lens=(positions[decode_rows] + 1).to(dev), prefills=prefills,
+            decode_seq=decode_idx.to(dev), decode_ctx_lens=decode_ctx.to(dev), prefills=prefills,
+            decode_max_ctx=int(decode_ctx.max()) if decode else 0,
         )
         return positions.to(dev), meta
 

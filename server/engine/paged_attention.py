@@ -43,6 +43,7 @@ class PagedAttentionMetadata:
     decode_rows / decode_seq / decode_ctx_lens [N] int64: the single-token chunks: their row in the
         flat batch, their sequence's row in block_tables, and their context length (position + 1).
     prefills: the multi-token chunks.
+    decode_max_ctx: the longest decode context (known on the host: no device sync per layer).
     """
 
     slot_mapping: torch.Tensor
@@ -51,17 +52,19 @@ class PagedAttentionMetadata:
     decode_seq: torch.Tensor
     decode_ctx_lens: torch.Tensor
     prefills: list[PrefillChunk]
+    decode_max_ctx: int = 0
 
 
 def paged_attention_torch(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           rows: torch.Tensor, row_seq: torch.Tensor, ctx_lens: torch.Tensor,
-                          block_tables: torch.Tensor, scale: float, window: int | None) -> None:
+                          block_tables: torch.Tensor, scale: float, window: int | None,
+                          max_ctx: int | None = None) -> None:
     """Reference (and GPU first step): fill ``out[rows]``, q/out [T, H, D], caches [blocks, BS, Hkv, D].
 
     Each row attends positions [max(0, ctx - window), ctx) of its sequence, gathered from its blocks.
     """
     bs = k_cache.shape[1]
-    used = int(-(-int(ctx_lens.max()) // bs))
+    used = -(-(max_ctx or int(ctx_lens.max())) // bs)
     bt = block_tables.index_select(0, row_seq)[:, :used]  # [N, used]
     n = bt.shape[0]
     k = k_cache[bt].flatten(1, 2).transpose(1, 2)  # [N, Hkv, used*BS, D]
@@ -107,7 +110,7 @@ class PagedAttentionStep:
                                     meta.decode_ctx_lens, meta.block_tables, scale, self.window)
             else:
                 paged_attention_torch(q, out, kc, vc, meta.decode_rows, meta.decode_seq, meta.decode_ctx_lens,
-                                      meta.block_tables, scale, self.window)
+                                      meta.block_tables, scale, self.window, meta.decode_max_ctx)
         bs = self.cache.block_size
         for c in meta.prefills:
             end = c.start + c.num_tokens

@@ -100,8 +100,7 @@ class Scheduler:
     def _add(batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)
         batch.num_tokens.append(n)
-        if seq.num_computed_tokens + n == len(seq) and n == 1 and seq.num_output_tokens > 0 \
-                and seq.num_computed_tokens == len(seq) - 1:
-            batch.num_decode_tokens += 1
+        if n == 1 and seq.num_output_tokens > 0 and seq.num_computed_tokens == len(seq) - 1:
+            batch.num_decode_tokens += 1  # the newest sampled token; anything else is (re)prefill
         else:
             batch.num_prefill_tokens += n
