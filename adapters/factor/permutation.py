@@ -39,20 +39,26 @@ def balanced_kmeans(features: Tensor, groups: int, *, iters: int = 12, seed: int
 
 
 def _balanced_assign(sims: Tensor, capacity: int) -> Tensor:
+    """Rounds of: every unassigned point bids for its best centroid with room; each centroid takes
+    its most similar bidders up to its room. At most ``groups`` rounds of ``groups`` small ops."""
     n, groups = sims.shape
-    order = torch.argsort(sims.reshape(-1), descending=True).tolist()
-    labels = [-1] * n
+    labels = torch.full((n,), -1, dtype=torch.long)
     room = [capacity] * groups
-    left = n
-    for flat in order:
-        i, g = divmod(flat, groups)
-        if labels[i] < 0 and room[g]:
-            labels[i] = g
-            room[g] -= 1
-            left -= 1
-            if not left:
-                break
-    return torch.tensor(labels, dtype=torch.long)
+    sims = sims.clone()
+    while True:
+        free = (labels < 0).nonzero().squeeze(1)
+        if free.numel() == 0:
+            return labels
+        best_sim, best = sims.index_select(0, free).max(dim=1)
+        for g in range(groups):
+            bidders = (best == g).nonzero().squeeze(1)
+            if bidders.numel() == 0 or room[g] == 0:
+                continue
+            take = bidders[torch.topk(best_sim[bidders], min(room[g], bidders.numel())).indices]
+            labels[free[take]] = g
+            room[g] -= take.numel()
+            if room[g] == 0:
+                sims[:, g] = float("-inf")
 
 
 def permutation_from_labels(labels: Tensor) -> Tensor:
