@@ -44,6 +44,9 @@ class LLMEngine:
         cfg = self.model_config
         device, dtype = self.model.device, self.model.dtype
         max_len = config.max_model_len or cfg.max_position_embeddings
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
         bs = config.block_size
         useful = config.max_num_seqs * -(-max_len // bs)
         num_blocks = num_blocks_for_budget(cfg, bs, dtype, device, config.resolved_kv_cache_memory(device), useful)
