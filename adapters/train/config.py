@@ -48,6 +48,7 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per forward; batch_size / (micro * ranks) = accumulation
     epochs: float = 2.0
     max_steps: int | None = None  # overrides epochs
+    max_seconds: float | None = None  # stop (and save) after the step that crosses this wall time
     cutoff: int = 512  # tokens per sequence
     limit: int | None = None  # a seeded random subset of this many records from the union of files
     dropout: float = 0.05

@@ -40,6 +40,7 @@ class TrainResult:
     tokens: int  # tokens processed by this call (all ranks)
     trainable_params: int
     history: list[dict] = field(default_factory=list)
+    is_main: bool = True  # rank 0 (the process that wrote the bank)
 
     @property
     def tokens_per_s(self) -> float:
@@ -170,19 +171,26 @@ def train(config: TrainConfig, *, tokenizer=None, model=None, examples: list[Exa
             if cfg.kind == "dynmole":
                 postfix.update(ent=f"{record['entropy']:.3f}", bcast=f"{record['broadcast']:.2f}")
             bar.set_postfix(postfix)
-        done = step + 1 == total_steps
+        out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+        if env.world > 1 and cfg.max_seconds is not None:  # every rank must stop at the same step
+            flag = torch.tensor([float(out_of_time)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        done = step + 1 == total_steps or out_of_time
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             _save_checkpoint(env, ckpt, bank, optimizer, step + 1, history, cfg)
+        if done:
+            break
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
 
-    result = TrainResult(out=out, steps=total_steps, seconds=seconds, tokens=tokens_run,
-                         trainable_params=bank.num_trainable(), history=history)
+    result = TrainResult(out=out, steps=len(history), seconds=seconds, tokens=tokens_run,
+                         trainable_params=bank.num_trainable(), history=history, is_main=env.is_main)
     if env.is_main:
         bank.to_bank(cfg.name or _bank_name(out)).save(out)
         summary = {"config": cfg.to_dict(), "trainable_params": result.trainable_params, "examples": len(examples),
-                   "steps": total_steps, "seconds_this_run": seconds, "tokens_this_run": tokens_run,
+                   "steps": len(history), "seconds_this_run": seconds, "tokens_this_run": tokens_run,
                    "tokens_per_s": result.tokens_per_s, "world_size": env.world, "history": history}
         (out / HISTORY).write_text(json.dumps(summary, indent=1) + "\n")
         from .plot import plot_curves
@@ -196,7 +204,7 @@ def train(config: TrainConfig, *, tokenizer=None, model=None, examples: list[Exa
 def _config_key(cfg: TrainConfig) -> str:
     """What must match for a checkpoint to be resumed (not the step budget, logging or threads)."""
     d = cfg.to_dict()
-    for key in ("max_steps", "epochs", "save_every", "threads", "progress", "out", "name"):
+    for key in ("max_steps", "max_seconds", "epochs", "save_every", "threads", "progress", "out", "name"):
         d.pop(key)
     return json.dumps(d, sort_keys=True)
 

@@ -13,7 +13,7 @@ HELP = "train an expert bank (dynmole, mixlora, lora) from LLM-Adapters JSON or 
 
 # flag -> TrainConfig field, for flags given explicitly (they override the --config file)
 _FIELDS = ("model", "kind", "name", "experts", "rank", "alpha", "targets", "top_k", "lr", "weight_decay",
-           "batch_size", "micro_batch_size", "epochs", "max_steps", "cutoff", "limit", "dropout",
+           "batch_size", "micro_batch_size", "epochs", "max_steps", "max_seconds", "cutoff", "limit", "dropout",
            "entropy_coef", "balance_coef", "seed", "save_every", "threads", "out")
 
 
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch-size", type=int, help="sequences per forward (default 4); the rest is accumulated")
     parser.add_argument("--epochs", type=float, help="default 2")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--max-seconds", type=float, help="stop after the step that crosses this wall time")
     parser.add_argument("--cutoff", type=int, help="tokens per sequence (default 512)")
     parser.add_argument("--limit", type=int, help="train on a seeded random subset of this many records")
     parser.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except (ConfigError, DataError, OSError) as exc:
         raise UserError(str(exc)) from None
-    if result.history:
+    if result.history and result.is_main:
         last = result.history[-1]
         print(f"wrote {result.out} ({result.trainable_params:,} trainable parameters, {result.steps} steps, "
               f"last loss {last['loss']:.4f}, {result.tokens_per_s:.0f} tokens/s)")
