@@ -1,0 +1,115 @@
+"""The evaluator: parsing, the papers' answer extraction on hand-made generations, both modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters.evaluate import LocalRunner, evaluate_set, extract_answer, format_table, parse_item, summary
+from adapters.evaluate.tasks import set_name
+
+from .conftest import RECORDS
+
+
+@pytest.mark.parametrize("generation, family, expected", [
+    ("the correct answer is answer3", "answer", "answer3"),
+    ("answer2 is wrong, the correct answer is answer4", "answer", "answer2"),  # first occurrence wins
+    ("### Response:\nthe correct answer is answer1</s>", "answer", "answer1"),
+    ("Answer1 looks right", "answer", ""),  # case-sensitive, as in the papers
+    ("I think it is True, i.e. true", "truefalse", "true"),
+    ("false. Well, true", "truefalse", "false"),
+    ("the statement is untrue", "truefalse", "true"),  # substring match, as the papers' regex
+    ("no idea", "truefalse", ""),
+    ("option2", "option", "option2"),
+    ("solution1 then solution2", "solution", "solution1"),
+    ("ending4", "ending", "ending4"),
+    ("answer5", "answer", "answer5"),
+])
+def test_answer_extraction(generation, family, expected):
+    assert extract_answer(generation, family) == expected
+
+
+def test_parse_item_reads_choices_from_the_answer_format():
+    item = parse_item(RECORDS[0])
+    assert item.answer == "answer2" and item.family == "answer"
+    assert item.choices == ("answer1", "answer2", "answer3", "answer4")
+    assert item.prompt.startswith("Below is an instruction") and item.prompt.endswith("### Response:\n")
+    assert parse_item(RECORDS[1]).choices == ("true", "false")
+    assert set_name("/x/commonsense/ARC-Easy/test.json") == "ARC-Easy"
+
+
+class FixedGenerator:
+    """Replays canned generations and records the stop callback's verdicts."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, texts
+
+    def generate(self, prompts, max_tokens, done=None):
+        outs = []
+        for text in self.texts[:len(prompts)]:
+            ids = self.tok(text)["input_ids"]
+            cut = next((k for k in range(1, len(ids) + 1) if done and done(ids[:k])), len(ids))
+            outs.append(ids[:cut])
+        self.texts = self.texts[len(prompts):]
+        return outs
+
+
+def test_generate_mode_scores_extracted_answers(tiny_tokenizer):
+    items = [parse_item(r) for r in RECORDS]
+    # Items are generated family by family (answer first, then truefalse).
+    texts = ["the correct answer is answer2 or answer1", "answer1", "the correct answer is true", "hmm"]
+    res = evaluate_set("mix", items, tiny_tokenizer, mode="generate", generator=FixedGenerator(tiny_tokenizer, texts))
+    assert res.predictions == ["answer2", "true", "answer1", ""]
+    assert res.correct == 2 and res.unanswered == 1 and res.accuracy == 0.5
+
+
+def test_loglik_mode_on_the_tiny_model_matches_full_sequence_scoring(tiny_model, tiny_tokenizer):
+    import torch
+    import torch.nn.functional as F
+
+    from server.model import SequenceKVCache, StepContext, step_context
+
+    items = [parse_item(r) for r in RECORDS]
+    runner = LocalRunner(tiny_model, batch_size=3)
+    res = evaluate_set("mix", items, tiny_tokenizer, mode="loglik", scorer=runner)
+    for item, pred in zip(items, res.predictions):
+        scores = []
+        for c in item.choices:  # the slow way: each full sequence alone
+            prompt = tiny_tokenizer(item.prompt)["input_ids"]
+            resp = tiny_tokenizer("the correct answer is " + c)["input_ids"]
+            ids = torch.tensor(prompt + resp)
+            cache = SequenceKVCache(tiny_model.config)
+            attn = cache.step([0], [len(ids)])
+            with torch.no_grad(), step_context(StepContext(positions=attn.positions(), attention=attn)):
+                logp = F.log_softmax(tiny_model(ids), -1)
+            scores.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(resp)))
+        assert pred == item.choices[max(range(len(scores)), key=scores.__getitem__)]
+
+
+def test_generate_mode_through_the_local_runner_and_cli(tiny_model_dir, tmp_path, capsys):
+    from adapters.train import TrainConfig, train
+    from server.cli import main
+
+    data = tmp_path / "mini" / "test.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps(RECORDS))
+    bank = tmp_path / "bank"
+    train(TrainConfig(data=[str(data)], out=str(bank), model=str(tiny_model_dir), experts=2, rank=2, max_steps=1,
+                      batch_size=4, progress=False))
+    (tmp_path / "r.json").write_text(json.dumps(RECORDS[1:]))
+    out = tmp_path / "report.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--bank", str(bank), "--data", str(data), "--data", str(tmp_path / "r.json"),
+                 "--limit", "3", "--max-tokens", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert 0 <= report["accuracy"] <= 1 and report["sets"]["mini"]["n"] == 3 and report["sets"]["r"]["n"] == 3
+    assert "average" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--mode", "loglik"]) == 0
+
+
+def test_table_and_summary():
+    from adapters.evaluate.runner import SetResult
+
+    rs = [SetResult("a", "loglik", 4, 3, 1.0), SetResult("b", "loglik", 2, 0, 1.0)]
+    assert "37.5%" in format_table(rs)
+    assert summary(rs)["accuracy"] == pytest.approx(0.375)
