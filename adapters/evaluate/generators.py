@@ -118,3 +118,48 @@ class LocalRunner:
                     scores[i][j] += float(logp[r, target])
                     r += 1
         return scores
+
+
+class EngineGenerator:
+    """Generator over the serving engine (``server.engine.LLMEngine`` + ``adapters.runtime.BankRegistry``):
+    every prompt is a greedy request, all submitted at once and run in the engine's continuous batch.
+
+    ``done`` is not a callback here: the engine stops a request at any of ``stop`` strings (the
+    answer labels), which ends it at the same token the local runner's check would.
+    """
+
+    def __init__(self, model: LlamaModel, tokenizer, bank=None, *, model_path: str = "<in memory>",
+                 max_num_seqs: int = 16, kv_cache_memory: int = 256 << 20):
+        from adapters.runtime.registry import BankRegistry
+        from server.engine.config import EngineConfig
+        from server.engine.llm_engine import LLMEngine
+
+        config = EngineConfig(model=model_path, max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory,
+                              max_num_batched_tokens=max(512, 256 * max_num_seqs))
+        self.engine = LLMEngine(config, model=model, tokenizer=tokenizer)
+        self.bank_name = None
+        if bank is not None:
+            registry = BankRegistry(model.config, device=model.device, dtype=model.dtype)
+            registry.add(bank)
+            self.engine.set_adapter_provider(registry)
+            self.bank_name = bank.name
+        self._ids = 0
+
+    def generate(self, prompts, max_tokens, done=None, stop: list[str] | None = None):
+        from server.engine.protocol import GenerationRequest, SamplingParams
+
+        requests = []
+        for p in prompts:
+            self._ids += 1
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []),
+                                    include_stop_str_in_output=True)
+            requests.append(GenerationRequest(f"eval-{self._ids}", list(p), params, bank=self.bank_name))
+        events = self.engine.generate(requests)
+        outs = []
+        for r in requests:
+            evs = events[r.request_id]
+            errors = [e.error for e in evs if e.finish_reason == "error"]
+            if errors:
+                raise RuntimeError(f"engine failed request {r.request_id}: {errors[0]}")
+            outs.append([t for e in evs for t in e.token_ids])
+        return outs

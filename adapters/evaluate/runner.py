@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from .generators import ChoiceScorer, Generator
-from .tasks import RESPONSE_PREFIX, EvalItem, _PATTERNS, extract_answer
+from .generators import ChoiceScorer, EngineGenerator, Generator
+from .tasks import _PATTERNS, FAMILIES, RESPONSE_PREFIX, EvalItem, extract_answer
 
 MODES = ("generate", "loglik")
 
@@ -52,7 +52,8 @@ def evaluate_set(name: str, items: list[EvalItem], tokenizer, *, mode: str = "ge
         preds: list[str] = [""] * len(items)
         for family in sorted({item.family for item in items}):
             idx = [i for i, item in enumerate(items) if item.family == family]
-            outs = generator.generate([prompts[i] for i in idx], max_tokens, decided(family))
+            kwargs = {"stop": list(FAMILIES[family])} if isinstance(generator, EngineGenerator) else {}
+            outs = generator.generate([prompts[i] for i in idx], max_tokens, decided(family), **kwargs)
             for i, out in zip(idx, outs):
                 preds[i] = extract_answer(tokenizer.decode(out, skip_special_tokens=True), family)
     elif mode == "loglik":

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("generate", "loglik"), default="generate",
                         help="generate: greedy generation + the papers' answer extraction (default); "
                              "loglik: the most likely answer label")
+    parser.add_argument("--runner", choices=("engine", "local"), default="engine",
+                        help="generate mode: through the serving engine (default) or the trainer's model in this "
+                             "process; loglik mode always scores locally")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--max-tokens", type=int, default=32, help="generate mode: new tokens at most")
     parser.add_argument("--json", metavar="OUT", help="write the results (accuracy, per-set numbers, predictions) here")
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from adapters.evaluate import LocalRunner, evaluate_set, format_table, load_eval_set, set_name, summary
+    from adapters.evaluate import EngineGenerator, LocalRunner, evaluate_set, format_table, load_eval_set, set_name, summary
     from adapters.train import DataError
     from server.cli import UserError
     from server.model import load_model
@@ -44,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
         bank = load_bank(args.bank, base=BaseFingerprint.from_hf_config(model.config.raw))
     runner = LocalRunner(model, bank, batch_size=args.batch_size)
+    generator = runner
+    if args.mode == "generate" and args.runner == "engine":
+        generator = EngineGenerator(model, tokenizer, bank, model_path=str(path), max_num_seqs=args.batch_size)
     results = []
     try:
         for file in args.data:
             items = load_eval_set(file, args.limit)
-            results.append(evaluate_set(set_name(file), items, tokenizer, mode=args.mode, generator=runner,
+            results.append(evaluate_set(set_name(file), items, tokenizer, mode=args.mode, generator=generator,
                                         scorer=runner, max_tokens=args.max_tokens))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     except DataError as exc:
@@ -56,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results))
     if args.json:
         report = summary(results, bank=args.bank, model=str(path), mode=args.mode, limit=args.limit,
-                         runner="local model + training adapter step (eval mode)")
+                         runner="serving engine" if generator is not runner else "local model + training adapter step")
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
