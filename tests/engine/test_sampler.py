@@ -293,3 +293,108 @@ def test_draw_keeps_the_tail_of_many_tiny_probabilities():
     tokens = draw(probs.expand(n, -1), batch)
     tail = int((tokens != 0).sum())  # expected about n * 1e-3 = 20
     assert 5 <= tail <= 45
+
+
+def test_fast_argmax_is_argmax_with_first_index_ties():
+    from server.engine.sampler import fast_argmax
+
+    torch.manual_seed(10)
+    x = torch.randn(5, 4096)
+    x[1, 3000] = x[1, 100] = 50.0  # tie: the first index wins
+    x[2, 257] = x[2, 511] = 50.0  # tie inside one block
+    x[3] = 0.0
+    assert torch.equal(fast_argmax(x), x.argmax(-1))
+    y = torch.randn(3, 1000)  # V not a multiple of the block: plain argmax
+    assert torch.equal(fast_argmax(y), y.argmax(-1))
+
+
+def support(logits_row, params, n=3000, seed=0):
+    torch.manual_seed(seed)
+    return set(run(logits_row.expand(n, -1).clone(), [params] * n).token_ids)
+
+
+def kept_set(row, temperature, top_k, top_p, min_p):
+    """top_k (ties kept), then the nucleus over the survivors, then min_p, restated on a sorted row."""
+    row = row / temperature
+    if top_k > 0:
+        kth = row.topk(top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    keep = nucleus(row, top_p) if top_p < 1 else set(torch.nonzero(row > float("-inf")).flatten().tolist())
+    probs = row.softmax(-1)
+    top = probs.max()
+    return {t for t in keep if probs[t] >= min_p * top}
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_k=30, top_p=0.8), dict(min_p=0.02),
+                                dict(top_p=0.95, min_p=0.01), dict(top_k=100)])
+def test_candidate_path_keeps_the_same_set_as_the_restatement(kw):
+    """Peaked rows over a vocabulary larger than the candidates: truncation among the row's top tokens."""
+    torch.manual_seed(11)
+    vocab = 2048
+    logits = torch.randn(1, vocab)
+    logits[0, torch.randperm(vocab)[:12]] += 6.0 + torch.rand(12) * 3
+    params = SamplingParams(temperature=0.9, **kw)
+    expected = kept_set(logits[0], 0.9, params.top_k, params.top_p, params.min_p)
+    probs = (logits[0] / 0.9).softmax(-1)
+    mass = float(probs[list(expected)].sum())
+    likely = {t for t in expected if probs[t] / mass > 2e-3}  # drawn in 6000 tries but with odds < 1e-5
+    got = support(logits, params, n=6000)
+    assert likely <= got <= expected
+
+
+def test_flat_rows_spill_to_the_full_path():
+    """A nucleus of hundreds of tokens does not fit the candidates: the row takes the full path."""
+    from server.engine import sampler as sampler_module
+
+    torch.manual_seed(12)
+    vocab = 1024
+    flat = torch.randn(1, vocab) * 0.3
+    p = SamplingParams(temperature=1.0, top_p=0.5)
+    batch = SamplingBatch.build([p], [[]], [[]], [None], "cpu")
+    _, spill = sampler_module._sample_candidates(flat, None, None, 0, batch.top_p, None, batch.candidates,
+                                                  torch.zeros(1, 1, dtype=torch.float64))
+    assert spill is not None and bool(spill[0])
+    expected = nucleus(flat[0], 0.5)
+    assert len(expected) > sampler_module._CANDIDATES
+    got = support(flat, p, n=4000)
+    assert got <= expected and len(got) > 0.9 * len(expected)
+    expected = kept_set(flat[0], 1.0, 0, 1.0, 0.5)
+    got = support(flat, SamplingParams(temperature=1.0, min_p=0.5), n=4000)
+    assert got <= expected and len(got) > 0.9 * len(expected)
+
+
+def test_seeded_row_is_independent_of_the_batch_candidate_count():
+    """Another row's large top_k widens the batch's candidates; the seeded row's token must not move."""
+    torch.manual_seed(13)
+    vocab = 4096
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    got = {}
+    for others in ([], [SamplingParams(temperature=1.0, top_k=500)], [SamplingParams(temperature=0.0)]):
+        g = make_generator(5, "cpu")
+        toks = []
+        for s in range(8):
+            torch.manual_seed(100 + s)
+            row = torch.randn(1, vocab) * (0.3 if s % 2 else 3.0)  # odd steps spill
+            logits = torch.cat([torch.randn(len(others), vocab), row])
+            toks.append(run(logits, others + [seeded], generators=[None] * len(others) + [g]).token_ids[-1])
+        got[len(others), bool(others and others[0].top_k)] = toks
+    assert len({tuple(v) for v in got.values()}) == 1
+
+
+def test_penalties_against_restatement_with_long_histories():
+    torch.manual_seed(14)
+    vocab, B = 500, 6
+    logits = torch.randn(B, vocab) * 3
+    prompts = [torch.randint(0, vocab, (int(n),)).tolist() for n in torch.randint(0, 300, (B,))]
+    outputs = [torch.randint(0, 60, (int(n),)).tolist() for n in torch.randint(0, 300, (B,))]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=float(r), frequency_penalty=float(f),
+                             presence_penalty=float(pr))
+              for r, f, pr in zip([1.2, 1.0, 0.7, 1.5, 1.0, 1.1], [0.5, -0.3, 0.0, 1.0, 0.0, 2.0],
+                                  [0.0, 0.4, 1.0, -1.0, 0.0, 2.0])]
+    batch = SamplingBatch.build(params, prompts, outputs, [None] * B, "cpu")
+    from server.engine.sampler import apply_penalties
+    got = apply_penalties(logits, batch)
+    for i, p in enumerate(params):
+        expected = penalised(logits[i], prompts[i], outputs[i], p.repetition_penalty,
+                             p.frequency_penalty, p.presence_penalty)
+        torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-4)
