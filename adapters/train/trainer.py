@@ -110,14 +110,18 @@ def train(config: TrainConfig, *, tokenizer=None, model=None, examples: list[Exa
     if env.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # A mixlora expert that no token of a micro-batch picked gets no gradient in that step.
+        wrapped = DistributedDataParallel(objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                          find_unused_parameters=cfg.kind == "mixlora")
     optimizer = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     n_micro = cfg.batch_size // cfg.micro_batch_size
     if n_micro % env.world:
         raise ValueError(f"batch_size/micro_batch_size = {n_micro} micro-batches per step must be a multiple of "
                          f"the {env.world} processes")
-    steps_per_epoch = max(1, len(examples) // cfg.batch_size) if len(examples) >= cfg.batch_size else 1
+    if len(examples) < cfg.batch_size and env.world > 1:
+        raise ValueError(f"{len(examples)} examples cannot fill one batch of {cfg.batch_size} across {env.world} processes")
+    steps_per_epoch = max(1, len(examples) // cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.floor(cfg.epochs * steps_per_epoch))
 
     start_step, history = 0, []
