@@ -161,6 +161,8 @@ def main() -> None:
     dyn_dt, dyn_n = run(engine, requests(32, [b.name for b in banks], args.tokens, vocab, seed=1))
     base_tps, dyn_tps = base_n / base_dt, dyn_n / dyn_dt
     rows.append(("32 req, base model", base_tps, "-", "-"))
+    print(f"[partial] base {base_tps:.1f} tok/s, 8 DynMoLE banks {dyn_n / dyn_dt:.1f} tok/s, hot load {hot_load:.2f} s",
+          flush=True)
     rows.append((f"32 req over 8 DynMoLE banks (6 experts, r=16, gate/up/down; pool {args.pool_dtype})", dyn_tps,
                  f"{dyn_tps / base_tps:.2f}x base", ">= 0.75x base"))
     probe = StatsProbe(registry)
@@ -187,6 +189,7 @@ def main() -> None:
     run(engine, requests(4, mix_names, 2, vocab))
     mix_dt, mix_n = run(engine, requests(16, mix_names, mix_tokens, vocab, seed=4))
     mix_tps = mix_n / mix_dt
+    print(f"[partial] 4 MixLoRA banks {mix_tps:.1f} tok/s", flush=True)
     probe = StatsProbe(registry)
     engine.set_adapter_provider(probe)
     run(engine, requests(16, mix_names, 8, vocab, seed=5))
