@@ -53,12 +53,13 @@ class BankNotFound(BankAdminError):
 class BankLoadError(BankAdminError):
     """The bank files were refused (the message names the file and the reason)."""
 
-    status = 422
+    status = 400
 
 
 class BankPathRefused(BankAdminError):
-    status = 403
-    type = "permission_error"
+    """A path outside the allowed roots (400), or one that does not exist (404)."""
+
+    status = 400
 
 
 @dataclass(eq=False)
@@ -161,7 +162,10 @@ class BankRegistry:
         try:
             real = resolve_bank_path(path, self.allowed_roots)
         except BankError as exc:
-            raise BankPathRefused(str(exc)) from None
+            err = BankPathRefused(str(exc))
+            if "does not exist" in str(exc):
+                err.status, err.type = 404, "not_found_error"
+            raise err from None
         try:
             bank = load_bank(real, base=self.fingerprint, name=name)
         except BankError as exc:
