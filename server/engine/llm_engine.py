@@ -185,12 +185,12 @@ class LLMEngine:
         t0 = time.monotonic()
         batch = self.scheduler.schedule()
         events: list[GenerationEvent] = []
+        adapters = None
         if batch.seqs:
             for seq in batch.seqs:
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = t0
             try:
-                adapters = None
                 if self.adapter_provider is not None:
                     adapters = self.adapter_provider.build_step([s.adapter_handle for s in batch.seqs],
                                                                 list(batch.num_tokens))
@@ -214,6 +214,7 @@ class LLMEngine:
         self.num_steps += 1
         if self.stats_sink is not None:
             self._report(self.stats_sink.on_step, StepStats(
+                routing=self._routing_stats(adapters),
                 time=time.time(), duration_s=time.monotonic() - t0,
                 num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens,
                 num_running=self.num_running, num_waiting=self.num_waiting,
@@ -222,6 +223,18 @@ class LLMEngine:
                 running_banks=tuple(sorted({s.bank for s in self.scheduler.running if s.bank is not None})),
                 waiting_banks=tuple(sorted({s.bank for s in self.scheduler.waiting if s.bank is not None}))))
         return events
+
+    def _routing_stats(self, adapters: Any) -> Any:
+        """The step's routing statistics, reduced once after the forward (one host sync per step)."""
+        reduce = getattr(adapters, "routing_stats", None)
+        if reduce is None:
+            return None
+        used = getattr(self.adapter_provider, "pool_slots_used", None)
+        try:
+            return reduce(used() if callable(used) else None)
+        except Exception:  # noqa: BLE001 - statistics never fail a step
+            log.exception("routing statistics failed")
+            return None
 
     def generate(self, requests: list[GenerationRequest]) -> dict[str, list[GenerationEvent]]:
         """Run ``requests`` to completion (tests, benchmarks): every request's events, in order."""
