@@ -4,7 +4,8 @@ sets, so a fresh ``make serve`` has one real bank to serve.
 ``ensure_first_run_bank(cache_dir)`` returns ``<cache_dir>/banks/commonsense-dynmole``, training it
 first when missing: 4 experts, r=8, at most 100 steps of 8 sequences drawn (seeded) from 400
 records, stopped after ``max_seconds`` (default 240 s of optimisation, under 5 minutes in all).
-It trains in a temporary folder and renames it into place, under a file lock, so a concurrent
+Run it in its own process (``python -m adapters.train.first_run [CACHE_DIR]``): torch's thread
+count is per process, so training inside the server would change the server's. It trains in a temporary folder and renames it into place, under a file lock, so a concurrent
 caller either waits or finds the finished bank; a reader never sees half a bank.
 """
 
@@ -28,14 +29,16 @@ def commonsense_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "commonsense"
 
 
-def first_run_config(out: Path, data_dir: Path, *, model: str | None = None,
-                     max_seconds: float = 240.0) -> TrainConfig:
+def first_run_config(out: Path, data_dir: Path, *, model: str | None = None, max_seconds: float = 240.0,
+                     threads: int | None = 1) -> TrainConfig:
+    """One thread by default: it trains beside a serving process on a small machine, and on a
+    busy CPU a second OpenMP thread waiting at every op's barrier made steps 5x slower (measured)."""
     files = [str(data_dir / s / "train.json") for s in SETS if (data_dir / s / "train.json").is_file()]
     if not files:
         raise FileNotFoundError(f"no commonsense train sets under {data_dir} (set MOLESERVE_COMMONSENSE_DATA)")
     return TrainConfig(data=files, out=str(out), model=model, kind="dynmole", name=BANK_NAME, experts=4, rank=8,
                        lr=1e-3, batch_size=8, micro_batch_size=4, max_steps=100, max_seconds=max_seconds,
-                       cutoff=192, limit=400, seed=0, progress=False)
+                       cutoff=192, limit=400, seed=0, progress=False, threads=threads)
 
 
 def ensure_first_run_bank(cache_dir: str | Path, *, model: str | None = None, max_seconds: float = 240.0) -> Path:
