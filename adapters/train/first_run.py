@@ -4,9 +4,10 @@ sets, so a fresh ``make serve`` has one real bank to serve.
 ``ensure_first_run_bank(cache_dir)`` returns ``<cache_dir>/banks/commonsense-dynmole``, training it
 first when missing: 4 experts, r=8, at most 100 steps of 8 sequences drawn (seeded) from 400
 records, stopped after ``max_seconds`` (default 240 s of optimisation, under 5 minutes in all).
-Run it in its own process (``python -m adapters.train.first_run [CACHE_DIR]``): torch's thread
-count is per process, so training inside the server would change the server's. It trains in a temporary folder and renames it into place, under a file lock, so a concurrent
-caller either waits or finds the finished bank; a reader never sees half a bank.
+It trains in a temporary folder and renames it into place, under a file lock, so a concurrent
+caller either waits or finds the finished bank; a reader never sees half a bank. Run it in its own
+process (``python -m adapters.train.first_run [CACHE_DIR]``): torch's thread count is per process,
+so training inside the server would change the server's.
 """
 
 from __future__ import annotations
