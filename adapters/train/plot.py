@@ -19,16 +19,17 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> bool:
         print("note: matplotlib is not installed; no curves.png", file=sys.stderr)
         return False
     steps = [h["step"] for h in history]
+    style = {"marker": "." if len(steps) < 30 else None}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(steps, [h["loss"] for h in history], label="total")
-    axes[0].plot(steps, [h["lm"] for h in history], label="LM")
+    axes[0].plot(steps, [h["loss"] for h in history], label="total", **style)
+    axes[0].plot(steps, [h["lm"] for h in history], label="LM", **style)
     axes[0].set_title("loss")
-    axes[1].plot(steps, [h["entropy"] for h in history], label="router entropy (normalised)")
-    axes[1].plot(steps, [h["broadcast"] for h in history], label="broadcast rate")
+    axes[1].plot(steps, [h["entropy"] for h in history], label="router entropy (normalised)", **style)
+    axes[1].plot(steps, [h["broadcast"] for h in history], label="broadcast rate", **style)
     axes[1].set_title("routing")
     loads = [h["load"] for h in history]
     for e in range(len(loads[0]) if loads else 0):
-        axes[2].plot(steps, [row[e] for row in loads], label=f"expert {e}")
+        axes[2].plot(steps, [row[e] for row in loads], label=f"expert {e}", **style)
     axes[2].set_title("per-expert load (fraction of router-token pairs)")
     for ax in axes:
         ax.set_xlabel("step")
