@@ -54,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         for file in args.data:
             items = load_eval_set(file, args.limit)
-            results.append(evaluate_set(set_name(file), items, tokenizer, mode=args.mode, generator=generator,
+            name = set_name(file)
+            taken = {r.name for r in results}
+            name = next(f"{name}#{k}" for k in range(2, len(taken) + 3) if f"{name}#{k}" not in taken) if name in taken else name
+            results.append(evaluate_set(name, items, tokenizer, mode=args.mode, generator=generator,
                                         scorer=runner, max_tokens=args.max_tokens))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     except DataError as exc:
