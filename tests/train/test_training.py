@@ -184,3 +184,23 @@ def test_cli_trains_a_bank(train_file, tiny_model_dir, tmp_path, capsys):
     rc = main(["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.json"),
                "--out", str(tmp_path / "o")])
     assert rc == 2
+
+
+def test_config_file_and_recipe_defaults(tmp_path):
+    from adapters.train import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: [a.json]\nout: o\nkind: mixlora\nlr: 0.001\n")
+    cfg = TrainConfig.from_file(path).resolved()
+    assert (cfg.experts, cfg.rank, cfg.alpha, cfg.top_k, cfg.lr) == (8, 16, 32.0, 2, 0.001)
+    assert len(cfg.targets) == 7
+    dyn = TrainConfig(data=["a"], out="o").resolved()
+    assert (dyn.kind, dyn.experts, dyn.rank, dyn.alpha, dyn.batch_size, dyn.epochs) == ("dynmole", 6, 24, 48.0, 16, 2.0)
+    assert dyn.targets == ["gate_proj", "up_proj", "down_proj"]
+    routing = dyn.bank_spec().routing
+    assert (routing.top_p, routing.keep_top_k, routing.entropy_threshold, routing.entropy_index) == (0.75, 2, 0.9, 1.1)
+    path.write_text("bogus: 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        TrainConfig.from_file(path)
+    with pytest.raises(ConfigError, match="multiple"):
+        TrainConfig(data=["a"], out="o", batch_size=6, micro_batch_size=4).resolved()
