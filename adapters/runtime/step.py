@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import PairPlan, dynamic_route, plan_from_slots, routed_lora, slots_from_dense, topk_route
+from kernels.routed_lora.cpu_ops import build_plan_cpu
 from server.engine.routing_stats import ENTROPY_BUCKETS, BankRoutingStats, RoutingStats
 from server.model import ModelConfig
 
@@ -158,6 +159,9 @@ class BankStep:
         self._by_key: dict[tuple, SiteSpec | None] = {}
         self._columns: dict[tuple[str, ...], list[tuple[str, int, int]]] = {}
         self._records: list[tuple[object, RouteGroup, Tensor, Tensor, Tensor | None]] = []
+        self._routers: dict[tuple, Tensor] = {}  # sites -> their routers concatenated ([M*S, in])
+        self._stacked_groups: dict[tuple, RouteGroup] = {}
+        self._cpu_plans = dev.type == "cpu" and backend in ("auto", "cpu")
 
     # -- per-step metadata, built on first use and cached --------------------------------------
 
@@ -239,33 +243,86 @@ class BankStep:
 
     def _plan(self, spec: SiteSpec, router: Tensor, x: Tensor, site: object) -> PairPlan:
         """Route every group of ``spec`` on x [T, in] with the pooled router [S, in]; one plan."""
+        return self._plans(spec, (router,), x, (site,))[0]
+
+    def _plans(self, spec: SiteSpec, routers: tuple[Tensor, ...], x: Tensor, sites: tuple) -> list[PairPlan]:
+        """One plan per router of ``routers`` (sites sharing ``spec`` and the input x [T, in]):
+        one router GEMM over all of them ([T, M*S]), one ``take`` and one routing call per group
+        over the M stacked copies of its rows, one plan per router."""
+        m = len(routers)
         if spec.static_plan is not None:
-            return spec.static_plan
-        logits = torch.mm(x.float(), router.t())  # [T, S]: every bank's router at once
+            return [spec.static_plan] * m
+        cap = self.state.capacity
+        if m == 1:
+            router = routers[0]
+        else:
+            router = self._routers.get(sites)
+            if router is None:
+                router = self._routers[sites] = torch.cat(routers)
+        logits = torch.mm(x.float(), router.t())  # [T, M*S]: every bank's router at once
         parts = []
         for g in spec.groups:
-            lg = logits.take(g.take_idx)  # [Tg, n]: each row its own bank's experts
-            w, ent = route(g, lg)
+            gm = g if m == 1 else self._stacked(g, m, cap)
+            lg = logits.take(gm.take_idx)  # [M*Tg, n]: each row its own bank's experts
+            w, ent = route(gm, lg)
+            tg = g.take_idx.shape[0]
             if self.collect_stats:
-                self._records.append((site, g, lg, w, ent))
-            parts.append((g, *slots_from_dense(w, g.offsets)))
-        if spec.full:
-            _, slots, weights = parts[0]
-            return plan_from_slots(slots, weights)
-        k = max([s.shape[1] for _, s, _ in parts] + [1])
+                for i, site in enumerate(sites):
+                    r = slice(i * tg, (i + 1) * tg)
+                    self._records.append((site, g, lg[r], w[r], None if ent is None else ent[r]))
+            parts.append((g, w, tg))
+        plans = []
+        for i in range(m):
+            if spec.full:
+                g, w, tg = parts[0]
+                plans.append(self._dense_plan(w[i * tg:(i + 1) * tg], g.offsets))
+                continue
+            plans.append(self._mixed_plan(spec, [(g, self._dense_plan(w[i * tg:(i + 1) * tg], g.offsets))
+                                                 for g, w, tg in parts], x.device))
+        return plans
+
+    def _stacked(self, g: RouteGroup, m: int, cap: int) -> RouteGroup:
+        """``g`` over M stacked copies of its rows, reading the M router blocks of [T, M*S] logits."""
+        key = (id(g), m)
+        gm = self._stacked_groups.get(key)
+        if gm is None:
+            n = g.take_idx.shape[1]
+            rows = g.take_idx[:, 0] // cap  # token of each row
+            offs = g.take_idx[:, 0] - rows * cap
+            base = (rows * (m * cap) + offs).unsqueeze(1) + torch.arange(n, device=rows.device)
+            take = torch.cat([base + i * cap for i in range(m)])
+            params = {k: (v.repeat(m) if isinstance(v, Tensor) else v) for k, v in g.params.items()}
+            gm = RouteGroup(g.key, None, take, g.offsets.repeat(m), g.bank.repeat(m), params,
+                            None if g.bcast_thr is None else g.bcast_thr.repeat(m))
+            self._stacked_groups[key] = gm
+        return gm
+
+    def _dense_plan(self, w: Tensor, offsets: Tensor) -> PairPlan:
+        """Plan of dense weights [Tg, n] at per-row slot offsets: one C++ call on the CPU."""
+        if self._cpu_plans:
+            plan = build_plan_cpu(w, offsets, self.state.capacity)
+            if plan is not None:
+                return plan
+            self._cpu_plans = False
+        return plan_from_slots(*slots_from_dense(w, offsets))
+
+    def _mixed_plan(self, spec: SiteSpec, parts: list[tuple[RouteGroup, PairPlan]], device) -> PairPlan:
+        """One plan over every token: the groups' pairs in their rows, plain LoRA tokens' slot."""
+        k = max([p.slots.shape[1] for _, p in parts] + [1])
         t = self.num_tokens
+        slots = torch.full((t, k), -1, dtype=torch.long, device=device)
+        weights = torch.zeros(t, k, dtype=torch.float32, device=device)
         if spec.plain_slot is not None:
-            slots = torch.full((t, k), -1, dtype=torch.long, device=x.device)
-            weights = torch.zeros(t, k, dtype=torch.float32, device=x.device)
             slots[:, 0] = spec.plain_slot
             weights[:, 0] = (spec.plain_slot >= 0).float()
-        else:
-            slots = torch.full((t, k), -1, dtype=torch.long, device=x.device)
-            weights = torch.zeros(t, k, dtype=torch.float32, device=x.device)
-        for g, s, w in parts:
+        for g, p in parts:
             rows = g.rows if g.rows is not None else slice(None)
-            slots[rows, : s.shape[1]] = s
-            weights[rows, : s.shape[1]] = w
+            slots[rows, : p.slots.shape[1]] = p.slots
+            weights[rows, : p.slots.shape[1]] = p.weights
+        if self._cpu_plans:
+            plan = build_plan_cpu(weights, None, self.state.capacity, slots=slots)
+            if plan is not None:
+                return plan
         return plan_from_slots(slots, weights)
 
     # -- the hook points -----------------------------------------------------------------------
@@ -287,6 +344,8 @@ class BankStep:
                            backend=self.backend, plan=plan)
 
     def linear(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> None:
+        if len(targets) > 1 and self._fused(layer, targets, x, out):
+            return
         for target, c0, c1 in self._target_columns(targets):
             site = (layer, target)
             spec = self._site_spec(site)
@@ -295,6 +354,23 @@ class BankStep:
             plan = self._plan(spec, self.state.router.get(site), x, site)
             if plan.num_pairs:
                 out[:, c0:c1] += self._delta(site, x, plan)
+
+    def _fused(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> bool:
+        """Targets sharing x (gate and up) whose sites route alike: one router GEMM, one routing
+        call, then one routed LoRA per target. False (nothing done) when they do not qualify."""
+        sites = tuple((layer, t) for t in targets)
+        specs = [self._site_spec(site) for site in sites]
+        spec = specs[0]
+        if spec is None or spec.static_plan is not None or any(sp is not spec for sp in specs):
+            return False
+        routers = tuple(self.state.router.get(site) for site in sites)
+        if any(r is None for r in routers):
+            return False
+        plans = self._plans(spec, routers, x, sites)
+        for (target, c0, c1), site, plan in zip(self._target_columns(targets), sites, plans):
+            if plan.num_pairs:
+                out[:, c0:c1] += self._delta(site, x, plan)
+        return True
 
     def mlp(self, layer: int, x: Tensor, mlp: torch.nn.Module) -> Tensor | None:
         spec = self._block_spec(layer)

@@ -122,4 +122,72 @@ int routed_lora_cpu(const float* x, int64_t T, int64_t d_in, const void* A, cons
     return 0;
 }
 
+// The pair plan (kernels/pairs.py) in one call, for the decode path where a dozen small torch ops
+// (sort, unique, three host syncs) cost more than the routed GEMMs they prepare.
+// dense = 1: w is dense routing weights [T, n] (row stride ws); a token's pairs are its experts e
+//   with w != 0 and offset[t] >= 0, slot offset[t] + e; slots/weights [T, n] are written in
+//   decreasing weight (ties: lower expert first), padded with -1 / 0 (K = n, no host sync for K).
+// dense = 0: slots/weights [T, n] are inputs (slot -1 = no pair; kept even when the weight is 0).
+// Pairs are grouped by slot (a counting sort over [0, S)), tokens ascending within a slot, as
+// plan_from_slots' stable sort.  counts = {P, G, max segment length}.  Returns 2 when a slot >= S.
+int build_plan(int dense, const float* w, int64_t ws, const int64_t* offset, int64_t T, int64_t n,
+               int64_t S, int64_t* slots, float* weights, int64_t* pair_token, int64_t* pair_slot,
+               float* pair_weight, int64_t* seg_slot, int64_t* seg_start, int64_t* seg_len,
+               int64_t* counts) {
+    if (dense) {
+        int64_t idx[64];
+        if (n > 64) return 3;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* wr = w + t * ws;
+            int64_t* sr = slots + t * n;
+            float* wo = weights + t * n;
+            int64_t k = 0;
+            if (offset[t] >= 0)
+                for (int64_t e = 0; e < n; ++e)
+                    if (wr[e] != 0.f) idx[k++] = e;
+            std::stable_sort(idx, idx + k, [wr](int64_t a, int64_t b) { return wr[a] > wr[b]; });
+            for (int64_t j = 0; j < k; ++j) {
+                sr[j] = offset[t] + idx[j];
+                wo[j] = wr[idx[j]];
+            }
+            for (int64_t j = k; j < n; ++j) {
+                sr[j] = -1;
+                wo[j] = 0.f;
+            }
+        }
+    }
+    const int64_t tk = T * n;
+    std::vector<int64_t> cnt(static_cast<size_t>(S) + 1, 0);
+    for (int64_t i = 0; i < tk; ++i) {
+        const int64_t s = slots[i];
+        if (s >= S) return 2;
+        if (s >= 0) ++cnt[s + 1];
+    }
+    int64_t g = 0, maxlen = 0;
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t c = cnt[s + 1];
+        if (c) {
+            seg_slot[g] = s;
+            seg_start[g] = cnt[s];
+            seg_len[g] = c;
+            maxlen = std::max(maxlen, c);
+            ++g;
+        }
+        cnt[s + 1] += cnt[s];  // cnt[s] = first pair of slot s
+    }
+    const int64_t p = cnt[S];
+    for (int64_t i = 0; i < tk; ++i) {  // token-major order: tokens ascend within each slot
+        const int64_t s = slots[i];
+        if (s < 0) continue;
+        const int64_t q = cnt[s]++;
+        pair_token[q] = i / n;
+        pair_slot[q] = s;
+        pair_weight[q] = weights[i];
+    }
+    counts[0] = p;
+    counts[1] = g;
+    counts[2] = maxlen;
+    return 0;
+}
+
 }  // extern "C"

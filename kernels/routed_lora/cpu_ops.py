@@ -80,7 +80,52 @@ def load_library() -> ctypes.CDLL | None:
     fn.argtypes = [p, i64, i64, p, p, i64, i64, ctypes.c_int, p, p, p, ctypes.c_float,
                    p, p, p, i64, p, p, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
+    bp = lib.build_plan
+    bp.argtypes = [ctypes.c_int, p, i64, p, i64, i64, i64, p, p, p, p, p, p, p, p, p]
+    bp.restype = ctypes.c_int
     return lib
+
+
+def build_plan_cpu(weights: Tensor, bank_offset: Tensor | None, num_slots: int, *,
+                   slots: Tensor | None = None) -> PairPlan | None:
+    """The pair plan in one C++ call (None when the library is unavailable: use `kernels.pairs`).
+
+    Dense mode (``slots`` None): ``weights [T, n]`` fp32 dense routing weights (row stride may
+    differ from n) and ``bank_offset [T]`` int64 (-1 = no bank) -> the plan of `plan_from_dense`,
+    except that its ``slots``/``weights`` are [T, n] (-1 / 0 padded) rather than [T, max pairs].
+    Slots mode: ``slots``/``weights [T, K]`` -> exactly `plan_from_slots`. All slots < num_slots.
+    """
+    lib = load_library()
+    if lib is None or weights.device.type != "cpu":
+        return None
+    t, n = weights.shape
+    dense = slots is None
+    w = weights if weights.dtype == torch.float32 else weights.float()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    ibuf = torch.empty(4 * t * n + 3 * num_slots + 3 if dense else 3 * t * n + 3 * num_slots + 3, dtype=torch.int64)
+    fbuf = torch.empty((2 if dense else 1) * t * n, dtype=torch.float32)
+    tn = t * n
+    if dense:
+        offs = bank_offset if bank_offset.dtype == torch.int64 else bank_offset.long()
+        offs = offs.contiguous()
+        sl, wk = ibuf[2 * tn + 3 * num_slots: 3 * tn + 3 * num_slots], fbuf[tn:]
+    else:
+        sl = slots.reshape(-1) if slots.dtype == torch.int64 and slots.is_contiguous() else slots.long().contiguous().reshape(-1)
+        wk = w.contiguous().reshape(-1)
+        offs = None
+    seg = ibuf[2 * tn: 2 * tn + 3 * num_slots]
+    counts = ibuf[ibuf.numel() - 3:]
+    rc = lib.build_plan(int(dense), w.data_ptr() if dense else None, w.stride(0) if dense else 0,
+                        offs.data_ptr() if dense else None, t, n, num_slots, sl.data_ptr(), wk.data_ptr(),
+                        ibuf.data_ptr(), ibuf[tn:].data_ptr(), fbuf.data_ptr(), seg.data_ptr(),
+                        seg[num_slots:].data_ptr(), seg[2 * num_slots:].data_ptr(), counts.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"build_plan failed with code {rc}")
+    p, g, m = counts.tolist()
+    return PairPlan(slots=sl.view(t, n), weights=wk.view(t, n), pair_token=ibuf[:p], pair_slot=ibuf[tn: tn + p],
+                    pair_weight=fbuf[:p], seg_slot=seg[:g], seg_start=seg[num_slots: num_slots + g],
+                    seg_len=seg[2 * num_slots: 2 * num_slots + g], max_seg_len=m)
 
 
 def routed_lora_cpu(
