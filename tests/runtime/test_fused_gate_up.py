@@ -1,0 +1,91 @@
+"""The fused gate/up path (one router GEMM and one routing call for both targets, C++ plans)
+equals separate per-target calls and the torch plan path, routing statistics included."""
+
+import math
+
+import pytest
+import torch
+
+from adapters import ExpertBank, LayerAdapters, LinearExperts, RoutingConfig
+from adapters.runtime import BankRegistry
+from server.model import ModelConfig
+from tests.adapters.bank_builders import fingerprint_of
+
+TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _bank(fp, name, seed, experts, routing, kind="dynmole"):
+    gen = torch.Generator().manual_seed(seed)
+    layers = [LayerAdapters() for _ in range(fp.num_hidden_layers)]
+    for layer in layers:
+        for t in TARGETS:
+            i, o = fp.linear_shape(t)
+            layer.linears[t] = LinearExperts(
+                lora_a=torch.randn(experts, 4, i, generator=gen) / math.sqrt(i),
+                lora_b=torch.randn(experts, o, 4, generator=gen) * 0.1, scaling=2.0,
+                router=(torch.randn(experts, i, generator=gen) * 2 / math.sqrt(i)) if kind != "lora" else None)
+    return ExpertBank(name=name, version="1", kind=kind, base=fp, rank=4, alpha=8.0, use_rslora=False,
+                      routing=routing, targets=TARGETS, layers=layers)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    cfg = ModelConfig.from_folder(tiny_model_dir)
+    fp = fingerprint_of(tiny_model_dir)
+    banks = [
+        _bank(fp, "a", 0, 6, RoutingConfig("dynmole")),
+        _bank(fp, "b", 1, 6, RoutingConfig("dynmole", top_p=0.5, keep_top_k=1, entropy_threshold=0.6)),
+        _bank(fp, "c", 2, 6, RoutingConfig("dynmole", entropy_type="shannon", entropy_threshold=0.8)),
+        _bank(fp, "d", 3, 4, RoutingConfig("dynmole", entropy_index=1.5)),
+        _bank(fp, "lora", 4, 1, RoutingConfig("none"), kind="lora"),
+    ]
+    return cfg, banks
+
+
+def _steps(cfg, banks, names, backends=("auto", "torch")):
+    out = []
+    for backend in backends:
+        reg = BankRegistry(cfg, backend=backend)
+        for b in banks:
+            reg.add(b)
+        handles = {n: reg.acquire(n) for n in set(names) if n}
+        out.append(reg.build_step([handles.get(n) for n in names], [1] * len(names)))
+    return out
+
+
+@pytest.mark.parametrize("names", [
+    ["a", "b", "a", "b", "a", "a", "b", "b"],  # one group, per-token parameters
+    ["a", "c", None, "d", "lora", "b", "a", None, "d", "c", "lora", "a"],  # groups, base and plain tokens
+    ["c", "c", "c"],  # another entropy type alone
+])
+def test_fused_gate_up_equals_separate_calls(setup, names):
+    cfg, banks = setup
+    fused, torch_path = _steps(cfg, banks, names)
+    separate, = _steps(cfg, banks, names, backends=("auto",))
+    t, inter = len(names), cfg.intermediate_size
+    gen = torch.Generator().manual_seed(7)
+    results = []
+    for layer in range(cfg.num_hidden_layers):
+        x = torch.randn(t, cfg.hidden_size, generator=gen)
+        x[0] = 0.0  # uniform routing: ties and broadcast
+        base = torch.randn(t, 2 * inter, generator=gen)
+        a, b, c = base.clone(), base.clone(), base.clone()
+        fused.linear(layer, ("gate_proj", "up_proj"), x, a)
+        torch_path.linear(layer, ("gate_proj", "up_proj"), x, b)
+        separate.linear(layer, ("gate_proj",), x, c[:, :inter])
+        separate.linear(layer, ("up_proj",), x, c[:, inter:])
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        results.append(a)
+    s_fused, s_sep, s_torch = (s.routing_stats() for s in (fused, separate, torch_path))
+    for other in (s_sep, s_torch):
+        assert s_fused.banks.keys() == other.banks.keys()
+        for name, bs in s_fused.banks.items():
+            ob = other.banks[name]
+            assert (bs.tokens, bs.decisions, bs.broadcast) == (ob.tokens, ob.decisions, ob.broadcast)
+            assert bs.entropy_sum == pytest.approx(ob.entropy_sum, rel=1e-6)
+            assert torch.equal(torch.as_tensor(bs.experts_per_decision), torch.as_tensor(ob.experts_per_decision))
+            assert torch.equal(torch.as_tensor(bs.entropy_counts), torch.as_tensor(ob.entropy_counts))
+            assert bs.selections.keys() == ob.selections.keys()
+            for k, v in bs.selections.items():
+                assert torch.equal(v, ob.selections[k]), (name, k)
