@@ -20,7 +20,7 @@ model: $(STAMP)
 	$(PY) -c "from server.model import ensure_default_model; print(ensure_default_model())"
 
 serve: model
-	$(VENV)/bin/moleserve serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/moleserve serve --host $(HOST) --port $(PORT) --first-run-bank
 
 test: $(TEST_STAMP)
 	$(PY) -c "from server.model import ensure_default_model; print(ensure_default_model())"

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="folder under which banks may be loaded at run time (repeatable; env: comma-separated); --banks is always allowed")
 
+    first_run_bank: bool = Field(
+        False, description="train the small commonsense DynMoLE bank in the background if it is not cached yet, "
+        "and load it as 'commonsense-dynmole' when ready (the server answers meanwhile)")
+
     # Auth
     api_key: SecretStr | None = Field(None, description="bearer token required on every route except /health, /ready (and /metrics)")
     admin_key: SecretStr | None = Field(None, description="bearer token for the bank routes; without it they do not exist")

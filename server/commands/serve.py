@@ -38,7 +38,48 @@ def run(args: argparse.Namespace) -> int:
     from server.api.app import create_app
 
     app = create_app(settings, engine, banks)
+    if settings.first_run_bank:
+        start_first_run_bank(banks, settings.model)
     return serve_app(app, settings)
+
+
+def start_first_run_bank(registry: Any, model: str | None) -> None:
+    """Train (once, cached) and hot-load the first-run bank without delaying the server.
+
+    Training runs in a child process (its own torch threads; a crash there cannot take the server
+    down); a daemon thread waits for it and loads the bank into the registry when it is ready.
+    """
+    import atexit
+    import subprocess
+    import sys
+    import threading
+
+    from server.model.embedded import cache_dir
+
+    banks_dir = cache_dir() / "banks"
+    banks_dir.mkdir(parents=True, exist_ok=True)
+    registry.add_root(banks_dir)
+    cmd = [sys.executable, "-m", "adapters.train.first_run", str(cache_dir())]
+    if model:
+        cmd += ["--model", model]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    atexit.register(lambda: proc.poll() is None and proc.kill())
+
+    def wait_and_load() -> None:
+        out = proc.communicate()[0] or ""
+        if proc.returncode != 0:
+            log.error("first-run bank: training failed (exit %s): %s", proc.returncode, out.strip()[-2000:])
+            return
+        path = out.strip().splitlines()[-1].split(" (")[0]
+        try:
+            info = registry.load_sync("commonsense-dynmole", path)
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving without it
+            log.error("first-run bank: not loaded: %s", exc)
+            return
+        log.info("first-run bank loaded: %s", info.get("name") if isinstance(info, dict) else info)
+
+    log.info("first-run bank: preparing %s in the background", banks_dir / "commonsense-dynmole")
+    threading.Thread(target=wait_and_load, name="first-run-bank", daemon=True).start()
 
 
 def build_engine(settings: Any) -> tuple[Any, Any]:
