@@ -70,11 +70,15 @@ def ensure_first_run_bank(cache_dir: str | Path, *, model: str | None = None, ma
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
     import time
 
     from server.model.embedded import cache_dir as default_cache_dir
 
+    parser = argparse.ArgumentParser(description="train the first-run bank if it is not cached yet")
+    parser.add_argument("cache_dir", nargs="?", default=None)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
     t0 = time.perf_counter()
-    path = ensure_first_run_bank(sys.argv[1] if len(sys.argv) > 1 else default_cache_dir())
+    path = ensure_first_run_bank(args.cache_dir or default_cache_dir(), model=args.model)
     print(f"{path} ({time.perf_counter() - t0:.0f} s)")
