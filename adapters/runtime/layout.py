@@ -56,7 +56,15 @@ def route_group(routing: RoutingConfig, n: int) -> tuple:
 
 
 def build_layout(bank: ExpertBank, *, dtype: torch.dtype) -> BankLayout:
-    """Pack ``bank`` (validated, fp32 on the host) for a pool of ``dtype``."""
+    """Pack ``bank`` (validated, fp32 on the host) for a pool of ``dtype``.
+
+    A ``factor`` bank (FactorLLM) has no LoRA experts and never enters the slot pool: its
+    ``block_router`` splits the base FFN (adapters/factor), it is not MixLoRA's. Its layout has no
+    sites and no blocks; ``packed`` is empty and only says how many experts it has."""
+    if bank.kind == "factor":
+        packed = PackedBank(num_slots=bank.num_experts(), rank=1, scaling=1.0, linears={})
+        return BankLayout(name=bank.name, kind=bank.kind, routing=bank.routing, act_fn=None, sites={}, blocks={},
+                          packed=packed, nbytes=0)
     linears, blocks, sites, block_rules = {}, {}, {}, {}
     n_max = 1
     for layer, la in enumerate(bank.layers):

@@ -10,6 +10,12 @@ The device pool stays within ``pool_memory_bytes``: a bank that does not fit evi
 recently used banks with no request in flight (their weights stay in host memory and come back on
 the next ``build_step`` that needs them). When the banks of one step alone exceed the budget the
 pool grows past it rather than fail requests (``over_budget`` in ``list()`` says so).
+
+Factor banks (``kind: factor``, FactorLLM) never enter the pool: their experts are the base
+model's FFN weights packed in expert order (``adapters.factor.load_factor_weights``), so the
+registry needs the model (``model=`` or ``attach_model``; the engine attaches its model in
+``set_adapter_provider``). A request may name ``factor+bank``: the factor bank's FFN with another
+bank's (non-MixLoRA) LoRA experts on top; ``acquire`` pins both versions.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 import torch
 
 from adapters import BankError, BaseFingerprint, ExpertBank, load_bank, resolve_bank_path
-from server.engine.protocol import UnknownBank
+from server.engine.protocol import InvalidRequest, UnknownBank
 from server.model import ModelConfig
 
 from .layout import BankLayout, build_layout
@@ -56,6 +62,15 @@ class BankLoadError(BankAdminError):
     status = 400
 
 
+class BankCombinationRefused(InvalidRequest):
+    """A request named banks that cannot run together (``factor+lora``: see ``BankRegistry.acquire``)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "bank_combination_refused"
+    param = "model"
+
+
 class BankPathRefused(BankAdminError):
     """A path outside the allowed roots (400), or one that does not exist (404)."""
 
@@ -74,24 +89,34 @@ class BankVersion:
     refs: int = 0
     retired: bool = False
     offset: int | None = None  # slot offset in the device pool; None: host memory only
+    factor: object | None = None  # kind factor: its FactorWeights (None until a model is attached)
+    host_bank: ExpertBank | None = None  # kind factor, no model attached yet: the bank to pack later
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
 
 
 @dataclass(eq=False)
 class BankHandle:
-    """What ``acquire`` returns: a request's pin on one version."""
+    """What ``acquire`` returns: a request's pin on one version, or on two for ``factor+bank``.
 
-    bank: BankVersion
+    bank: the pooled (LoRA-expert) bank's version, None for a factor bank alone; factor: the
+    factor bank's version, if any."""
+
+    bank: BankVersion | None
     released: bool = False
+    factor: BankVersion | None = None
+
+    @property
+    def versions(self) -> list[BankVersion]:
+        return [v for v in (self.factor, self.bank) if v is not None]
 
     @property
     def name(self) -> str:
-        return self.bank.name
+        return "+".join(v.name for v in self.versions)
 
     @property
     def version(self) -> int:
-        return self.bank.version
+        return (self.bank or self.factor).version
 
 
 class BankRegistry:
@@ -106,8 +131,9 @@ class BankRegistry:
 
     def __init__(self, model_config: ModelConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, pool_memory_bytes: int | None = None,
-                 allowed_roots=(), collect_stats: bool = True, backend: str = "auto"):
+                 allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None):
         self.config = model_config
+        self.model = model  # needed by factor banks (their experts are the model's FFN weights)
         self.fingerprint = BaseFingerprint.from_hf_config(model_config.raw)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -136,10 +162,27 @@ class BankRegistry:
             return self._describe(v)
 
     def _describe(self, v: BankVersion) -> dict:
+        factor = v.layout.kind == "factor"
         return {"name": v.name, "version": v.version, "bank_version": v.label, "kind": v.layout.kind,
                 "num_experts": v.layout.packed.num_slots, "rank": v.layout.packed.rank, "source": v.source,
-                "resident": v.offset is not None, "in_flight": sum(x.refs for x in self._live if x.name == v.name),
-                "bytes": v.layout.nbytes, "loaded_at": v.loaded_at}
+                "resident": v.factor is not None if factor else v.offset is not None,
+                "in_flight": sum(x.refs for x in self._live if x.name == v.name),
+                "bytes": v.factor.nbytes() if factor and v.factor is not None else v.layout.nbytes,
+                "loaded_at": v.loaded_at}
+
+    def attach_model(self, model) -> None:
+        """Give the registry the served model (a ``server.model.LlamaModel``): factor banks pack
+        their experts from its FFN weights. Factor banks added before are packed now."""
+        if BaseFingerprint.from_hf_config(model.config.raw) != self.fingerprint:
+            raise ValueError("attach_model: the model is not the one this registry serves")
+        self.model = model
+        with self._lock:
+            pending = [v for v in self._live if v.host_bank is not None]
+        for v in pending:
+            weights = _pack_factor(v.host_bank, model)
+            with self._lock:
+                if v.host_bank is not None:
+                    v.factor, v.host_bank = weights, None
 
     def add_root(self, root: str | Path) -> None:
         with self._lock:
@@ -176,9 +219,17 @@ class BankRegistry:
         """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this)."""
         name = name or bank.name
         layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
+        factor = host = None
+        if bank.kind == "factor":  # packed from the model's FFN weights, never in the slot pool
+            if self.model is not None:
+                factor = _pack_factor(bank, self.model)
+            else:
+                host = bank
         with self._lock:
-            v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version)
-            self._place(v, pinned=set(), over_budget_ok=False)
+            v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version,
+                            factor=factor, host_bank=host)
+            if bank.kind != "factor":
+                self._place(v, pinned=set(), over_budget_ok=False)
             old = self._current.get(name)
             self._current[name] = v
             self._live.append(v)
@@ -214,12 +265,40 @@ class BankRegistry:
     # -- engine side (AdapterProvider) ------------------------------------------------------------
 
     def acquire(self, bank: str) -> BankHandle:
+        """Pin the current version of ``bank``, or of both parts of ``factor+other``: a factor
+        bank's FFN with another bank's LoRA experts on top. Refused (``BankCombinationRefused``,
+        400): more than two parts, a first part that is not a factor bank, two factor banks, or a
+        factor bank with a MixLoRA bank (both replace the FFN). A part not loaded: UnknownBank."""
+        parts = bank.split("+")
+        if len(parts) > 2 or not all(parts):
+            raise BankCombinationRefused(f"model {bank!r}: name one bank, or 'factorbank+bank' (a factor bank, "
+                                         "then one bank applied on top of it)")
         with self._lock:
-            v = self._current.get(bank)
-            if v is None:
-                raise UnknownBank(f"bank {bank!r} is not loaded")
-            v.refs += 1
-            return BankHandle(v)
+            versions = []
+            for part in parts:
+                v = self._current.get(part)
+                if v is None:
+                    raise UnknownBank(f"bank {part!r} is not loaded")
+                versions.append(v)
+            kinds = [v.layout.kind for v in versions]
+            if len(versions) == 2:
+                if kinds[0] != "factor":
+                    raise BankCombinationRefused(
+                        f"model {bank!r}: in 'a+b' the first bank must be a factor bank; {parts[0]!r} is {kinds[0]!r}")
+                if kinds[1] == "factor":
+                    raise BankCombinationRefused(f"model {bank!r}: two factor banks cannot serve one request")
+                if kinds[1] == "mixlora":
+                    raise BankCombinationRefused(
+                        f"model {bank!r}: a factor bank and a MixLoRA bank both replace the FFN; they cannot be combined")
+            for v in versions:
+                if v.layout.kind == "factor" and v.factor is None:
+                    raise UnknownBank(f"factor bank {v.name!r} is not ready: the registry has no model to pack "
+                                      "its experts from (attach_model)")
+            for v in versions:
+                v.refs += 1
+            if kinds[0] == "factor":
+                return BankHandle(versions[1] if len(versions) == 2 else None, factor=versions[0])
+            return BankHandle(versions[0])
 
     def release(self, handle: BankHandle | None) -> None:
         if handle is None:
@@ -228,11 +307,12 @@ class BankRegistry:
             if handle.released:
                 return
             handle.released = True
-            v = handle.bank
-            v.refs -= 1
-            v.last_used = time.monotonic()
-            if v.retired and v.refs == 0:
-                self._drop(v)
+            now = time.monotonic()
+            for v in handle.versions:
+                v.refs -= 1
+                v.last_used = now
+                if v.retired and v.refs == 0:
+                    self._drop(v)
 
     def build_step(self, handles: list[BankHandle | None], num_tokens: list[int]) -> BankStep | None:
         """The step's AdapterStep (None when no sequence has a bank). Evicted banks come back here."""
@@ -241,8 +321,20 @@ class BankRegistry:
         index: dict[int, int] = {}
         versions: list[BankVersion] = []
         seq_bank = []
+        findex: dict[int, int] = {}
+        factors = []
+        seq_factor = []
         for h in handles:
-            if h is None:
+            f = None if h is None else h.factor
+            if f is None:
+                seq_factor.append(-1)
+            else:
+                j = findex.get(id(f))
+                if j is None:
+                    j = findex[id(f)] = len(factors)
+                    factors.append(f.factor)
+                seq_factor.append(j)
+            if h is None or h.bank is None:
                 seq_bank.append(-1)
                 continue
             i = index.get(id(h.bank))
@@ -259,9 +351,13 @@ class BankRegistry:
                 v.last_used = now
             banks = [StepBank(v.name, v.layout, v.offset) for v in versions]
             state = self.pool.state
-        token_bank = torch.repeat_interleave(torch.tensor(seq_bank, dtype=torch.long),
-                                             torch.tensor(num_tokens, dtype=torch.long)).to(self.device)
-        return BankStep(self.config, state, banks, token_bank, collect_stats=self.collect_stats, backend=self.backend)
+        counts = torch.tensor(num_tokens, dtype=torch.long)
+        token_bank = torch.repeat_interleave(torch.tensor(seq_bank, dtype=torch.long), counts).to(self.device)
+        token_factor = None
+        if factors:
+            token_factor = torch.repeat_interleave(torch.tensor(seq_factor, dtype=torch.long), counts).to(self.device)
+        return BankStep(self.config, state, banks, token_bank, collect_stats=self.collect_stats, backend=self.backend,
+                        factors=factors, token_factor=token_factor)
 
     def pool_slots_used(self) -> int:
         return self.pool.slots_used
@@ -277,6 +373,7 @@ class BankRegistry:
         if v.offset is not None:
             self.pool.free(v.offset)
             v.offset = None
+        v.factor = v.host_bank = None
         if v in self._live:
             self._live.remove(v)
 
@@ -322,3 +419,12 @@ class BankRegistry:
             log.warning("expert pool over its memory budget: the banks of one step do not fit")
             v.offset = pool.install(packed, end, end + n)
             return
+
+
+def _pack_factor(bank: ExpertBank, model):
+    from adapters.factor import load_factor_weights  # noqa: PLC0415
+
+    try:
+        return load_factor_weights(bank, model)
+    except (ValueError, RuntimeError) as exc:
+        raise BankLoadError(f"factor bank {bank.name!r} does not fit the model: {exc}") from None

@@ -15,6 +15,13 @@ MixLoRA banks replace the FFN of their tokens (``mlp``): base gate/up once for a
 (token, expert) pair the expert's gate/up deltas, the activation, the base down projection plus the
 expert's down delta, weighted and summed (one plan per layer, reused for gate, up and down).
 
+Factor banks (FactorLLM, ``adapters.factor``) also replace the FFN, of their tokens
+(``token_factor``), with the sparse factorised FFN (``factor_mlp``). Per layer where a factor bank
+of the step is factorised, each factor bank's tokens run ``factor_mlp`` on their rows, with the
+LoRA experts of their ``factor+bank`` bank on top (a sub-step over those rows), and the other
+tokens take the usual path (dense + per-linear deltas, or MixLoRA) on theirs. A factor bank and
+a MixLoRA bank never serve one token (the registry refuses the combination).
+
 Routing statistics are kept as the tensors routing produced and reduced once, after the forward,
 by ``routing_stats()``.
 """
@@ -32,6 +39,8 @@ from torch import Tensor
 from kernels import PairPlan, dynamic_route, plan_from_slots, routed_lora, slots_from_dense, topk_route
 from kernels.routed_lora.cpu_ops import build_plan_cpu
 from server.engine.routing_stats import ENTROPY_BUCKETS, BankRoutingStats, RoutingStats
+from adapters.factor.serving import factor_mlp
+from adapters.fingerprint import FFN_TARGETS
 from server.model import ModelConfig
 
 from .layout import BankLayout, SiteRule
@@ -138,12 +147,28 @@ class StepBank:
     offset: int
 
 
+@dataclass
+class FactorRows:
+    """At a layer: the tokens of each factorised factor bank (with a sub-step over them) and the rest."""
+
+    groups: list[tuple[int, Tensor | None, "BankStep"]]  # (factor index, rows or None = all, sub-step)
+    rest: Tensor | None  # the other tokens' rows (None: no other token)
+    rest_step: "BankStep | None"
+
+
 class BankStep:
-    """The step's ``AdapterStep``. ``token_bank [T]``: each token's index into ``banks``, -1 = base."""
+    """The step's ``AdapterStep``. ``token_bank [T]``: each token's index into ``banks``, -1 = none.
+    ``factors``: the step's factor banks (``adapters.factor.FactorWeights``); ``token_factor [T]``:
+    each token's index into ``factors``, -1 = none (None: no factor bank in the step)."""
 
     def __init__(self, cfg: ModelConfig, state: PoolState, banks: list[StepBank], token_bank: Tensor, *,
-                 collect_stats: bool = True, backend: str = "auto"):
+                 collect_stats: bool = True, backend: str = "auto", factors: list | None = None,
+                 token_factor: Tensor | None = None):
         self.cfg = cfg
+        self.factors = list(factors or [])
+        self.token_factor = token_factor if self.factors else None
+        self._factor_rows: dict[tuple[int, ...], FactorRows] = {}
+        self._present: set[int] | None = None
         self.state = state
         self.banks = banks
         self.num_tokens = token_bank.shape[0]
@@ -372,13 +397,86 @@ class BankStep:
                 out[:, c0:c1] += self._delta(site, x, plan)
         return True
 
+    def _proj(self, lin, x: Tensor) -> Tensor:
+        """``lin(x)`` (a ``TargetLinear``) with this step's deltas, also when this step is a sub-step
+        of the one in the step context (the linear's own hook would call that one)."""
+        out = F.linear(x, lin.weight, lin.bias)
+        self.linear(lin.layer, lin.targets, x, out)
+        return out
+
+    def _sub(self, rows: Tensor) -> "BankStep":
+        """This step restricted to the tokens ``rows`` (same banks, pool and statistics records)."""
+        sub = BankStep(self.cfg, self.state, self.banks, self.token_bank.index_select(0, rows),
+                       collect_stats=self.collect_stats, backend=self.backend)
+        sub._records = self._records
+        return sub
+
+    def _has_ffn_sites(self, layer: int) -> bool:
+        """Whether a bank of this step's tokens adds per-linear deltas to the FFN of ``layer``."""
+        if self._present is None:
+            self._present = set(self.token_bank[self.token_bank >= 0].unique().tolist())
+        return any((layer, t) in self.banks[b].layout.sites for b in self._present for t in FFN_TARGETS)
+
+    def _rows_for(self, active: tuple[int, ...]) -> FactorRows:
+        rows = self._factor_rows.get(active)
+        if rows is None:
+            t = self.num_tokens
+            groups, covered = [], torch.zeros(t, dtype=torch.bool, device=self.token_bank.device)
+            for i in active:
+                mask = self.token_factor == i
+                r = mask.nonzero().squeeze(1)
+                if r.numel() == 0:
+                    continue
+                covered |= mask
+                groups.append((i, None, self) if r.numel() == t else (i, r, self._sub(r)))
+            rest = (~covered).nonzero().squeeze(1)
+            if rest.numel() == 0:
+                rows = FactorRows(groups, None, None)
+            else:
+                rows = FactorRows(groups, rest, self if rest.numel() == t else self._sub(rest))
+            self._factor_rows[active] = rows
+        return rows
+
     def mlp(self, layer: int, x: Tensor, mlp: torch.nn.Module) -> Tensor | None:
+        if self.factors:
+            active = tuple(i for i, w in enumerate(self.factors) if w.layers[layer] is not None)
+            if active:
+                return self._factor_mlp(layer, x, mlp, self._rows_for(active))
+        return self._bank_mlp(layer, x, mlp)
+
+    def _factor_mlp(self, layer: int, x: Tensor, mlp: torch.nn.Module, rows: FactorRows) -> Tensor:
+        """Each factor bank's tokens through ``factor_mlp`` (their LoRA bank's FFN deltas applied
+        once, inside it, by the sub-step over their rows), every other token its usual FFN."""
+        if not rows.groups:  # no token of the factorised banks here: the rest is every token
+            return self._bank_mlp(layer, x, mlp)
+        out = None
+        for i, r, sub in rows.groups:
+            xs = x if r is None else x.index_select(0, r)
+            y = factor_mlp(xs, mlp, self.factors[i].layers[layer], None, sub if sub._has_ffn_sites(layer) else None)
+            if r is None:
+                return y
+            if out is None:
+                out = x.new_empty(x.shape[0], y.shape[1])
+            out.index_copy_(0, r, y)
+        if rows.rest is not None:
+            sub = rows.rest_step
+            xr = x.index_select(0, rows.rest)
+            y = sub._bank_mlp(layer, xr, mlp)
+            out.index_copy_(0, rows.rest, sub._dense(layer, xr, mlp) if y is None else y)
+        return out
+
+    def _dense(self, layer: int, x: Tensor, mlp: torch.nn.Module) -> Tensor:
+        g, u = self._proj(mlp.gate_up_proj, x).split(mlp.intermediate_size, dim=-1)
+        return self._proj(mlp.down_proj, F.silu(g) * u)
+
+    def _bank_mlp(self, layer: int, x: Tensor, mlp: torch.nn.Module) -> Tensor | None:
+        """MixLoRA's FFN for its tokens (None when no bank of the step has a block router here)."""
         spec = self._block_spec(layer)
         if spec is None:
             return None
         st = self.state
         inter = mlp.intermediate_size
-        g, u = mlp.gate_up_proj(x).split(inter, dim=-1)  # base (+ per-linear deltas of other banks)
+        g, u = self._proj(mlp.gate_up_proj, x).split(inter, dim=-1)  # base (+ per-linear deltas of other banks)
         plan = self._plan(spec, st.block_router[layer], x, (layer, "mlp"))
         tok = plan.pair_token
         pp = pair_plan(plan)
@@ -395,10 +493,11 @@ class BankStep:
         if (layer, "down_proj") in st.lora_a:
             yp = yp + self._delta((layer, "down_proj"), hp, pp)
         yp = yp * plan.pair_weight.unsqueeze(1).to(yp.dtype)
-        mixed = torch.zeros(x.shape[0], yp.shape[1], dtype=x.dtype, device=x.device).index_add_(0, tok, yp)
+        # index_put_(accumulate=True) == index_add_(0, ...), far faster on CPU
+        mixed = torch.zeros(x.shape[0], yp.shape[1], dtype=x.dtype, device=x.device).index_put_((tok,), yp, accumulate=True)
         if spec.full:
             return mixed
-        dense = mlp.down_proj(F.silu(g) * u)
+        dense = self._proj(mlp.down_proj, F.silu(g) * u)
         return torch.where(spec.rows_mask.unsqueeze(1), mixed, dense)
 
     def _act(self, spec: SiteSpec, plan: PairPlan, gp: Tensor) -> Tensor:
@@ -453,7 +552,8 @@ class BankStep:
                 b = torch.cat([r[1].bank for r in dyn])
                 over = torch.cat([r[4] > r[1].bcast_thr for r in dyn])
                 bcast += torch.bincount(b[over], minlength=nb)
-            sel_counts = torch.zeros(len(recs) * nb, n, dtype=torch.long).index_add_(0, site_id * nb + bank, sel.long())
+            sel_counts = torch.zeros(len(recs) * nb, n, dtype=torch.long).index_put_((site_id * nb + bank,), sel.long(),
+                                                                                     accumulate=True)
             sel_counts = sel_counts.view(len(recs), nb, n)
             present = torch.zeros(len(recs), nb, dtype=torch.bool)
             present[site_id, bank] = True

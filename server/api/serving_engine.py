@@ -61,7 +61,11 @@ class OpenAIServing:
     def resolve_bank(self, model: str | None) -> str | None:
         if model is None or model == self.ctx.model_name:
             return None
-        if any(b.name == model for b in bank_infos(self.ctx.banks)):
+        names = {b.name for b in bank_infos(self.ctx.banks)}
+        if model in names:
+            return model
+        # "factorbank+bank": both must be loaded; whether they combine is the registry's call (400)
+        if "+" in model and all(part in names for part in model.split("+")):
             return model
         raise APIError(404, f"the model {model!r} does not exist (the base model is {self.ctx.model_name!r}; "
                             "GET /v1/models lists the banks)", param="model", code="model_not_found")

@@ -91,6 +91,9 @@ class LLMEngine:
         self.stats_sink = sink
 
     def set_adapter_provider(self, provider: AdapterProvider | None) -> None:
+        attach = getattr(provider, "attach_model", None)  # banks built from the model's weights (factor)
+        if attach is not None:
+            attach(self.model)
         self.adapter_provider = provider
 
     # --- requests ----------------------------------------------------------------------------------
