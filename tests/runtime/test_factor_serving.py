@@ -217,3 +217,24 @@ def test_registry_with_the_model_given_and_without_one(served, tiny_model_dir):
     prompt = _prompts(engine, 1)[0]
     _close(flat_logits(engine.model, given, [torch.tensor(prompt)], ["fac"])[0],
            flat_logits(engine.model, reg, [torch.tensor(prompt)], ["fac"])[0])
+
+
+def test_api_resolves_combined_names_and_answers_400_for_refused_ones(served):
+    from types import SimpleNamespace
+
+    from server.api.errors import APIError, from_exception
+    from server.api.serving_engine import OpenAIServing
+
+    _, registry, _ = served
+    serving = OpenAIServing.__new__(OpenAIServing)  # resolve_bank reads only ctx
+    serving.ctx = SimpleNamespace(model_name="base", banks=registry)
+    assert serving.resolve_bank("fac+dyn") == "fac+dyn" and serving.resolve_bank("fac") == "fac"
+    assert serving.resolve_bank("base") is None
+    with pytest.raises(APIError) as err:
+        serving.resolve_bank("fac+nope")
+    assert err.value.status == 404
+    with pytest.raises(BankCombinationRefused) as refused:
+        registry.acquire("fac+mix")
+    api = from_exception(refused.value)
+    assert (api.status, api.code, api.param) == (400, "bank_combination_refused", "model")
+    assert "both replace the FFN" in api.message
