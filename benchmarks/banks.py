@@ -31,7 +31,7 @@ from server.model import ensure_default_model  # noqa: E402
 PROMPT_LEN = 16
 
 
-def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16) -> ExpertBank:
+def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16, router_scale=1.0) -> ExpertBank:
     gen = torch.Generator().manual_seed(seed)
     layers = []
     for _ in range(fp.num_hidden_layers):
@@ -41,7 +41,7 @@ def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16) -> 
             la.linears[t] = LinearExperts(
                 lora_a=torch.randn(experts, r, i, generator=gen) / math.sqrt(i),
                 lora_b=torch.randn(experts, o, r, generator=gen) * 0.01,
-                scaling=2.0, router=torch.randn(experts, i, generator=gen) * (2.0 / math.sqrt(i)))
+                scaling=2.0, router=torch.randn(experts, i, generator=gen) * (2.0 * router_scale / math.sqrt(i)))
         layers.append(la)
     return ExpertBank(name=name, version="1", kind="dynmole", base=fp, rank=r, alpha=2.0 * r, use_rslora=False,
                       routing=RoutingConfig("dynmole"), targets=("gate_proj", "up_proj", "down_proj"), layers=layers)
@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--pool-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--router-scale", type=float, default=1.0,
+                    help="multiply the random routers: 1 gives near-uniform routing (most tokens broadcast, as an "
+                    "untrained DynMoLE bank); larger gives the peaked routing of a trained one")
     ap.add_argument("--profile", action="store_true", help="print a torch profiler table of the DynMoLE run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,7 +142,7 @@ def main() -> None:
     # --- 1. 32 requests over 8 DynMoLE banks vs the base model --------------------------------------
     registry = BankRegistry(cfg, dtype=pool_dtype)
     tmp = Path(tempfile.mkdtemp(prefix="moleserve-bench-"))
-    banks = [dynmole_bank(fp, f"dyn{i}", seed=i) for i in range(8)]
+    banks = [dynmole_bank(fp, f"dyn{i}", seed=i, router_scale=args.router_scale) for i in range(8)]
     banks[0].save(tmp / "dyn0")
     registry.add_root(tmp)
     t0 = time.perf_counter()

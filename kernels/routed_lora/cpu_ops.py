@@ -17,63 +17,27 @@ Two implementations, chosen by measurement (BENCHMARKS.md, "Kernels"):
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from kernels.cpp_build import load_cpp_library
 from kernels.pairs import PairPlan, plan_from_slots
 from kernels.routed_lora.torch_ops import scaling_vector
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MOLESERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "moleserve"
-    )
-    return Path(root) / "kernels"
-
-
-def _cpu_signature() -> str:
-    # -march=native makes the binary CPU-specific; key the cache on the CPU's feature flags.
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return platform.machine() + flags
 
 
 @lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL | None:
-    """Compile (once per source/flags/CPU, cached on disk) and load the C++ kernel; None if unavailable."""
-    if os.environ.get("MOLESERVE_CPU_KERNEL", "1") == "0":
-        return None
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"routed_lora_cpu_{key}.so"
-    try:
-        if not lib_path.exists():
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                tmp_so = Path(tmp) / lib_path.name
-                cxx = os.environ.get("CXX", "g++")
-                subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", str(tmp_so)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(tmp_so, lib_path)  # atomic: concurrent builders race harmlessly
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("routed_lora: C++ CPU kernel unavailable (%s); using the ATen segment loop", exc)
+    """The C++ kernel (compiled once, cached on disk; see kernels.cpp_build); None if unavailable."""
+    lib = load_cpp_library(_SOURCE, "routed_lora")
+    if lib is None:
         return None
     fn = lib.routed_lora_cpu
     p, i64 = ctypes.c_void_p, ctypes.c_int64
