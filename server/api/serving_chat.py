@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -14,7 +12,7 @@ from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogp
 from .errors import APIError
 from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
                        ChatTokenLogprob, TopLogprob)
-from .serving_engine import SSE_HEADERS, OpenAIServing, sse, sse_error
+from .serving_engine import SSE_HEADERS, OpenAIServing
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -91,42 +89,10 @@ class OpenAIServingChat(OpenAIServing):
             usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
         )
 
-    async def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                      events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
-        created = int(time.time())
-        want_logprobs = gen.params.logprobs is not None
-
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> str:
-            body: dict[str, Any] = {
-                "id": gen.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-            }
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
-
-        n_tokens, event = 0, first
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                n_tokens += len(event.token_ids)
-                lp = None
-                if want_logprobs and event.logprobs:
-                    lp = {"content": [x.model_dump() for x in self._logprobs(event.logprobs)]}
-                if event.finished:
-                    if event.finish_reason == "error":
-                        self.check_final(event)
-                    yield chunk({"content": event.text} if event.text else {}, event.finish_reason, lp)
-                    break
-                if event.text or lp:
-                    yield chunk({"content": event.text}, None, lp)
-                event = await events.__anext__()
-            if include_usage:
-                usage = self.usage(event, len(gen.prompt_token_ids), n_tokens)
-                yield sse({"id": gen.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": usage.model_dump()})
-        except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
-            yield sse_error(exc)
-        finally:
-            await events.aclose()
-        yield sse("[DONE]")
+    def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
+                events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
+        return self.stream_sse(
+            gen, model, first, events, include_usage, obj="chat.completion.chunk",
+            choice=lambda text, final: {"delta": {"content": text} if text or not final else {}},
+            logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
+            preamble={"delta": {"role": "assistant", "content": ""}})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +12,7 @@ from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogp
 
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving_engine import SSE_HEADERS, OpenAIServing, sse, sse_error
+from .serving_engine import SSE_HEADERS, OpenAIServing
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -91,43 +90,15 @@ class OpenAIServingCompletion(OpenAIServing):
             usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
         )
 
-    async def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                      events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
-        created = int(time.time())
-        want_logprobs = gen.params.logprobs is not None
+    def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
+                events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
+        offset = 0  # text_offset of the next token, carried across chunks
 
-        def chunk(text: str, finish_reason: str | None, logprobs: Any) -> str:
-            body: dict[str, Any] = {
-                "id": gen.request_id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            }
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+        def logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
+            nonlocal offset
+            part = self._logprobs(lps, offset)
+            offset = part.text_offset[-1] + len(part.tokens[-1]) if part.tokens else offset
+            return part.model_dump()
 
-        n_tokens, offset, event = 0, 0, first
-        try:
-            while True:
-                n_tokens += len(event.token_ids)
-                lp = None
-                if want_logprobs and event.logprobs:
-                    part = self._logprobs(event.logprobs, offset)
-                    offset = part.text_offset[-1] + len(part.tokens[-1]) if part.tokens else offset
-                    lp = part.model_dump()
-                if event.finished:
-                    if event.finish_reason == "error":
-                        self.check_final(event)
-                    yield chunk(event.text, event.finish_reason, lp)
-                    break
-                if event.text or lp:
-                    yield chunk(event.text, None, lp)
-                event = await events.__anext__()
-            if include_usage:
-                usage = self.usage(event, len(gen.prompt_token_ids), n_tokens)
-                yield sse({"id": gen.request_id, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": usage.model_dump()})
-        except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
-            yield sse_error(exc)
-        finally:
-            await events.aclose()
-        yield sse("[DONE]")
+        return self.stream_sse(gen, model, first, events, include_usage, obj="text_completion",
+                               choice=lambda text, final: {"text": text}, logprobs=logprobs)

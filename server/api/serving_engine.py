@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -185,6 +186,54 @@ class OpenAIServing:
 
     def token_text(self, token_id: int) -> str:
         return self._decode_one(token_id)
+
+    async def stream_sse(self, gen: GenerationRequest, model: str, first: GenerationEvent,
+                         events: AsyncIterator[GenerationEvent], include_usage: bool, *, obj: str,
+                         choice: Callable[[str, bool], dict[str, Any]],
+                         logprobs: Callable[[list[Any]], Any], preamble: dict[str, Any] | None = None,
+                         ) -> AsyncIterator[str]:
+        """Server-sent events of one request, ending with ``data: [DONE]`` (chat and completions).
+
+        ``choice(text, final)`` gives the endpoint's content fields of a chunk's choice (chat: a
+        ``delta``, completions: ``text``); ``logprobs(token_logprobs)`` its logprobs object;
+        ``preamble`` the fields of a first content-less choice (chat's assistant role).
+        """
+        created = int(time.time())
+        want_logprobs = gen.params.logprobs is not None
+
+        def chunk(fields: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> str:
+            body: dict[str, Any] = {
+                "id": gen.request_id, "object": obj, "created": created, "model": model,
+                "choices": [{"index": 0, **fields, "logprobs": lp, "finish_reason": finish_reason}],
+            }
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        n_tokens, event = 0, first
+        try:
+            if preamble is not None:
+                yield chunk(preamble)
+            while True:
+                n_tokens += len(event.token_ids)
+                lp = logprobs(event.logprobs) if want_logprobs and event.logprobs else None
+                if event.finished:
+                    if event.finish_reason == "error":
+                        self.check_final(event)
+                    yield chunk(choice(event.text, True), event.finish_reason, lp)
+                    break
+                if event.text or lp:
+                    yield chunk(choice(event.text, False), None, lp)
+                event = await events.__anext__()
+            if include_usage:
+                usage = self.usage(event, len(gen.prompt_token_ids), n_tokens)
+                yield sse({"id": gen.request_id, "object": obj, "created": created, "model": model,
+                           "choices": [], "usage": usage.model_dump()})
+        except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
+            yield sse_error(exc)
+        finally:
+            await events.aclose()
+        yield sse("[DONE]")
 
     @staticmethod
     def usage(event: GenerationEvent, prompt_len: int, completion_tokens: int) -> UsageInfo:
