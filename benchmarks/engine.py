@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 
 def prompts_for(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -80,7 +79,8 @@ def run_hf_cb(hf, prompts, new_tokens):
 
 
 def matmul_floor_ms(model, n: int, repeats: int = 5) -> float:
-    """Every linear of one forward (all layers + lm_head) on n tokens, best of ``repeats``."""
+    """Every base GEMM of one forward (all layers + lm_head) on n tokens, best of ``repeats``, through
+    the same path the engine runs (``TargetLinear.base``: oneDNN-packed weights on CPU fp32)."""
     x = torch.randn(n, model.config.hidden_size)
     mid = torch.randn(n, model.config.intermediate_size)
     qo = torch.randn(n, model.config.q_size)
@@ -89,11 +89,11 @@ def matmul_floor_ms(model, n: int, repeats: int = 5) -> float:
         for _ in range(repeats):
             t0 = time.perf_counter()
             for layer in model.layers:
-                F.linear(x, layer.self_attn.qkv_proj.weight)
-                F.linear(qo, layer.self_attn.o_proj.weight)
-                F.linear(x, layer.mlp.gate_up_proj.weight)
-                F.linear(mid, layer.mlp.down_proj.weight)
-            F.linear(x, model.lm_head_weight)
+                layer.self_attn.qkv_proj.base(x)
+                layer.self_attn.o_proj.base(qo)
+                layer.mlp.gate_up_proj.base(x)
+                layer.mlp.down_proj.base(mid)
+            model.lm_head(x)
             best = min(best, time.perf_counter() - t0)
     return best * 1e3
 

@@ -124,7 +124,7 @@ def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = 
     gate_up = x.new_zeros(t, 2 * inter)
     if dense_rows is not None:
         dense_x = x.index_select(0, dense_rows)
-        gate_up.index_copy_(0, dense_rows, F.linear(dense_x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias))
+        gate_up.index_copy_(0, dense_rows, mlp.gate_up_proj.base(dense_x))
     delta = None
     if lora is not None:
         lora.linear(mlp.layer, GATE_UP_TARGETS, x, gate_up)  # factor rows hold only the delta
@@ -140,7 +140,7 @@ def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = 
         out = x.new_empty(t, x.shape[1])
         gate, up = gate_up.index_select(0, dense_rows).split(inter, dim=1)
         dense_act = F.silu(gate) * up
-        out.index_copy_(0, dense_rows, F.linear(dense_act, mlp.down_proj.weight))
+        out.index_copy_(0, dense_rows, mlp.down_proj.base(dense_act))
         out.index_copy_(0, factor_rows, y_factor)
         act = None
         if lora is not None:

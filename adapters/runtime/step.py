@@ -400,7 +400,7 @@ class BankStep:
     def _proj(self, lin, x: Tensor) -> Tensor:
         """``lin(x)`` (a ``TargetLinear``) with this step's deltas, also when this step is a sub-step
         of the one in the step context (the linear's own hook would call that one)."""
-        out = F.linear(x, lin.weight, lin.bias)
+        out = lin.base(x)
         self.linear(lin.layer, lin.targets, x, out)
         return out
 
@@ -489,7 +489,7 @@ class BankStep:
         if (layer, "up_proj") in st.lora_a:
             upp = upp + self._delta((layer, "up_proj"), xp, pp)
         hp = self._act(spec, plan, gp) * upp
-        yp = F.linear(hp, mlp.down_proj.weight, mlp.down_proj.bias)  # base down, per pair
+        yp = mlp.down_proj.base(hp)  # base down, per pair
         if (layer, "down_proj") in st.lora_a:
             yp = yp + self._delta((layer, "down_proj"), hp, pp)
         yp = yp * plan.pair_weight.unsqueeze(1).to(yp.dtype)

@@ -29,6 +29,7 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.backend = select_backend(cache)
         self.sampler = Sampler()
+        self.packed_weights = model.pack_weights()  # CPU fp32: oneDNN-blocked copies for the GEMMs
 
     def build_attention(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, PagedAttentionMetadata]:
         """positions [T] and the step's paged attention metadata (see ``PagedAttentionMetadata``)."""

@@ -75,6 +75,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` [out, in] reordered into oneDNN's blocked layout for CPU fp32 inference, or None
+    where that path is unavailable (not CPU fp32, a build without oneDNN, ``MOLESERVE_PACKED_WEIGHTS=0``).
+
+    On CPU, MKL's sgemm on a row-major [out, in] weight runs small-M GEMMs (decode steps) far below
+    the machine's rate; oneDNN's prepacked weight is 1.3-2.6x faster at M = 1-96 and never slower
+    here (BENCHMARKS.md "Engine"). The packed copy is an opaque tensor beside the plain one.
+    """
+    import os
+
+    if os.environ.get("MOLESERVE_PACKED_WEIGHTS", "1") == "0":
+        return None
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)
+        probe = torch.ones(1, weight.shape[1])
+        if not torch.allclose(packed_linear(probe, packed, None), probe @ weight.detach().t(), rtol=1e-4, atol=1e-4):
+            return None
+        return packed
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class TargetLinear(nn.Module):
     """A base linear made of one or more adapter targets fused into one GEMM, plus the hook point.
 
@@ -94,9 +122,18 @@ class TargetLinear(nn.Module):
         self.out_features = sum(sizes)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        # Inference-only copy of ``weight`` in the CPU GEMM's preferred layout (``LlamaModel.pack_weights``);
+        # a plain attribute so it is neither saved nor moved, and stale if ``weight`` is edited after.
+        self.packed: torch.Tensor | None = None
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base GEMM alone: x [T, in] -> [T, out]."""
+        if self.packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+            return packed_linear(x.contiguous(), self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.base(x)
         adapters = get_step_context().adapters
         if adapters is not None:
             adapters.linear(self.layer, self.targets, x, out)

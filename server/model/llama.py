@@ -16,7 +16,7 @@ from torch import nn
 from .config import ModelConfig
 from .context import get_step_context
 from .errors import ModelLoadError
-from .layers import RMSNorm, RotaryEmbedding, TargetLinear, apply_rotary
+from .layers import RMSNorm, RotaryEmbedding, TargetLinear, apply_rotary, pack_linear_weight, packed_linear
 from .weights import load_state
 
 
@@ -118,7 +118,32 @@ class LlamaModel(nn.Module):
         idx = get_step_context().logits_indices
         if idx is not None:
             h = h.index_select(0, idx)
+        return self.lm_head(h)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        packed = getattr(self, "lm_head_packed", None)
+        if packed is not None and h.device.type == "cpu" and h.dtype == torch.float32 and not h.requires_grad:
+            return packed_linear(h.contiguous(), packed, None)
         return F.linear(h, self.lm_head_weight)
+
+    def pack_weights(self) -> bool:
+        """Give every base linear and the LM head an inference copy of its weight in the CPU GEMM's
+        preferred layout (see ``pack_linear_weight``); True when packed. Costs one more copy of
+        those weights in memory; call again after editing weights, ``unpack_weights`` to drop them."""
+        head = pack_linear_weight(self.lm_head_weight)
+        if head is None:
+            return False
+        self.lm_head_packed = head
+        for module in self.modules():
+            if isinstance(module, TargetLinear):
+                module.packed = pack_linear_weight(module.weight)
+        return True
+
+    def unpack_weights(self) -> None:
+        self.lm_head_packed = None
+        for module in self.modules():
+            if isinstance(module, TargetLinear):
+                module.packed = None
 
     @torch.no_grad()
     def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
