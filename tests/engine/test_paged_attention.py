@@ -39,18 +39,22 @@ def _filled_cache(cfg, lens, bs, gen):
     return cache, bt, ks, vs
 
 
-@pytest.mark.parametrize("heads,kv_heads,window", [(4, 2, None), (4, 4, None), (6, 2, 5), (9, 3, None)])
+@pytest.mark.parametrize("heads,kv_heads,window,head_dim", [
+    (4, 2, None, 16), (4, 4, None, 16), (6, 2, 5, 16), (9, 3, None, 16),
+    (9, 3, None, 64), (4, 1, 37, 8), (18, 2, None, 16),  # 64-wide heads; one 8-lane column; G > 8
+    (4, 2, None, 12)])  # head_dim not a multiple of 8: the scalar path
 @pytest.mark.parametrize("backend", ["cpu_kernel", "torch"])
-def test_decode_rows_match_causal_attention(heads, kv_heads, window, backend):
+def test_decode_rows_match_causal_attention(heads, kv_heads, window, head_dim, backend):
     if backend == "cpu_kernel" and load_library() is None:
         pytest.skip("C++ kernel unavailable")
     gen = torch.Generator().manual_seed(0)
-    cfg = _cfg(heads, kv_heads)
-    lens = [1, 7, 16, 33, 50]
+    cfg = _cfg(heads, kv_heads, head_dim)
+    # 64-wide heads: long contexts and enough rows that the kernel gives each thread whole rows
+    lens = [1, 7, 16, 33, 50] if head_dim != 64 else [1, 9, 130, 257, 64, 3, 17, 40, 8, 100, 2, 71]
     cache, bt, ks, vs = _filled_cache(cfg, lens, 8, gen)
-    t = 8
+    t = len(lens) + 3
     q = torch.randn(t, heads, cfg.head_dim, generator=gen)
-    rows = torch.tensor([6, 0, 3, 5, 1])  # rows of the flat batch, any order
+    rows = torch.randperm(t, generator=gen)[:len(lens)]  # rows of the flat batch, any order
     ctx = torch.tensor(lens)
     out = torch.full_like(q, 7.0)
     fn = paged_attention_torch if backend == "torch" else (lambda *a: paged_attention_cpu(load_library(), *a))
