@@ -102,3 +102,25 @@ def test_unknown_backend():
     x, a, b, slots, w, sc = make_case(2, 1, 2, 4, 8, 8)
     with pytest.raises(ValueError):
         routed_lora(x, a, b, slots, w, sc, backend="cuda")
+
+
+POOL_CASES = [  # (T, K, S, r, d_in, d_out, slot_mode): the pool's B layout [S, r, d_out], 8-aligned sizes
+    (32, 6, 48, 16, 576, 1536, "sparse"),  # decode step of 8 banks x 6 experts on SmolLM2's gate/up
+    (5, 3, 7, 5, 64, 200, "random"),  # odd rank; a last column block of 8 of 64 columns
+    (9, 2, 4, 1, 16, 8, "random"),  # rank 1; one 8-wide block
+    (40, 2, 3, 16, 24, 72, "one_slot"),  # one long segment
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cpu_pool_layout_matches_reference(case, dtype):
+    """The CPU kernel's vectorised path (B as the pool stores it, [S, r, d_out], seen transposed)."""
+    *shape, mode = case
+    x, a, b, slots, w, sc = make_case(*shape, slot_mode=mode)
+    a, b = a.to(dtype), b.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
+    ref = routed_lora_torch(x, a.float(), b.float(), slots, w, sc)
+    out = routed_lora(x, a, b, slots, w, sc, backend="cpu")
+    assert rel_err(out, ref) < 1e-5
+    empty = (slots < 0).all(-1)
+    assert (out[empty] == 0).all()
