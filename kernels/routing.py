@@ -67,7 +67,30 @@ def dynamic_route(
 
     Every parameter may be a scalar or a [T] tensor (one value per token), so one call can route a
     batch that mixes banks with different settings.
+
+    On the CPU without autograd (serving), one C++ call computes the same thing
+    (``kernels.routed_lora.cpu_ops.dynamic_route_cpu``); ``dynamic_route_torch`` is the torch version.
     """
+    if logits.device.type == "cpu" and not (torch.is_grad_enabled() and logits.requires_grad):
+        from kernels.routed_lora.cpu_ops import dynamic_route_cpu
+
+        out = dynamic_route_cpu(logits, top_p, keep_top_k, entropy_threshold, q, eps)
+        if out is not None:
+            return out
+    return dynamic_route_torch(logits, top_p=top_p, keep_top_k=keep_top_k, entropy_threshold=entropy_threshold,
+                               q=q, eps=eps)
+
+
+def dynamic_route_torch(
+    logits: Tensor,
+    *,
+    top_p: Param = 0.75,
+    keep_top_k: Param = 2,
+    entropy_threshold: Param = 0.9,
+    q: Param = 1.1,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """``dynamic_route`` as torch ops (any device, autograd through the kept probabilities)."""
     p = torch.softmax(logits.float(), dim=-1)
     t, e = p.shape
     entropy = tsallis_entropy(p, q.reshape(-1) if isinstance(q, Tensor) else q, eps)

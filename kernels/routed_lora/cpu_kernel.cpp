@@ -2,6 +2,7 @@
 // Plain C ABI, called through ctypes: no torch headers, so it compiles in about a second.
 // Weights are fp32 or bf16 (W = float / uint16_t); activations and accumulation are fp32.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -326,5 +327,60 @@ int build_plan(int dense, const float* w, int64_t ws, const int64_t* offset, int
     counts[2] = maxlen;
     return 0;
 }
+
+// DynMoLE hybrid routing (kernels/routing.py `dynamic_route`, ALGORITHMS.md §2) for one batch of
+// router logits [T, n] (row stride ls), n <= 64: per row, p = softmax(logits); entropy = normalised
+// Tsallis H_q(p + eps) (Shannon when q == 1); keep experts in descending-p order (ties: lower index
+// first) while the running sum <= top_p, always the keep_top_k most probable, all of them when
+// q > 0, threshold < 1 and entropy > threshold.  w = p * keep.  Each parameter is a pointer with
+// stride 0 (one value) or 1 (one per row).  Replaces ~15 small torch ops per routed linear.
+int dynamic_route(const float* logits, int64_t ls, int64_t T, int64_t n, const float* top_p, int64_t s_top_p,
+                  const float* keep_k, int64_t s_keep_k, const float* thr, int64_t s_thr, const float* qv,
+                  int64_t s_q, float eps, float* w, float* ent) {
+    if (n > 64 || n < 1) return 3;
+    float p[64];
+    int64_t idx[64];
+    const float log_n = std::log(static_cast<float>(n));
+    for (int64_t t = 0; t < T; ++t) {
+        const float* l = logits + t * ls;
+        float m = -INFINITY;
+        for (int64_t e = 0; e < n; ++e) m = std::max(m, l[e]);
+        float sum = 0.f;
+        for (int64_t e = 0; e < n; ++e) sum += (p[e] = std::exp(l[e] - m));
+        const float inv = 1.f / sum;
+        for (int64_t e = 0; e < n; ++e) p[e] *= inv;
+        const float q = qv[t * s_q];
+        float h = 0.f;
+        if (n > 1) {
+            if (q == 1.f) {
+                for (int64_t e = 0; e < n; ++e)
+                    if (p[e] > 0.f) h -= p[e] * std::log(p[e]);
+                h /= log_n;
+            } else {
+                float acc = 0.f;
+                for (int64_t e = 0; e < n; ++e) acc += std::pow(p[e] + eps, q);
+                h = (1.f - acc) / (1.f - std::pow(static_cast<float>(n), 1.f - q));
+            }
+        }
+        ent[t] = h;
+        const float th = thr[t * s_thr];
+        float* wr = w + t * n;
+        if (q > 0.f && th < 1.f && h > th) {
+            for (int64_t e = 0; e < n; ++e) wr[e] = p[e];
+            continue;
+        }
+        for (int64_t e = 0; e < n; ++e) idx[e] = e;
+        std::stable_sort(idx, idx + n, [&p](int64_t a, int64_t b) { return p[a] > p[b]; });
+        const float tp = top_p[t * s_top_p], kk = keep_k[t * s_keep_k];
+        float cum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+            const int64_t e = idx[j];
+            cum += p[e];
+            wr[e] = (cum <= tp || static_cast<float>(j) < kk) ? p[e] : 0.f;
+        }
+    }
+    return 0;
+}
+
 
 }  // extern "C"

@@ -47,7 +47,39 @@ def load_library() -> ctypes.CDLL | None:
     bp = lib.build_plan
     bp.argtypes = [ctypes.c_int, p, i64, p, i64, i64, i64, p, p, p, p, p, p, p, p, p]
     bp.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    dr = lib.dynamic_route
+    dr.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, i64, p, i64, f32, p, p]
+    dr.restype = ctypes.c_int
     return lib
+
+
+def dynamic_route_cpu(logits: Tensor, top_p, keep_top_k, entropy_threshold, q, eps: float
+                      ) -> tuple[Tensor, Tensor] | None:
+    """``kernels.routing.dynamic_route`` in one C++ call (fp32 CPU logits [T, n], n <= 64, no autograd);
+    None when it does not apply (the caller then runs the torch ops)."""
+    lib = load_library()
+    if lib is None or logits.dim() != 2 or logits.shape[1] > 64 or logits.shape[1] < 1:
+        return None
+    x = logits.float()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    t, n = x.shape
+    keep = []  # the parameter tensors stay alive through the call
+
+    def param(v):
+        a = v.to(dtype=torch.float32).reshape(-1).contiguous() if isinstance(v, Tensor) else torch.tensor([float(v)])
+        if a.numel() not in (1, t):
+            raise ValueError(f"dynamic_route: a per-token parameter has {a.numel()} values for {t} tokens")
+        keep.append(a)
+        return a.data_ptr(), int(a.numel() == t and t > 1)
+
+    args = [*param(top_p), *param(keep_top_k), *param(entropy_threshold), *param(q)]
+    w = torch.empty(t, n, dtype=torch.float32)
+    ent = torch.empty(t, dtype=torch.float32)
+    if t and lib.dynamic_route(x.data_ptr(), x.stride(0), t, n, *args, float(eps), w.data_ptr(), ent.data_ptr()):
+        return None
+    return w, ent
 
 
 def build_plan_cpu(weights: Tensor, bank_offset: Tensor | None, num_slots: int, *,

@@ -101,3 +101,31 @@ def test_topk_route():
     w = topk_route(logits, 2, renormalize=False)
     torch.testing.assert_close(w[0, 1:3], p[1:3])
     assert w.dtype == torch.float32
+
+
+@pytest.mark.parametrize("n", [1, 2, 6, 16])
+def test_cpu_kernel_route_equals_torch_ops(n):
+    """The serving path (one C++ call) equals the torch ops, scalar and per-token parameters, q = 1 too."""
+    from kernels.routed_lora.cpu_ops import dynamic_route_cpu, load_library
+    from kernels.routing import dynamic_route_torch
+
+    if load_library() is None:
+        pytest.skip("C++ kernel unavailable")
+    g = torch.Generator().manual_seed(n)
+    t = 40
+    logits = torch.randn(t, n, generator=g) * torch.linspace(0.1, 6.0, t).unsqueeze(1)  # flat to peaked
+    per_token = dict(top_p=torch.rand(t, generator=g), keep_top_k=torch.randint(0, 3, (t,), generator=g),
+                     entropy_threshold=torch.rand(t, generator=g) * 1.2,
+                     q=torch.tensor([1.0, 1.1, 2.0, 0.0] * (t // 4)))
+    for params in (dict(top_p=0.75, keep_top_k=2, entropy_threshold=0.9, q=1.1),
+                   dict(top_p=0.5, keep_top_k=1, entropy_threshold=0.95, q=1.0), per_token):
+        got = dynamic_route_cpu(logits, eps=1e-5, **params)
+        assert got is not None
+        ref = dynamic_route_torch(logits, eps=1e-5, **params)
+        torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
+    # a strided view (a column slice of a wider logits matrix) reads the right elements
+    wide = torch.randn(t, 3 * n, generator=g)
+    got = dynamic_route_cpu(wide[:, n:2 * n], 0.75, 2, 0.9, 1.1, 1e-5)
+    ref = dynamic_route_torch(wide[:, n:2 * n].contiguous())
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-5)
