@@ -67,6 +67,31 @@ def test_mixlora_matches_the_mixlora_package(tmp_path, tiny_model_dir, ours, tar
     assert _max_logprob_diff(ours, registry, "mix", hf) <= TOL
 
 
+def test_mixlora_with_ffn_bias_matches_the_mixlora_package(tmp_path, default_model_dir):
+    """Our base down projection runs once over the routing-weighted mix of the experts' activations;
+    with a down bias each token still gets sum_e w_e (W h_e + b), as the package computes it."""
+    from mixlora.model import inject_adapter_in_model, load_adapter_weights
+
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "biased", default_model_dir, mlp_bias=True, seed=3)
+    folder = tmp_path / "mix"
+    write_mixlora(folder, fingerprint_of(model_dir), r=4, alpha=8, num_experts=4, top_k=2,
+                  targets=("gate_proj", "up_proj", "down_proj"))
+    model = load_model(model_dir)
+    registry = _registry(model, tmp_path)
+    registry.load_sync("mix", folder)
+    config, weights = load_adapter_weights(str(folder), device="cpu", dtype=torch.float32)
+    hf = _hf(model_dir)
+    inject_adapter_in_model(hf, config, weights)
+    hf.eval()
+    for layer in hf.model.layers:
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    assert _max_logprob_diff(model, registry, "mix", hf) <= TOL
+
+
 def test_mixlora_through_the_engine(tmp_path, tiny_model_dir):
     """The same next-token log-probabilities through LLMEngine (top 20) as our model's full forward."""
     from mixlora.model import inject_adapter_in_model, load_adapter_weights
