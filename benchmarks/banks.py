@@ -2,7 +2,7 @@
 vs transformers + the `mixlora` package, hot-load time, routing statistics. Prints the tables of
 BENCHMARKS.md ("Expert banks").
 
-    python benchmarks/banks.py [--threads 2] [--tokens 32] [--skip-peer] [--profile]
+    python benchmarks/banks.py [--threads 2] [--tokens 32] [--repeats 3] [--pool-dtype float32|bfloat16] [--skip-peer] [--profile]
 
 Banks are random (router weights normal so routing is non-trivial, B non-zero). One run, side by
 side; the machine is shared, so numbers move between runs.
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating base / DynMoLE runs; best of each kept")
     ap.add_argument("--pool-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--router-scale", type=float, default=1.0,
                     help="multiply the random routers: 1 gives near-uniform routing (most tokens broadcast, as an "
@@ -155,6 +156,8 @@ def main() -> None:
     engine.set_adapter_provider(registry)
     run(engine, requests(4, [None], 4, vocab))  # warm-up (kernel build, allocator)
     run(engine, requests(8, [b.name for b in banks], 4, vocab))
+    # base and DynMoLE runs alternate (--repeats times each), each system's best kept: this VM's
+    # load comes and goes, and a ratio of two runs minutes apart can be off by a third
     base_dt, base_n = run(engine, requests(32, [None], args.tokens, vocab, seed=1))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -162,6 +165,10 @@ def main() -> None:
             run(engine, requests(32, [b.name for b in banks], 8, vocab, seed=2))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     dyn_dt, dyn_n = run(engine, requests(32, [b.name for b in banks], args.tokens, vocab, seed=1))
+    for _ in range(args.repeats - 1):
+        b_dt, _ = run(engine, requests(32, [None], args.tokens, vocab, seed=1))
+        d_dt, _ = run(engine, requests(32, [b.name for b in banks], args.tokens, vocab, seed=1))
+        base_dt, dyn_dt = min(base_dt, b_dt), min(dyn_dt, d_dt)
     base_tps, dyn_tps = base_n / base_dt, dyn_n / dyn_dt
     rows.append(("32 req, base model", base_tps, "-", "-"))
     print(f"[partial] base {base_tps:.1f} tok/s, 8 DynMoLE banks {dyn_n / dyn_dt:.1f} tok/s, hot load {hot_load:.2f} s",

@@ -85,6 +85,8 @@ def start_first_run_bank(registry: Any, model: str | None) -> None:
 def build_engine(settings: Any) -> tuple[Any, Any]:
     """The engine (model loaded now, so a bad model fails before the port opens) and the bank
     registry, with ``--banks`` loaded."""
+    import torch
+
     from adapters.runtime.registry import BankAdminError, BankRegistry
     from server.cli import UserError
     from server.engine.async_engine import AsyncEngine
@@ -104,7 +106,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     except EngineConfigError as exc:
         raise UserError(str(exc)) from None
     llm = LLMEngine(config)
-    registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=llm.model.dtype,
+    bank_dtype = llm.model.dtype if settings.bank_dtype == "auto" else getattr(torch, settings.bank_dtype)
+    registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
                             allowed_roots=settings.bank_root)
     if settings.banks is not None:
         try:
