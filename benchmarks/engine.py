@@ -1,6 +1,6 @@
 """Engine throughput vs transformers on the default model, CPU; prints the BENCHMARKS.md table.
 
-    python benchmarks/engine.py [--threads 2] [--new-tokens 64] [--concurrency 1 8 32] [--no-cb]
+    python benchmarks/engine.py [--threads 2] [--new-tokens 64] [--concurrency 1 8 32] [--repeats 2] [--no-cb]
 
 Workload: N requests with prompts of 64-128 tokens (seeded random token ids), N new tokens each
 (greedy, ignore_eos: every system generates exactly the same number of tokens). Systems, side by
@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-cb", action="store_true", help="skip transformers' continuous batching")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="alternating moleserve / HF generate runs per concurrency; best of each kept (noisy VM)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -128,6 +130,14 @@ def main() -> None:
         e_wall, e_lat, e_step = run_engine(engine, prompts, nt)
         with torch.inference_mode():
             h_wall, h_lat = run_hf_generate(hf, prompts, nt, pad)
+        for _ in range(args.repeats - 1):  # alternate the two, keep each one's best run
+            e = run_engine(engine, prompts, nt)
+            if e[0] < e_wall:
+                e_wall, e_lat, e_step = e
+            with torch.inference_mode():
+                h = run_hf_generate(hf, prompts, nt, pad)
+            if h[0] < h_wall:
+                h_wall, h_lat = h
         cb = "n/a"
         if not args.no_cb:
             try:

@@ -17,6 +17,7 @@ from server.model import LlamaModel, ModelConfig, load_model
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .host_memory import tune_malloc
 from .kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -39,6 +40,8 @@ class LLMEngine:
         self.config = config
         device = config.resolved_device()
         dtype = config.resolved_dtype(device)
+        if device.type == "cpu":
+            tune_malloc()  # before the weights load: they and every step's activations use the heap
         self.model = model if model is not None else load_model(config.model, device=device, dtype=dtype)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         cfg = self.model_config
