@@ -136,6 +136,12 @@ void attend_avx2(const Task& t, Scratch& sc) {
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
         const float* const* kp = sc.kp.data() + j;
+        // the cache rows are scattered over blocks: ask for the next group's K (and this group's
+        // V, read after the softmax) early, so DRAM latency overlaps the dot products
+        for (int64_t u = j + 8; u < std::min(j + 16, n); ++u)
+            for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(sc.kp[u] + d), _MM_HINT_T0);
+        for (int64_t u = j; u < j + 8; ++u)
+            for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(sc.vp[u] + d), _MM_HINT_T1);
         for (int64_t g = 0; g < G; ++g) {
             const float* qv = t.qg + g * D;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;

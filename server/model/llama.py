@@ -32,10 +32,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = apply_rotary(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        qk_size = self.split[0] + self.split[1]
+        # q and k rotated in one pass over their [T, H + Hkv, D] view (half the small ops per layer)
+        qk = apply_rotary(qkv[:, :qk_size].view(t, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        v = qkv[:, qk_size:].view(t, self.kv_heads, self.head_dim)
         out = get_step_context().attention.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
 
