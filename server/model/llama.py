@@ -7,6 +7,8 @@ linear is a ``TargetLinear`` hook point. q/k/v and gate/up are fused into one GE
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from .errors import ModelLoadError
 from .layers import RMSNorm, RotaryEmbedding, TargetLinear, apply_rotary, pack_linear_weight, packed_linear
 from .weights import load_state
 
+
+log = logging.getLogger(__name__)
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -132,13 +136,25 @@ class LlamaModel(nn.Module):
         """Give every base linear and the LM head an inference copy of its weight in the CPU GEMM's
         preferred layout (see ``pack_linear_weight``); True when packed. Costs one more copy of
         those weights in memory; call again after editing weights, ``unpack_weights`` to drop them."""
+        if self.lm_head_weight.device.type != "cpu":
+            return False
+        linears = [m for m in self.modules() if isinstance(m, TargetLinear)]
+        need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        need += self.lm_head_weight.numel() * self.lm_head_weight.element_size()
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            free = None
+        if free is not None and need > free // 2:
+            log.warning("base weights not packed for the CPU GEMM: the copy (%d MB) would take more than half "
+                        "of the free memory (%d MB)", need >> 20, free >> 20)
+            return False
         head = pack_linear_weight(self.lm_head_weight)
         if head is None:
             return False
         self.lm_head_packed = head
-        for module in self.modules():
-            if isinstance(module, TargetLinear):
-                module.packed = pack_linear_weight(module.weight)
+        for module in linears:
+            module.packed = pack_linear_weight(module.weight)
         return True
 
     def unpack_weights(self) -> None:
