@@ -3,7 +3,8 @@
 ``Generator`` and ``ChoiceScorer`` are the two interfaces the evaluator needs. ``LocalRunner``
 implements both on our ``LlamaModel`` with an optional bank run by the training adapter step in eval
 mode (no dropout; every expert computed densely, weights as the server routes them).
-``EngineGenerator`` sends the same greedy requests through the serving engine.
+``EngineGenerator`` sends the same greedy requests (and, for scoring, requests with prompt
+log-probabilities) through the serving engine.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class LocalRunner:
 
 
 class EngineGenerator:
-    """Generator over the serving engine (``server.engine.LLMEngine`` + ``adapters.runtime.BankRegistry``):
+    """Generator and ChoiceScorer over the serving engine (``server.engine.LLMEngine`` + ``adapters.runtime.BankRegistry``):
     every prompt is a greedy request, all submitted at once and run in the engine's continuous batch.
 
     ``done`` is not a callback here: the engine stops a request at any of ``stop`` strings (the
@@ -154,12 +155,35 @@ class EngineGenerator:
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []),
                                     include_stop_str_in_output=True)
             requests.append(GenerationRequest(f"eval-{self._ids}", list(p), params, bank=self.bank_name))
+        events = self._run(requests)
+        return [[t for e in events[r.request_id] for t in e.token_ids] for r in requests]
+
+    def score(self, prefix, continuations):
+        """``ChoiceScorer`` through the engine: one request per (item, choice) with the choice appended
+        to the prompt, one token generated, the prompt's log-probabilities returned; a choice's score
+        is the sum over its own tokens."""
+        from server.engine.protocol import GenerationRequest, SamplingParams
+
+        requests, owners = [], []
+        for i, (pre, conts) in enumerate(zip(prefix, continuations)):
+            for j, c in enumerate(conts):
+                self._ids += 1
+                params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True, ignore_eos=True)
+                requests.append(GenerationRequest(f"score-{self._ids}", list(pre) + list(c), params,
+                                                  bank=self.bank_name))
+                owners.append((i, j, len(c)))
+        events = self._run(requests)
+        scores = [[0.0] * len(c) for c in continuations]
+        for r, (i, j, n) in zip(requests, owners):
+            lp = events[r.request_id][0].prompt_logprobs
+            scores[i][j] = float(sum(lp[-n:])) if n else 0.0
+        return scores
+
+    def _run(self, requests):
         events = self.engine.generate(requests)
-        outs = []
         for r in requests:
-            evs = events[r.request_id]
-            errors = [e.error for e in evs if e.finish_reason == "error"]
+            errors = [e.error for e in events[r.request_id] if e.finish_reason == "error"]
             if errors:
                 raise RuntimeError(f"engine failed request {r.request_id}: {errors[0]}")
-            outs.append([t for e in evs for t in e.token_ids])
-        return outs
+        return events
+

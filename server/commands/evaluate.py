@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generate: greedy generation + the papers' answer extraction (default); "
                              "loglik: the most likely answer label")
     parser.add_argument("--runner", choices=("engine", "local"), default="engine",
-                        help="generate mode: through the serving engine (default) or the trainer's model in this "
-                             "process; loglik mode always scores locally")
+                        help="through the serving engine (default; loglik mode uses its prompt log-probabilities) "
+                             "or the trainer's model and adapter step in this process")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--max-tokens", type=int, default=32, help="generate mode: new tokens at most")
     parser.add_argument("--json", metavar="OUT", help="write the results (accuracy, per-set numbers, predictions) here")
@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
         bank = load_bank(args.bank, base=BaseFingerprint.from_hf_config(model.config.raw))
     runner = LocalRunner(model, bank, batch_size=args.batch_size)
-    generator = runner
-    if args.mode == "generate" and args.runner == "engine":
-        generator = EngineGenerator(model, tokenizer, bank, model_path=str(path), max_num_seqs=args.batch_size)
+    generator = scorer = runner
+    if args.runner == "engine":
+        generator = scorer = EngineGenerator(model, tokenizer, bank, model_path=str(path),
+                                             max_num_seqs=args.batch_size)
     results = []
     try:
         for file in args.data:
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             taken = {r.name for r in results}
             name = next(f"{name}#{k}" for k in range(2, len(taken) + 3) if f"{name}#{k}" not in taken) if name in taken else name
             results.append(evaluate_set(name, items, tokenizer, mode=args.mode, generator=generator,
-                                        scorer=runner, max_tokens=args.max_tokens))
+                                        scorer=scorer, max_tokens=args.max_tokens))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     except DataError as exc:
         raise UserError(str(exc)) from None

@@ -210,6 +210,8 @@ class LLMEngine:
             for j, seq in enumerate(sampled):
                 try:
                     event = self.outputs.on_token(seq, out.token_ids[j], out.logprobs[j])
+                    if seq.params.prompt_logprobs and seq.num_output_tokens == 1:
+                        event.prompt_logprobs = list(seq.prompt_logprobs)
                 except Exception as exc:  # noqa: BLE001 - one request's failure is that request's
                     log.exception("output processing failed for %s", seq.request_id)
                     event = GenerationEvent(request_id=seq.request_id)

@@ -55,6 +55,39 @@ class ModelRunner:
         )
         return positions.to(dev), meta
 
+    @staticmethod
+    def _prompt_logprob_rows(seqs: list[Sequence], num_tokens: list[int]):
+        """(flat rows, target token ids, [(sequence, count)]) of this step's prompt positions whose next
+        token is a prompt token, for sequences that asked for prompt log-probabilities; None if none.
+        Positions already recorded (a preempted sequence recomputing its prompt) are skipped."""
+        rows: list[int] = []
+        targets: list[int] = []
+        owners: list[tuple[Sequence, int]] = []
+        start = 0
+        for seq, k in zip(seqs, num_tokens):
+            if seq.params.prompt_logprobs:
+                first = max(seq.num_computed_tokens, len(seq.prompt_logprobs))
+                last = min(seq.num_computed_tokens + k, seq.num_prompt_tokens - 1)  # exclusive
+                if last > first:
+                    rows.extend(range(start + first - seq.num_computed_tokens, start + last - seq.num_computed_tokens))
+                    targets.extend(seq.token_ids[first + 1:last + 1])
+                    owners.append((seq, last - first))
+            start += k
+        return (rows, targets, owners) if rows else None
+
+    @staticmethod
+    def _record_prompt_logprobs(logits: torch.Tensor, num_sampling: int, prompt_rows) -> torch.Tensor:
+        """Append each prompt row's log p(next prompt token) to its sequence; the sampling rows' logits."""
+        _, targets, owners = prompt_rows
+        extra = logits[num_sampling:].float()
+        tgt = torch.tensor(targets, dtype=torch.long, device=extra.device)
+        lp = (extra.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(extra, dim=-1)).tolist()
+        at = 0
+        for seq, n in owners:
+            seq.prompt_logprobs.extend(lp[at:at + n])
+            at += n
+        return logits[:num_sampling]
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, adapters: Any = None) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run the model over ``batch``; return the sequences that reached their end (in batch order) and
@@ -64,12 +97,18 @@ class ModelRunner:
         positions, meta = self.build_attention(seqs, num_tokens)
         sample_idx = [i for i, (s, k) in enumerate(zip(seqs, num_tokens)) if s.num_computed_tokens + k == len(s)]
         ends = torch.tensor(num_tokens, dtype=torch.long).cumsum(0) - 1
-        logits_indices = ends[torch.tensor(sample_idx, dtype=torch.long)].to(self.device)
+        logits_indices = ends[torch.tensor(sample_idx, dtype=torch.long)]
+        prompt_rows = self._prompt_logprob_rows(seqs, num_tokens)
+        if prompt_rows is not None:
+            logits_indices = torch.cat([logits_indices, torch.tensor(prompt_rows[0], dtype=torch.long)])
+        logits_indices = logits_indices.to(self.device)
         ctx = StepContext(positions=positions,
                           attention=PagedAttentionStep(self.cache, meta, self.backend, self.model.config.sliding_window),
                           adapters=adapters, logits_indices=logits_indices)
         with step_context(ctx):
             logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device))
+        if prompt_rows is not None:
+            logits = self._record_prompt_logprobs(logits, len(sample_idx), prompt_rows)
         sampling = [seqs[i] for i in sample_idx]
         if not sampling:
             return [], None

@@ -64,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus k top alternatives
+    prompt_logprobs: bool = False  # log p(prompt token i+1 | tokens <= i) for every prompt token after the first
     include_stop_str_in_output: bool = False
 
     def validate(self) -> None:
@@ -130,6 +131,7 @@ class GenerationEvent:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[float] | None = None  # on the first event when requested: len(prompt) - 1 values
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None

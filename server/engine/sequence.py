@@ -42,6 +42,7 @@ class Sequence:
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)  # filled chunk by chunk when requested
     # timing
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -133,3 +133,10 @@ def test_engine_and_local_runner_agree_on_a_trained_bank(kind, tiny_model, tiny_
     base = LocalRunner(tiny_model).generate(prompts, 6)
     assert served == local
     assert local != base  # the bank changes what is generated
+    # log-likelihood scoring: the engine's prompt log-probabilities equal the local forward's
+    prefix = [p[:-2] for p in prompts]
+    conts = [[p[-2:], p[-1:], [5, 6, 7]] for p in prompts]
+    engine_scores = EngineGenerator(tiny_model, tiny_tokenizer, bank).score(prefix, conts)
+    local_scores = LocalRunner(tiny_model, bank).score(prefix, conts)
+    for e, loc in zip(engine_scores, local_scores):
+        assert e == pytest.approx(loc, abs=1e-3)

@@ -1,0 +1,71 @@
+"""Prompt log-probabilities (``SamplingParams.prompt_logprobs``): what loglik evaluation reads."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.protocol import GenerationRequest, SamplingParams
+from server.model import SequenceKVCache, StepContext, step_context
+from tests.runtime.helpers import make_engine
+
+
+def _reference(model, ids: list[int]) -> list[float]:
+    cache = SequenceKVCache(model.config)
+    step = cache.step([0], [len(ids)])
+    with torch.inference_mode(), step_context(StepContext(positions=step.positions(), attention=step,
+                                                          logits_indices=torch.arange(len(ids)))):
+        logp = torch.log_softmax(model(torch.tensor(ids)).float(), -1)
+    return [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+
+
+def _run(engine, prompts, want):
+    reqs = [GenerationRequest(f"p{i}", p, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True,
+                                                         prompt_logprobs=w))
+            for i, (p, w) in enumerate(zip(prompts, want))]
+    return {r.request_id: ev for r, ev in zip(reqs, (engine.generate(reqs)[r.request_id] for r in reqs))}
+
+
+def test_prompt_logprobs_match_a_full_forward_across_chunks(tiny_model_dir):
+    """Prompts longer than the token budget are prefilled in chunks; every position is scored once."""
+    engine = make_engine(tiny_model_dir, None, max_num_batched_tokens=32)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, engine.model_config.vocab_size, (n,), generator=gen).tolist() for n in (70, 1, 9, 40)]
+    events = _run(engine, prompts, [True, True, False, True])
+    for i, p in enumerate(prompts):
+        evs = events[f"p{i}"]
+        if i == 2:
+            assert all(e.prompt_logprobs is None for e in evs)
+            continue
+        got = evs[0].prompt_logprobs
+        assert got is not None and len(got) == len(p) - 1
+        assert all(e.prompt_logprobs is None for e in evs[1:])  # once, on the first event
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(_reference(engine.model, p)), atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_logprobs_survive_preemption(tiny_model_dir):
+    """A KV cache too small for all requests preempts and recomputes; no position is recorded twice."""
+    from server.engine.kv_cache import bytes_per_block
+
+    probe = make_engine(tiny_model_dir, None)
+    block = bytes_per_block(probe.model_config, probe.config.block_size, torch.float32)
+    engine = make_engine(tiny_model_dir, None, kv_cache_memory=14 * block, max_num_batched_tokens=64)
+    preempted = []
+
+    class Sink:
+        def on_step(self, s):
+            preempted.append(s.num_preempted)
+
+        def on_request_finished(self, s):
+            pass
+
+    engine.set_stats_sink(Sink())
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, engine.model_config.vocab_size, (n,), generator=gen).tolist() for n in (50, 60, 45, 55)]
+    reqs = [GenerationRequest(f"q{i}", p, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                         prompt_logprobs=True)) for i, p in enumerate(prompts)]
+    out = engine.generate(reqs)
+    assert sum(preempted) > 0
+    for r, p in zip(reqs, prompts):
+        got = out[r.request_id][0].prompt_logprobs
+        assert len(got) == len(p) - 1
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(_reference(engine.model, p)), atol=1e-4, rtol=1e-4)
