@@ -35,6 +35,21 @@ def _registry(model, root) -> BankRegistry:
     return BankRegistry(model.config, allowed_roots=[root])
 
 
+def _mixlora_reference(model_dir, folder):
+    """transformers' model with the bank at ``folder`` injected by the ``mixlora`` package, in eval mode."""
+    from mixlora.model import inject_adapter_in_model, load_adapter_weights
+
+    config, weights = load_adapter_weights(str(folder), device="cpu", dtype=torch.float32)
+    hf = _hf(model_dir)
+    inject_adapter_in_model(hf, config, weights)
+    hf.eval()
+    for layer in hf.model.layers:  # the expert LoRAs sit in a plain dict: eval() does not reach them
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    return hf
+
+
 def _max_logprob_diff(model, registry, bank, hf_model) -> float:
     prompts = _prompts(model.config.vocab_size)
     # our side: all prompts in one flat batch, plus a base-model prompt beside them
@@ -49,29 +64,18 @@ def _max_logprob_diff(model, registry, bank, hf_model) -> float:
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), ("gate_proj", "down_proj")])
 def test_mixlora_matches_the_mixlora_package(tmp_path, tiny_model_dir, ours, targets):
-    from mixlora.model import inject_adapter_in_model, load_adapter_weights
-
     folder = tmp_path / "mix"
     write_mixlora(folder, fingerprint_of(tiny_model_dir), r=4, alpha=8, num_experts=4, top_k=2, targets=targets)
     registry = _registry(ours, tmp_path)
     registry.load_sync("mix", folder)
 
-    config, weights = load_adapter_weights(str(folder), device="cpu", dtype=torch.float32)
-    hf = _hf(tiny_model_dir)
-    inject_adapter_in_model(hf, config, weights)
-    hf.eval()
-    for layer in hf.model.layers:  # the expert LoRAs sit in a plain dict: eval() does not reach them
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
+    hf = _mixlora_reference(tiny_model_dir, folder)
     assert _max_logprob_diff(ours, registry, "mix", hf) <= TOL
 
 
 def test_mixlora_with_ffn_bias_matches_the_mixlora_package(tmp_path, default_model_dir):
     """Our base down projection runs once over the routing-weighted mix of the experts' activations;
     with a down bias each token still gets sum_e w_e (W h_e + b), as the package computes it."""
-    from mixlora.model import inject_adapter_in_model, load_adapter_weights
-
     from tests.conftest import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "biased", default_model_dir, mlp_bias=True, seed=3)
@@ -81,21 +85,12 @@ def test_mixlora_with_ffn_bias_matches_the_mixlora_package(tmp_path, default_mod
     model = load_model(model_dir)
     registry = _registry(model, tmp_path)
     registry.load_sync("mix", folder)
-    config, weights = load_adapter_weights(str(folder), device="cpu", dtype=torch.float32)
-    hf = _hf(model_dir)
-    inject_adapter_in_model(hf, config, weights)
-    hf.eval()
-    for layer in hf.model.layers:
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
+    hf = _mixlora_reference(model_dir, folder)
     assert _max_logprob_diff(model, registry, "mix", hf) <= TOL
 
 
 def test_mixlora_through_the_engine(tmp_path, tiny_model_dir):
     """The same next-token log-probabilities through LLMEngine (top 20) as our model's full forward."""
-    from mixlora.model import inject_adapter_in_model, load_adapter_weights
-
     folder = tmp_path / "mix"
     write_mixlora(folder, fingerprint_of(tiny_model_dir), num_experts=4, top_k=2)
     engine = make_engine(tiny_model_dir, None)
@@ -105,14 +100,7 @@ def test_mixlora_through_the_engine(tmp_path, tiny_model_dir):
     prompts = _prompts(engine.model_config.vocab_size, seed=1)
     events = engine.generate([greedy_request(f"r{i}", p.tolist(), "mix", 1, logprobs=20) for i, p in enumerate(prompts)])
 
-    config, weights = load_adapter_weights(str(folder), device="cpu", dtype=torch.float32)
-    hf = _hf(tiny_model_dir)
-    inject_adapter_in_model(hf, config, weights)
-    hf.eval()
-    for layer in hf.model.layers:
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
+    hf = _mixlora_reference(tiny_model_dir, folder)
     with torch.no_grad():
         for i, p in enumerate(prompts):
             ref = hf(p[None]).logits[0, -1].log_softmax(-1)
