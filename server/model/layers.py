@@ -80,8 +80,9 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     where that path is unavailable (not CPU fp32, a build without oneDNN, ``MOLESERVE_PACKED_WEIGHTS=0``).
 
     On CPU, MKL's sgemm on a row-major [out, in] weight runs small-M GEMMs (decode steps) far below
-    the machine's rate; oneDNN's prepacked weight is 1.3-2.6x faster at M = 1-96 and never slower
-    here (BENCHMARKS.md "Engine"). The packed copy is an opaque tensor beside the plain one.
+    the machine's rate; on this project's 2-core VM oneDNN's prepacked weight ran SmolLM2's linears
+    1.2-2.6x faster at M = 8-96 (the LM head 2.6x at M = 32) and within a few percent at M = 1 and
+    M = 512 (BENCHMARKS.md "Engine"). The packed copy is an opaque tensor beside the plain one.
     """
     import os
 
