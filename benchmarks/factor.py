@@ -191,6 +191,7 @@ def main() -> int:
     factors = {n: load_factor_weights(load_bank(out / n, base=base), model) for n in names}
     print("calibration:", json.dumps(results["calibration"]), flush=True)
 
+    model.pack_weights()  # as the serving engine does: the dense GEMMs on packed weights (CPU fp32)
     times = ffn_times(model, factors, (1, 32))
     results["ffn_us"] = {f"{k[0]}@T={k[1]}": round(v * 1e6) for k, v in times.items()}
     print("ffn:", results["ffn_us"], flush=True)
