@@ -15,12 +15,14 @@ static inline float to_f32(uint16_t v) {
     return f;
 }
 
-// h[p, j] = sum_i A[slot(p), j, i] * x[token(p), i] for every pair p, segment by segment.
-// Four pairs share each pass over a row of A, so A is read from memory once per segment.
-template <typename W>
-static void shrink(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
-                   const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
-                   int64_t G, float* h, int nt) {
+// The shrink's walk: for every segment (slot) g, its pairs four at a time (the last group may be
+// short: nb < 4, missing x rows repeat the first), calling
+//   block(a = A[slot], x0, x1, x2, x3, nb, hp = &h[first pair of the group, 0])
+// so that each pass over a row of A serves four pairs: A is read from memory once per segment.
+template <typename W, typename Block>
+static void for_pair_groups(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
+                            const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
+                            int64_t G, float* h, int nt, Block block) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
         const W* a = A + seg_slot[g] * r * d_in;
@@ -31,25 +33,37 @@ static void shrink(const float* x, int64_t d_in, const W* A, int64_t r, const in
             const float* x1 = nb > 1 ? x + pair_token[p0 + pb + 1] * d_in : x0;
             const float* x2 = nb > 2 ? x + pair_token[p0 + pb + 2] * d_in : x0;
             const float* x3 = nb > 3 ? x + pair_token[p0 + pb + 3] * d_in : x0;
-            for (int64_t j = 0; j < r; ++j) {
-                const W* row = a + j * d_in;
-                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-                for (int64_t i = 0; i < d_in; ++i) {
-                    const float av = to_f32(row[i]);
-                    s0 += av * x0[i];
-                    s1 += av * x1[i];
-                    s2 += av * x2[i];
-                    s3 += av * x3[i];
-                }
-                float* hp = h + (p0 + pb) * r + j;
-                hp[0] = s0;
-                if (nb > 1) hp[r] = s1;
-                if (nb > 2) hp[2 * r] = s2;
-                if (nb > 3) hp[3 * r] = s3;
-            }
+            block(a, x0, x1, x2, x3, nb, h + (p0 + pb) * r);
         }
     }
+}
+
+// h[p, j] = sum_i A[slot(p), j, i] * x[token(p), i] for every pair p, segment by segment.
+template <typename W>
+static void shrink(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
+                   const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
+                   int64_t G, float* h, int nt) {
+    for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt,
+                    [=](const W* a, const float* x0, const float* x1, const float* x2, const float* x3,
+                        int64_t nb, float* hg) {
+        for (int64_t j = 0; j < r; ++j) {
+            const W* row = a + j * d_in;
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t i = 0; i < d_in; ++i) {
+                const float av = to_f32(row[i]);
+                s0 += av * x0[i];
+                s1 += av * x1[i];
+                s2 += av * x2[i];
+                s3 += av * x3[i];
+            }
+            float* hp = hg + j;
+            hp[0] = s0;
+            if (nb > 1) hp[r] = s1;
+            if (nb > 2) hp[2 * r] = s2;
+            if (nb > 3) hp[3 * r] = s3;
+        }
+    });
 }
 
 // out[token(p), o] += weight(p) * scale[slot(p)] * sum_j B[slot(p), o, j] * h[p, j].
@@ -122,43 +136,35 @@ template <typename W>
 static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
                         const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
                         int64_t G, float* h, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t g = 0; g < G; ++g) {
-        const W* a = A + seg_slot[g] * r * d_in;
-        const int64_t p0 = seg_start[g], n = seg_len[g];
-        for (int64_t pb = 0; pb < n; pb += 4) {
-            const int64_t nb = std::min<int64_t>(4, n - pb);
-            const float* x0 = x + pair_token[p0 + pb] * d_in;
-            const float* x1 = nb > 1 ? x + pair_token[p0 + pb + 1] * d_in : x0;
-            const float* x2 = nb > 2 ? x + pair_token[p0 + pb + 2] * d_in : x0;
-            const float* x3 = nb > 3 ? x + pair_token[p0 + pb + 3] * d_in : x0;
-            for (int64_t j = 0; j < r; j += 2) {
-                const W* ra = a + j * d_in;
-                const W* rb = j + 1 < r ? ra + d_in : ra;
-                __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
-                for (int64_t i = 0; i < d_in; i += 8) {
-                    const __m256 va = load8(ra + i), vb = load8(rb + i);
-                    const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
-                    const __m256 v2 = _mm256_loadu_ps(x2 + i), v3 = _mm256_loadu_ps(x3 + i);
-                    s0 = _mm256_fmadd_ps(va, v0, s0);
-                    s1 = _mm256_fmadd_ps(va, v1, s1);
-                    s2 = _mm256_fmadd_ps(va, v2, s2);
-                    s3 = _mm256_fmadd_ps(va, v3, s3);
-                    u0 = _mm256_fmadd_ps(vb, v0, u0);
-                    u1 = _mm256_fmadd_ps(vb, v1, u1);
-                    u2 = _mm256_fmadd_ps(vb, v2, u2);
-                    u3 = _mm256_fmadd_ps(vb, v3, u3);
-                }
-                alignas(32) float res[8];  // s0..s3 (row j, pairs 0..3), u0..u3 (row j + 1)
-                _mm256_store_ps(res, hsum8(s0, s1, s2, s3, u0, u1, u2, u3));
-                for (int64_t k = 0; k < nb; ++k) {
-                    float* hp = h + (p0 + pb + k) * r + j;
-                    hp[0] = res[k];
-                    if (j + 1 < r) hp[1] = res[4 + k];
-                }
+    for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt,
+                    [=](const W* a, const float* x0, const float* x1, const float* x2, const float* x3,
+                        int64_t nb, float* hg) {
+        for (int64_t j = 0; j < r; j += 2) {
+            const W* ra = a + j * d_in;
+            const W* rb = j + 1 < r ? ra + d_in : ra;
+            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
+            for (int64_t i = 0; i < d_in; i += 8) {
+                const __m256 va = load8(ra + i), vb = load8(rb + i);
+                const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+                const __m256 v2 = _mm256_loadu_ps(x2 + i), v3 = _mm256_loadu_ps(x3 + i);
+                s0 = _mm256_fmadd_ps(va, v0, s0);
+                s1 = _mm256_fmadd_ps(va, v1, s1);
+                s2 = _mm256_fmadd_ps(va, v2, s2);
+                s3 = _mm256_fmadd_ps(va, v3, s3);
+                u0 = _mm256_fmadd_ps(vb, v0, u0);
+                u1 = _mm256_fmadd_ps(vb, v1, u1);
+                u2 = _mm256_fmadd_ps(vb, v2, u2);
+                u3 = _mm256_fmadd_ps(vb, v3, u3);
+            }
+            alignas(32) float res[8];  // s0..s3 (row j, pairs 0..3), u0..u3 (row j + 1)
+            _mm256_store_ps(res, hsum8(s0, s1, s2, s3, u0, u1, u2, u3));
+            for (int64_t k = 0; k < nb; ++k) {
+                float* hp = hg + k * r + j;
+                hp[0] = res[k];
+                if (j + 1 < r) hp[1] = res[4 + k];
             }
         }
-    }
+    });
 }
 
 // out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols]: each thread owns one contiguous range of
