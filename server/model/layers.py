@@ -80,9 +80,10 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     where that path is unavailable (not CPU fp32, a build without oneDNN, ``MOLESERVE_PACKED_WEIGHTS=0``).
 
     On CPU, MKL's sgemm on a row-major [out, in] weight runs small-M GEMMs (decode steps) far below
-    the machine's rate; on this project's 2-core VM oneDNN's prepacked weight ran SmolLM2's linears
-    1.2-2.6x faster at M = 8-96 (the LM head 2.6x at M = 32) and within a few percent at M = 1 and
-    M = 512 (BENCHMARKS.md "Engine"). The packed copy is an opaque tensor beside the plain one.
+    the machine's rate. On this project's 2-core VM (SmolLM2's shapes, weights hot in cache) oneDNN's
+    prepacked weight ran each linear 1.1-2.2x faster at M = 8-96 and the LM head 2.6x at M = 32; at
+    M = 1 the small q/k/v and o linears were ~1.5x slower but a whole step still faster (30 -> 24 ms),
+    and at M = 512 within a few percent. The packed copy is an opaque tensor beside the plain one.
     """
     import os
 
