@@ -65,6 +65,9 @@ class PoolState:
     router: dict[Site, Tensor]
     block_router: dict[int, Tensor]
     scaling: Tensor
+    # values derived from this state's tensors (the C++ decode path's argument tables); a new state
+    # (growth, compaction) starts empty, installs into the same tensors keep it valid
+    cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def lora_b_view(self, site: Site) -> Tensor:
         return self.lora_b[site].transpose(1, 2)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import PairPlan, dynamic_route, plan_from_slots, routed_lora, slots_from_dense, topk_route
-from kernels.routed_lora.cpu_ops import build_plan_cpu
+from kernels.routed_lora.cpu_ops import RouteLoraSites, build_plan_cpu, route_lora_cpu, route_plan_cpu
 from server.engine.routing_stats import ENTROPY_BUCKETS, BankRoutingStats, RoutingStats
 from adapters.factor.serving import factor_mlp
 from adapters.fingerprint import FFN_TARGETS
@@ -187,6 +187,7 @@ class BankStep:
         self._routers: dict[tuple, Tensor] = {}  # sites -> their routers concatenated ([M*S, in])
         self._stacked_groups: dict[tuple, RouteGroup] = {}
         self._cpu_plans = dev.type == "cpu" and backend in ("auto", "cpu")
+        self._whole: dict[tuple, tuple | None] = {}  # (layer, targets) -> route_lora_cpu's arguments
 
     # -- per-step metadata, built on first use and cached --------------------------------------
 
@@ -277,6 +278,9 @@ class BankStep:
         m = len(routers)
         if spec.static_plan is not None:
             return [spec.static_plan] * m
+        fused = self._fused_plans(spec, routers, x, sites)
+        if fused is not None:
+            return fused
         cap = self.state.capacity
         if m == 1:
             router = routers[0]
@@ -305,6 +309,49 @@ class BankStep:
             plans.append(self._mixed_plan(spec, [(g, self._dense_plan(w[i * tg:(i + 1) * tg], g.offsets))
                                                  for g, w, tg in parts], x.device))
         return plans
+
+    def _fused_plans(self, spec: SiteSpec, routers: tuple[Tensor, ...], x: Tensor, sites: tuple
+                     ) -> list[PairPlan] | None:
+        """``_plans`` in one C++ call (router dot products of each row's own bank only, DynMoLE
+        routing, every site's plan) when the site is one DynMoLE (Tsallis) group and nothing else,
+        on the CPU without autograd; None otherwise (the torch path runs)."""
+        if not self._cpu_plans or len(spec.groups) != 1 or spec.plain_slot is not None:
+            return None
+        g = spec.groups[0]
+        if g.key[0] != "dynmole" or g.key[2] != "tsallis" or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        offsets, params = self._row_params(g)
+        out = route_plan_cpu(x, routers, offsets, g.key[1], **params)
+        if out is None:
+            return None
+        logits, w, ent, plans = out
+        if self.collect_stats:
+            self._record(g, sites, logits, w, ent)
+        return plans
+
+    def _row_params(self, g: RouteGroup) -> tuple[Tensor, dict]:
+        """A group's slot offsets and DynMoLE parameters over all T rows (offset -1, parameters 0 on
+        rows outside the group), for ``route_plan_cpu``; cached per step."""
+        key = ("rows", id(g))
+        hit = self._stacked_groups.get(key)
+        if hit is not None:
+            return hit
+        prm = {"eps": g.params["eps"]}
+        offsets = g.offsets
+        if g.rows is not None:
+            offsets = torch.full((self.num_tokens,), -1, dtype=torch.long, device=g.offsets.device)
+            offsets[g.rows] = g.offsets
+        for k in ("top_p", "keep_top_k", "entropy_threshold", "q"):
+            v = g.params[k]
+            if not isinstance(v, Tensor):
+                v = torch.tensor([float(v)], dtype=torch.float32)
+            elif g.rows is not None:
+                full = torch.zeros(self.num_tokens, dtype=torch.float32, device=v.device)
+                full[g.rows] = v.float()
+                v = full
+            prm[k] = v.float().contiguous()
+        self._stacked_groups[key] = (offsets, prm)
+        return offsets, prm
 
     def _stacked(self, g: RouteGroup, m: int, cap: int) -> RouteGroup:
         """``g`` over M stacked copies of its rows, reading the M router blocks of [T, M*S] logits."""
@@ -369,6 +416,8 @@ class BankStep:
                            backend=self.backend, plan=plan)
 
     def linear(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> None:
+        if self._cpu_plans and self._whole_linear(layer, targets, x, out):
+            return
         if len(targets) > 1 and self._fused(layer, targets, x, out):
             return
         for target, c0, c1 in self._target_columns(targets):
@@ -379,6 +428,53 @@ class BankStep:
             plan = self._plan(spec, self.state.router.get(site), x, site)
             if plan.num_pairs:
                 out[:, c0:c1] += self._delta(site, x, plan)
+
+    def _whole_linear(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> bool:
+        """The CPU decode fast path: routing, plans and routed LoRA of every target in one C++ call
+        (``route_lora_cpu``), when the targets' sites are one DynMoLE (Tsallis) group and nothing
+        else. False (nothing done) otherwise: the general path runs."""
+        key = (layer, targets)
+        prep = self._whole.get(key, _MISSING)
+        if prep is _MISSING:
+            prep = self._whole[key] = self._whole_args(layer, targets)
+        if prep is None or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        g, args, sites = prep
+        offsets, params = self._row_params(g)
+        res = route_lora_cpu(x, args, offsets, g.key[1], out, **params)
+        if res is None:
+            self._whole[key] = None
+            return False
+        if self.collect_stats:
+            self._record(g, sites, *res)
+        return True
+
+    def _whole_args(self, layer: int, targets: tuple[str, ...]) -> tuple | None:
+        sites = tuple((layer, t) for t in targets)
+        specs = [self._site_spec(site) for site in sites]
+        spec = specs[0]
+        if (spec is None or any(sp is not spec for sp in specs) or spec.static_plan is not None
+                or len(spec.groups) != 1 or spec.plain_slot is not None):
+            return None
+        g = spec.groups[0]
+        st = self.state
+        routers = [st.router.get(site) for site in sites]
+        if g.key[0] != "dynmole" or g.key[2] != "tsallis" or any(r is None for r in routers):
+            return None
+        args = st.cache.get(("route_lora", sites))
+        if args is None:
+            args = st.cache[("route_lora", sites)] = RouteLoraSites(
+                routers, [st.lora_a[s] for s in sites], [st.lora_b[s] for s in sites], st.scaling,
+                [c0 for _, c0, _ in self._target_columns(targets)])
+        return (g, args, sites) if args.ok else None
+
+    def _record(self, g: RouteGroup, sites: tuple, logits: Tensor, w: Tensor, ent: Tensor) -> None:
+        """Routing statistics records of a fused call's [M, T, ...] outputs (the group's rows only)."""
+        for i, site in enumerate(sites):
+            lg, wi, ei = logits[i], w[i], ent[i]
+            if g.rows is not None:
+                lg, wi, ei = lg.index_select(0, g.rows), wi.index_select(0, g.rows), ei.index_select(0, g.rows)
+            self._records.append((site, g, lg, wi, ei))
 
     def _fused(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> bool:
         """Targets sharing x (gate and up) whose sites route alike: one router GEMM, one routing

@@ -143,7 +143,15 @@ static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, con
             const W* ra = a + j * d_in;
             const W* rb = j + 1 < r ? ra + d_in : ra;
             __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
+            // the next two rows of A, ahead of use: a segment's A spans several pages, where the
+            // hardware prefetcher stops (measured: the shrink ran at ~6 GB/s from memory without this)
+            const char* pa = reinterpret_cast<const char*>(rb + d_in);
+            const char* pb = reinterpret_cast<const char*>(rb + (j + 3 < r ? 2 * d_in : d_in));
             for (int64_t i = 0; i < d_in; i += 8) {
+                if ((i & 15) == 0 && j + 2 < r) {
+                    _mm_prefetch(pa + i * sizeof(W), _MM_HINT_T0);
+                    _mm_prefetch(pb + i * sizeof(W), _MM_HINT_T0);
+                }
                 const __m256 va = load8(ra + i), vb = load8(rb + i);
                 const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
                 const __m256 v2 = _mm256_loadu_ps(x2 + i), v3 = _mm256_loadu_ps(x3 + i);
@@ -167,59 +175,79 @@ static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, con
     });
 }
 
-// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols]: each thread owns one contiguous range of
-// 64-column blocks (no races) and walks segment by segment, so it streams each B[s] row range
-// from memory once (long contiguous runs the prefetcher follows); a pair's 64 outputs of a block
-// stay in 8 registers over the whole rank loop.
+// One register tile of the expand: NP pairs of one segment x NV vectors (8 columns each):
+//   dst[k][cols] += sum_j hs[k, j] * B[s, j, cols]    (hs: each pair's h already scaled by c_k)
+// Each B vector loaded feeds NP FMA chains (NP * NV <= 12 accumulators stay in registers).
+template <int NP, int NV, typename W>
+static inline void expand_tile(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* dst) {
+    __m256 acc[NP][NV];
+    for (int k = 0; k < NP; ++k)
+        for (int v = 0; v < NV; ++v) acc[k][v] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < r; ++j) {
+        const W* row = bs + j * d_out;
+        _mm_prefetch(reinterpret_cast<const char*>(row + 8 * NV) + 256, _MM_HINT_T0);  // 16 row streams
+        __m256 b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = load8(row + 8 * v);
+        for (int k = 0; k < NP; ++k) {
+            const __m256 hv = _mm256_set1_ps(hs[k * r + j]);
+            for (int v = 0; v < NV; ++v) acc[k][v] = _mm256_fmadd_ps(hv, b[v], acc[k][v]);
+        }
+    }
+    for (int k = 0; k < NP; ++k)
+        for (int v = 0; v < NV; ++v)
+            _mm256_storeu_ps(dst[k] + 8 * v, _mm256_add_ps(acc[k][v], _mm256_loadu_ps(dst[k] + 8 * v)));
+}
+
+template <int NP, typename W>
+static inline void expand_pairs(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* rows,
+                                int64_t v0, int64_t v1) {
+    float* dst[NP];
+    int64_t v = v0;
+    for (; v + 3 <= v1; v += 3) {
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
+        expand_tile<NP, 3>(bs + 8 * v, d_out, r, hs, dst);
+    }
+    for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
+    if (v1 - v == 2) expand_tile<NP, 2>(bs + 8 * v, d_out, r, hs, dst);
+    else if (v1 - v == 1) expand_tile<NP, 1>(bs + 8 * v, d_out, r, hs, dst);
+}
+
+// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] (out rows ld apart; zero: clear out's T rows
+// first, else accumulate into what is there): each thread owns one contiguous range of columns (no races) and walks segment by segment, up to four pairs of a segment at a time, so each
+// B[s] value loaded from memory serves four pairs from registers (the previous one-pair loop was
+// bound by loads: one per FMA).
 template <typename W>
 static void expand_avx2(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
                         const int64_t* pair_token, const float* pair_weight, const float* scale,
                         float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
-                        const int64_t* seg_len, int64_t G, float* out, int nt) {
-    constexpr int64_t BO = 64;
-    const int64_t nblocks = (d_out + BO - 1) / BO;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nblocks));
+                        const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
+    const int64_t nvec = d_out / 8;
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 3));
 #pragma omp parallel for num_threads(nth) schedule(static, 1)
     for (int64_t th = 0; th < nth; ++th) {
-        const int64_t b0 = nblocks * th / nth, b1 = nblocks * (th + 1) / nth;
-        const int64_t c0 = b0 * BO, c1 = std::min(d_out, b1 * BO);
-        for (int64_t t = 0; t < T; ++t) std::memset(out + t * d_out + c0, 0, (c1 - c0) * sizeof(float));
+        const int64_t v0 = nvec * th / nth, v1 = nvec * (th + 1) / nth;
+        std::vector<float> hs(static_cast<size_t>(4 * r));
+        if (zero)
+            for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 8 * v0, 0, (v1 - v0) * 8 * sizeof(float));
         for (int64_t g = 0; g < G; ++g) {
             const int64_t s = seg_slot[g];
             const float sc = scale ? scale[s] : scale_scalar;
             const int64_t p0 = seg_start[g], n = seg_len[g];
-            for (int64_t p = p0; p < p0 + n; ++p) {
-                const __m256 cv = _mm256_set1_ps(sc * pair_weight[p]);
-                const float* hp = h + p * r;
-                float* drow = out + pair_token[p] * d_out;
-                for (int64_t blk = b0; blk < b1; ++blk) {
-                    const int64_t o0 = blk * BO, nv = std::min(BO, d_out - o0) / 8;
-                    const W* bs = B + s * r * d_out + o0;
-                    __m256 acc[8];
-                    for (int64_t v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
-                    if (nv == 8) {
-                        for (int64_t j = 0; j < r; ++j) {
-                            const __m256 hj = _mm256_set1_ps(hp[j]);
-                            const W* row = bs + j * d_out;
-                            acc[0] = _mm256_fmadd_ps(hj, load8(row), acc[0]);
-                            acc[1] = _mm256_fmadd_ps(hj, load8(row + 8), acc[1]);
-                            acc[2] = _mm256_fmadd_ps(hj, load8(row + 16), acc[2]);
-                            acc[3] = _mm256_fmadd_ps(hj, load8(row + 24), acc[3]);
-                            acc[4] = _mm256_fmadd_ps(hj, load8(row + 32), acc[4]);
-                            acc[5] = _mm256_fmadd_ps(hj, load8(row + 40), acc[5]);
-                            acc[6] = _mm256_fmadd_ps(hj, load8(row + 48), acc[6]);
-                            acc[7] = _mm256_fmadd_ps(hj, load8(row + 56), acc[7]);
-                        }
-                    } else {
-                        for (int64_t j = 0; j < r; ++j) {
-                            const __m256 hj = _mm256_set1_ps(hp[j]);
-                            const W* row = bs + j * d_out;
-                            for (int64_t v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(hj, load8(row + 8 * v), acc[v]);
-                        }
-                    }
-                    float* dst = drow + o0;
-                    for (int64_t v = 0; v < nv; ++v)
-                        _mm256_storeu_ps(dst + 8 * v, _mm256_fmadd_ps(cv, acc[v], _mm256_loadu_ps(dst + 8 * v)));
+            const W* bs = B + s * r * d_out;
+            for (int64_t pb = 0; pb < n; pb += 4) {
+                const int np = static_cast<int>(std::min<int64_t>(4, n - pb));
+                float* rows[4];
+                for (int k = 0; k < np; ++k) {
+                    const int64_t p = p0 + pb + k;
+                    const float c = sc * pair_weight[p];
+                    for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
+                    rows[k] = out + pair_token[p] * ld;
+                }
+                switch (np) {
+                    case 4: expand_pairs<4>(bs, d_out, r, hs.data(), rows, v0, v1); break;
+                    case 3: expand_pairs<3>(bs, d_out, r, hs.data(), rows, v0, v1); break;
+                    case 2: expand_pairs<2>(bs, d_out, r, hs.data(), rows, v0, v1); break;
+                    default: expand_pairs<1>(bs, d_out, r, hs.data(), rows, v0, v1); break;
                 }
             }
         }
@@ -237,13 +265,68 @@ static void routed(const float* x, int64_t T, int64_t d_in, const W* A, const W*
     if (b_rows_are_r && d_in % 8 == 0 && d_out % 8 == 0) {
         shrink_avx2(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt);
         expand_avx2(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
-                    G, out, nt);
+                    G, out, nt, d_out, true);
         return;
     }
 #endif
     shrink(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt);
     expand(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G, out,
            b_rows_are_r, nt);
+}
+
+// One row of DynMoLE hybrid routing (see dynamic_route below); returns the row's entropy.
+static float route_row(const float* l, int64_t n, float tp, float kk, float th, float q, float eps, float* wr) {
+    float p[64];
+    int64_t idx[64];
+    float m = -INFINITY;
+    for (int64_t e = 0; e < n; ++e) m = std::max(m, l[e]);
+    float sum = 0.f;
+    for (int64_t e = 0; e < n; ++e) sum += (p[e] = std::exp(l[e] - m));
+    const float inv = 1.f / sum;
+    for (int64_t e = 0; e < n; ++e) p[e] *= inv;
+    float h = 0.f;
+    if (n > 1) {
+        if (q == 1.f) {
+            for (int64_t e = 0; e < n; ++e)
+                if (p[e] > 0.f) h -= p[e] * std::log(p[e]);
+            h /= std::log(static_cast<float>(n));
+        } else {
+            float acc = 0.f;
+            for (int64_t e = 0; e < n; ++e) acc += std::pow(p[e] + eps, q);
+            h = (1.f - acc) / (1.f - std::pow(static_cast<float>(n), 1.f - q));
+        }
+    }
+    if (q > 0.f && th < 1.f && h > th) {
+        for (int64_t e = 0; e < n; ++e) wr[e] = p[e];
+        return h;
+    }
+    for (int64_t e = 0; e < n; ++e) idx[e] = e;
+    std::stable_sort(idx, idx + n, [&p](int64_t a, int64_t b) { return p[a] > p[b]; });
+    float cum = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t e = idx[j];
+        cum += p[e];
+        wr[e] = (cum <= tp || static_cast<float>(j) < kk) ? p[e] : 0.f;
+    }
+    return h;
+}
+
+static inline float dot(const float* a, const float* b, int64_t d) {
+    int64_t i = 0;
+    float s = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; i + 16 <= d; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    const __m256 v = _mm256_add_ps(s0, s1);
+    __m128 q4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q4 = _mm_hadd_ps(q4, q4);
+    s = _mm_cvtss_f32(_mm_hadd_ps(q4, q4));
+#endif
+    for (; i < d; ++i) s += a[i] * b[i];
+    return s;
 }
 
 extern "C" {
@@ -344,49 +427,106 @@ int dynamic_route(const float* logits, int64_t ls, int64_t T, int64_t n, const f
                   const float* keep_k, int64_t s_keep_k, const float* thr, int64_t s_thr, const float* qv,
                   int64_t s_q, float eps, float* w, float* ent) {
     if (n > 64 || n < 1) return 3;
-    float p[64];
-    int64_t idx[64];
-    const float log_n = std::log(static_cast<float>(n));
-    for (int64_t t = 0; t < T; ++t) {
-        const float* l = logits + t * ls;
-        float m = -INFINITY;
-        for (int64_t e = 0; e < n; ++e) m = std::max(m, l[e]);
-        float sum = 0.f;
-        for (int64_t e = 0; e < n; ++e) sum += (p[e] = std::exp(l[e] - m));
-        const float inv = 1.f / sum;
-        for (int64_t e = 0; e < n; ++e) p[e] *= inv;
-        const float q = qv[t * s_q];
-        float h = 0.f;
-        if (n > 1) {
-            if (q == 1.f) {
-                for (int64_t e = 0; e < n; ++e)
-                    if (p[e] > 0.f) h -= p[e] * std::log(p[e]);
-                h /= log_n;
-            } else {
-                float acc = 0.f;
-                for (int64_t e = 0; e < n; ++e) acc += std::pow(p[e] + eps, q);
-                h = (1.f - acc) / (1.f - std::pow(static_cast<float>(n), 1.f - q));
-            }
-        }
-        ent[t] = h;
-        const float th = thr[t * s_thr];
-        float* wr = w + t * n;
-        if (q > 0.f && th < 1.f && h > th) {
-            for (int64_t e = 0; e < n; ++e) wr[e] = p[e];
+    for (int64_t t = 0; t < T; ++t)
+        ent[t] = route_row(logits + t * ls, n, top_p[t * s_top_p], keep_k[t * s_keep_k], thr[t * s_thr],
+                           qv[t * s_q], eps, w + t * n);
+    return 0;
+}
+
+// Routing and pair plans of M sites that share the input x [T, d_in] (row stride xs) and one
+// DynMoLE routing (gate and up: M = 2), in one call: the step's hot path calls this once per
+// (layer, input) instead of a router GEMM, a gather, a routing call and M plan builds.
+//   routers: M addresses of pooled routers [S, d_in] fp32.  offset [T]: a row's bank slot offset
+//   (-1: not routed here; its logits, weights and entropy are 0 and it has no pairs).
+//   Only each row's own bank's n router rows are evaluated: logits[m, t, j] = routers[m][offset[t] + j] . x[t].
+//   Parameters as in dynamic_route (stride 0 or 1 over the T rows).
+// Outputs: logits, w [M, T, n] and ent [M, T] (for the routing statistics); per site m, the plan of
+// build_plan(dense = 1) in ibuf + m * (3Tn + 3S + 3) = {pair_token [Tn], pair_slot [Tn], slots [Tn],
+// seg_slot [S], seg_start [S], seg_len [S], counts [3]} and fbuf + m * 2Tn = {pair_weight [Tn], weights [Tn]}.
+int route_plan(const float* x, int64_t xs, int64_t T, int64_t d_in, int64_t M, const int64_t* routers, int64_t S,
+               int64_t n, const int64_t* offset, const float* top_p, int64_t s_top_p, const float* keep_k,
+               int64_t s_keep_k, const float* thr, int64_t s_thr, const float* qv, int64_t s_q, float eps,
+               float* logits, float* w, float* ent, int64_t* ibuf, float* fbuf, int nt) {
+    if (n > 64 || n < 1) return 3;
+    for (int64_t t = 0; t < T; ++t)
+        if (offset[t] + n > S) return 2;
+    const int64_t rows = M * T, tn = T * n;
+    const bool par = nt > 1 && rows * n * d_in >= (int64_t{1} << 18);
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+    for (int64_t i = 0; i < rows; ++i) {
+        const int64_t m = i / T, t = i - m * T;
+        float* lr = logits + i * n;
+        float* wr = w + i * n;
+        if (offset[t] < 0) {
+            for (int64_t e = 0; e < n; ++e) lr[e] = wr[e] = 0.f;
+            ent[i] = 0.f;
             continue;
         }
-        for (int64_t e = 0; e < n; ++e) idx[e] = e;
-        std::stable_sort(idx, idx + n, [&p](int64_t a, int64_t b) { return p[a] > p[b]; });
-        const float tp = top_p[t * s_top_p], kk = keep_k[t * s_keep_k];
-        float cum = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-            const int64_t e = idx[j];
-            cum += p[e];
-            wr[e] = (cum <= tp || static_cast<float>(j) < kk) ? p[e] : 0.f;
-        }
+        const float* R = reinterpret_cast<const float*>(routers[m]) + offset[t] * d_in;
+        const float* xr = x + t * xs;
+        for (int64_t e = 0; e < n; ++e) lr[e] = dot(xr, R + e * d_in, d_in);
+        ent[i] = route_row(lr, n, top_p[t * s_top_p], keep_k[t * s_keep_k], thr[t * s_thr], qv[t * s_q], eps, wr);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+        int64_t* ib = ibuf + m * (3 * tn + 3 * S + 3);
+        float* fb = fbuf + m * 2 * tn;
+        const int rc = build_plan(1, w + m * tn, n, offset, T, n, S, ib + 2 * tn, fb + tn, ib, ib + tn, fb,
+                                  ib + 3 * tn, ib + 3 * tn + S, ib + 3 * tn + 2 * S, ib + 3 * tn + 3 * S);
+        if (rc) return rc;
     }
     return 0;
 }
 
+// A whole routed linear of M sites sharing x (gate and up: M = 2; down: M = 1) in one call:
+// route_plan's routing and plans, then per site m the shrink and the expand, accumulated straight
+// into out[:, col[m] : col[m] + d_out[m]] (out rows ld apart, fp32).  A[m], B[m]: the pooled
+// weights ([S, r, d_in] and [S, r, d_out], wbits 32 = fp32 or 16 = bf16); scale: [S] or null
+// (scale_scalar).  logits, w, ent as in route_plan (the routing statistics).  x rows are d_in apart.
+// Returns 4 when the shapes are not the AVX2 path's (d_in, d_out % 8): the caller falls back.
+int route_lora(const float* x, int64_t T, int64_t d_in, int64_t M, const int64_t* routers, int64_t S, int64_t n,
+               const int64_t* offset, const float* top_p, int64_t s_top_p, const float* keep_k, int64_t s_keep_k,
+               const float* thr, int64_t s_thr, const float* qv, int64_t s_q, float eps, const int64_t* A,
+               const int64_t* B, int64_t r, const int64_t* d_out, int wbits, const float* scale,
+               float scale_scalar, float* out, int64_t ld, const int64_t* col, float* logits, float* w,
+               float* ent, int nt) {
+#ifdef MS_ROUTED_AVX2
+    if (d_in % 8 || (wbits != 32 && wbits != 16)) return 4;
+    for (int64_t m = 0; m < M; ++m)
+        if (d_out[m] % 8) return 4;
+    const int64_t tn = T * n, blk = 3 * tn + 3 * S + 3;
+    thread_local std::vector<int64_t> ibuf;
+    thread_local std::vector<float> fbuf, h;
+    ibuf.resize(static_cast<size_t>(M * blk));
+    fbuf.resize(static_cast<size_t>(M * 2 * tn));
+    h.resize(static_cast<size_t>(tn * r));
+    const int rc = route_plan(x, d_in, T, d_in, M, routers, S, n, offset, top_p, s_top_p, keep_k, s_keep_k, thr,
+                              s_thr, qv, s_q, eps, logits, w, ent, ibuf.data(), fbuf.data(), nt);
+    if (rc) return rc;
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t* ib = ibuf.data() + m * blk;
+        const float* fb = fbuf.data() + m * 2 * tn;
+        const int64_t* seg = ib + 3 * tn;
+        const int64_t G = seg[3 * S + 1];
+        if (G == 0) continue;
+        float* o = out + col[m];
+        if (wbits == 32) {
+            const float* a = reinterpret_cast<const float*>(A[m]);
+            const float* b = reinterpret_cast<const float*>(B[m]);
+            shrink_avx2(x, d_in, a, r, ib, seg, seg + S, seg + 2 * S, G, h.data(), nt);
+            expand_avx2(h.data(), b, r, d_out[m], T, ib, fb, scale, scale_scalar, seg, seg + S, seg + 2 * S, G, o,
+                        nt, ld, false);
+        } else {
+            const uint16_t* a = reinterpret_cast<const uint16_t*>(A[m]);
+            const uint16_t* b = reinterpret_cast<const uint16_t*>(B[m]);
+            shrink_avx2(x, d_in, a, r, ib, seg, seg + S, seg + 2 * S, G, h.data(), nt);
+            expand_avx2(h.data(), b, r, d_out[m], T, ib, fb, scale, scale_scalar, seg, seg + S, seg + 2 * S, G, o,
+                        nt, ld, false);
+        }
+    }
+    return 0;
+#else
+    return 4;
+#endif
+}
 
 }  // extern "C"

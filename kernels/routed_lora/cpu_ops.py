@@ -51,7 +51,132 @@ def load_library() -> ctypes.CDLL | None:
     dr = lib.dynamic_route
     dr.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, i64, p, i64, f32, p, p]
     dr.restype = ctypes.c_int
+    rp = lib.route_plan
+    rp.argtypes = [p, i64, i64, i64, i64, p, i64, i64, p, p, i64, p, i64, p, i64, p, i64, f32, p, p, p, p, p,
+                   ctypes.c_int]
+    rp.restype = ctypes.c_int
+    rl = lib.route_lora
+    rl.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, i64, p, i64, p, i64, p, i64, f32, p, p, i64, p,
+                   ctypes.c_int, p, f32, p, i64, p, p, p, p, ctypes.c_int]
+    rl.restype = ctypes.c_int
     return lib
+
+
+def _param(v, t: int, keep: list) -> tuple[int, int]:
+    """A routing parameter for the C++ calls: (address, stride) of one value or one per row."""
+    if isinstance(v, Tensor) and v.dtype == torch.float32 and v.dim() == 1 and v.is_contiguous():
+        a = v
+    elif isinstance(v, Tensor):
+        a = v.to(dtype=torch.float32).reshape(-1).contiguous()
+    else:
+        a = torch.tensor([float(v)])
+    if a.numel() not in (1, t):
+        raise ValueError(f"dynamic_route: a per-token parameter has {a.numel()} values for {t} tokens")
+    keep.append(a)  # alive through the call
+    return a.data_ptr(), int(a.numel() == t and t > 1)
+
+
+def route_plan_cpu(x: Tensor, routers: tuple[Tensor, ...], offset: Tensor, num_experts: int, *, top_p, keep_top_k,
+                   entropy_threshold, q, eps: float) -> tuple[Tensor, Tensor, Tensor, list[PairPlan]] | None:
+    """DynMoLE routing and the pair plans of M sites sharing the input, in one C++ call.
+
+    x [T, d_in] (CPU, no autograd); routers: M pooled routers [S, d_in] fp32 contiguous; offset [T]
+    int64: each row's bank slot offset (-1: not routed here); each row is routed over the n =
+    ``num_experts`` router rows of its own bank (the logits of ``x @ router.T`` read at
+    offset..offset+n), as ``dynamic_route`` with the given parameters (scalars or [T] tensors).
+    Returns (logits [M, T, n], weights [M, T, n], entropy [M, T], one plan per router, as
+    ``build_plan_cpu``'s dense mode), or None when the library or the shapes do not allow it.
+    """
+    lib = load_library()
+    n, m = num_experts, len(routers)
+    if lib is None or not 1 <= n <= 64 or x.dim() != 2 or x.device.type != "cpu":
+        return None
+    t, d_in = x.shape
+    s = routers[0].shape[0]
+    if any(r.dtype != torch.float32 or not r.is_contiguous() or r.shape != (s, d_in) for r in routers):
+        return None
+    xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
+    keep: list = []
+    args = [*_param(top_p, t, keep), *_param(keep_top_k, t, keep), *_param(entropy_threshold, t, keep),
+            *_param(q, t, keep)]
+    offs = offset if offset.dtype == torch.int64 and offset.is_contiguous() else offset.long().contiguous()
+    addrs = torch.tensor([r.data_ptr() for r in routers], dtype=torch.int64)
+    tn = t * n
+    blk = 3 * tn + 3 * s + 3
+    fb = torch.empty(m * (4 * tn + t), dtype=torch.float32)  # logits, w, fbuf [M, 2Tn], ent
+    logits, w = fb[:m * tn].view(m, t, n), fb[m * tn:2 * m * tn].view(m, t, n)
+    fbuf, ent = fb[2 * m * tn:4 * m * tn].view(m, 2 * tn), fb[4 * m * tn:].view(m, t)
+    ibuf = torch.empty(m, blk, dtype=torch.int64)
+    rc = lib.route_plan(xf.data_ptr(), xf.stride(0), t, d_in, m, addrs.data_ptr(), s, n, offs.data_ptr(), *args,
+                        float(eps), logits.data_ptr(), w.data_ptr(), ent.data_ptr(), ibuf.data_ptr(),
+                        fbuf.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"route_plan failed with code {rc}")
+    plans = []
+    seg = 3 * tn
+    for i, (p, g, mx) in enumerate(ibuf[:, blk - 3:].tolist()):
+        ib, fi = ibuf[i], fbuf[i]
+        plans.append(PairPlan(slots=ib[2 * tn:seg].view(t, n), weights=fi[tn:].view(t, n), pair_token=ib[:p],
+                              pair_slot=ib[tn:tn + p], pair_weight=fi[:p], seg_slot=ib[seg:seg + g],
+                              seg_start=ib[seg + s:seg + s + g], seg_len=ib[seg + 2 * s:seg + 2 * s + g],
+                              max_seg_len=mx))
+    return logits, w, ent, plans
+
+
+class RouteLoraSites:
+    """The per-step constant arguments of ``route_lora_cpu`` for M sites sharing an input: their
+    pooled routers [S, d_in] fp32, lora_a [S, r, d_in] and lora_b stored [S, r, d_out] (fp32 or bf16),
+    scaling [S] fp32, and each site's first column in the output. Built once per step and sites."""
+
+    def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int]):
+        self.keep = (routers, lora_a, lora_b_rows, scaling)  # the addresses below stay valid
+        self.m = len(routers)
+        self.num_slots, self.d_in = routers[0].shape
+        self.rank = lora_a[0].shape[1]
+        self.wbits = 32 if lora_a[0].dtype == torch.float32 else 16
+        self.d_out = [b.shape[2] for b in lora_b_rows]
+        addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
+        self.routers, self.a, self.b = addr(routers), addr(lora_a), addr(lora_b_rows)
+        self.d_out_t = torch.tensor(self.d_out, dtype=torch.int64)
+        self.cols = torch.tensor(cols, dtype=torch.int64)
+        self.ok = (all(r.dtype == torch.float32 and r.is_contiguous() and r.shape == routers[0].shape for r in routers)
+                   and all(a.dtype in (torch.float32, torch.bfloat16) and a.dtype == b.dtype and a.is_contiguous()
+                           and b.is_contiguous() and a.shape[2] == self.d_in and a.shape[1] == self.rank
+                           and b.shape[1] == self.rank and a.shape[0] == b.shape[0] == self.num_slots
+                           for a, b in zip(lora_a, lora_b_rows))
+                   and scaling.dtype == torch.float32 and scaling.is_contiguous())
+
+
+def route_lora_cpu(x: Tensor, sites: RouteLoraSites, offset: Tensor, num_experts: int, out: Tensor, *, top_p,
+                   keep_top_k, entropy_threshold, q, eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A whole DynMoLE-routed linear of M sites sharing x in one C++ call: ``route_plan_cpu``'s
+    routing and plans, then each site's segmented shrink/expand added into its columns of ``out``
+    [T, >= cols + d_out] fp32 (rows contiguous). Returns (logits, weights [M, T, n], entropy [M, T])
+    for the routing statistics, or None (nothing done) when the library or the shapes do not allow it."""
+    lib = load_library()
+    n, m = num_experts, sites.m
+    if (lib is None or not sites.ok or not 1 <= n <= 64 or x.device.type != "cpu" or x.dtype != torch.float32
+            or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != sites.d_in or out.dtype != torch.float32
+            or out.stride(1) != 1 or out.shape[0] != x.shape[0]):
+        return None
+    t = x.shape[0]
+    keep: list = []
+    args = [*_param(top_p, t, keep), *_param(keep_top_k, t, keep), *_param(entropy_threshold, t, keep),
+            *_param(q, t, keep)]
+    tn = t * n
+    fb = torch.empty(m * (2 * tn + t), dtype=torch.float32)
+    logits, w, ent = fb[:m * tn].view(m, t, n), fb[m * tn:2 * m * tn].view(m, t, n), fb[2 * m * tn:].view(m, t)
+    keep.append(sites)
+    rc = lib.route_lora(x.data_ptr(), t, sites.d_in, m, sites.routers.data_ptr(), sites.num_slots, n,
+                        offset.data_ptr(), *args, float(eps), sites.a.data_ptr(), sites.b.data_ptr(), sites.rank,
+                        sites.d_out_t.data_ptr(), sites.wbits, sites.keep[3].data_ptr(), 0.0, out.data_ptr(),
+                        out.stride(0), sites.cols.data_ptr(), logits.data_ptr(), w.data_ptr(), ent.data_ptr(),
+                        torch.get_num_threads())
+    if rc == 4:
+        return None
+    if rc != 0:
+        raise RuntimeError(f"route_lora failed with code {rc}")
+    return logits, w, ent
 
 
 def dynamic_route_cpu(logits: Tensor, top_p, keep_top_k, entropy_threshold, q, eps: float
@@ -65,16 +190,9 @@ def dynamic_route_cpu(logits: Tensor, top_p, keep_top_k, entropy_threshold, q, e
     if x.stride(1) != 1:
         x = x.contiguous()
     t, n = x.shape
-    keep = []  # the parameter tensors stay alive through the call
-
-    def param(v):
-        a = v.to(dtype=torch.float32).reshape(-1).contiguous() if isinstance(v, Tensor) else torch.tensor([float(v)])
-        if a.numel() not in (1, t):
-            raise ValueError(f"dynamic_route: a per-token parameter has {a.numel()} values for {t} tokens")
-        keep.append(a)
-        return a.data_ptr(), int(a.numel() == t and t > 1)
-
-    args = [*param(top_p), *param(keep_top_k), *param(entropy_threshold), *param(q)]
+    keep: list = []
+    args = [*_param(top_p, t, keep), *_param(keep_top_k, t, keep), *_param(entropy_threshold, t, keep),
+            *_param(q, t, keep)]
     w = torch.empty(t, n, dtype=torch.float32)
     ent = torch.empty(t, dtype=torch.float32)
     if t and lib.dynamic_route(x.data_ptr(), x.stride(0), t, n, *args, float(eps), w.data_ptr(), ent.data_ptr()):

@@ -57,9 +57,13 @@ def _steps(cfg, banks, names, backends=("auto", "torch")):
     ["a", "b", "a", "b", "a", "a", "b", "b"],  # one group, per-token parameters
     ["a", "c", None, "d", "lora", "b", "a", None, "d", "c", "lora", "a"],  # groups, base and plain tokens
     ["c", "c", "c"],  # another entropy type alone
+    ["a", None, "b", "a", None, "b", "a"],  # one DynMoLE group on some rows (the fused C++ route + plan)
 ])
-def test_fused_gate_up_equals_separate_calls(setup, names):
+@pytest.mark.parametrize("whole", [True, False])  # False: routing + plans in one C++ call, kernels apart
+def test_fused_gate_up_equals_separate_calls(setup, names, whole, monkeypatch):
     cfg, banks = setup
+    if not whole:
+        monkeypatch.setattr("adapters.runtime.step.route_lora_cpu", lambda *a, **k: None)
     fused, torch_path = _steps(cfg, banks, names)
     separate, = _steps(cfg, banks, names, backends=("auto",))
     t, inter = len(names), cfg.intermediate_size
@@ -77,6 +81,14 @@ def test_fused_gate_up_equals_separate_calls(setup, names):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         results.append(a)
+        xd = torch.randn(t, inter, generator=gen)  # a single site (down): the same paths, M = 1
+        base = torch.randn(t, cfg.hidden_size, generator=gen)
+        d1, d2, d3 = base.clone(), base.clone(), base.clone()
+        fused.linear(layer, ("down_proj",), xd, d1)
+        torch_path.linear(layer, ("down_proj",), xd, d2)
+        separate.linear(layer, ("down_proj",), xd, d3)
+        torch.testing.assert_close(d1, d2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d1, d3, rtol=0, atol=1e-6)
     s_fused, s_sep, s_torch = (s.routing_stats() for s in (fused, separate, torch_path))
     for other in (s_sep, s_torch):
         assert s_fused.banks.keys() == other.banks.keys()
