@@ -180,6 +180,7 @@ class BankStep:
         self.token_offset = table[token_bank]  # -1 indexes the trailing -1: base tokens
         self._bank_ids = torch.arange(len(banks), device=dev)
         self._sites: dict[Site, SiteSpec | None] = {}
+        self._any_sites: set | None = None
         self._blocks: dict[int, SiteSpec | None] = {}
         self._by_key: dict[tuple, SiteSpec | None] = {}
         self._columns: dict[tuple[str, ...], list[tuple[str, int, int]]] = {}
@@ -254,7 +255,9 @@ class BankStep:
     def _site_spec(self, site: Site) -> SiteSpec | None:
         spec = self._sites.get(site, _MISSING)
         if spec is _MISSING:
-            spec = self._spec([b.layout.sites.get(site) for b in self.banks])
+            if self._any_sites is None:  # sites some bank of the step adapts: the others return at once
+                self._any_sites = set().union(*(b.layout.sites.keys() for b in self.banks))
+            spec = self._spec([b.layout.sites.get(site) for b in self.banks]) if site in self._any_sites else None
             self._sites[site] = spec
         return spec
 

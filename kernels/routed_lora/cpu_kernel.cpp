@@ -177,7 +177,7 @@ static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, con
 
 // One register tile of the expand: NP pairs of one segment x NV vectors (8 columns each):
 //   dst[k][cols] += sum_j hs[k, j] * B[s, j, cols]    (hs: each pair's h already scaled by c_k)
-// Each B vector loaded feeds NP FMA chains (NP * NV <= 12 accumulators stay in registers).
+// Each B vector loaded feeds NP FMA chains (the NP * NV accumulators stay in registers).
 template <int NP, int NV, typename W>
 static inline void expand_tile(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* dst) {
     __m256 acc[NP][NV];
@@ -198,18 +198,20 @@ static inline void expand_tile(const W* bs, int64_t d_out, int64_t r, const floa
             _mm256_storeu_ps(dst[k] + 8 * v, _mm256_add_ps(acc[k][v], _mm256_loadu_ps(dst[k] + 8 * v)));
 }
 
-template <int NP, typename W>
+// Columns v0..v1 (in vectors of 8) for NP pairs: tiles of NV vectors, then single vectors.
+template <int NP, int NV, typename W>
 static inline void expand_pairs(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* rows,
                                 int64_t v0, int64_t v1) {
     float* dst[NP];
     int64_t v = v0;
-    for (; v + 3 <= v1; v += 3) {
+    for (; v + NV <= v1; v += NV) {
         for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
-        expand_tile<NP, 3>(bs + 8 * v, d_out, r, hs, dst);
+        expand_tile<NP, NV>(bs + 8 * v, d_out, r, hs, dst);
     }
-    for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
-    if (v1 - v == 2) expand_tile<NP, 2>(bs + 8 * v, d_out, r, hs, dst);
-    else if (v1 - v == 1) expand_tile<NP, 1>(bs + 8 * v, d_out, r, hs, dst);
+    for (; v < v1; ++v) {
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
+        expand_tile<NP, 1>(bs + 8 * v, d_out, r, hs, dst);
+    }
 }
 
 // out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] (out rows ld apart; zero: clear out's T rows
@@ -222,7 +224,7 @@ static void expand_avx2(const float* h, const W* B, int64_t r, int64_t d_out, in
                         float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
                         const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
     const int64_t nvec = d_out / 8;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 3));
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
 #pragma omp parallel for num_threads(nth) schedule(static, 1)
     for (int64_t th = 0; th < nth; ++th) {
         const int64_t v0 = nvec * th / nth, v1 = nvec * (th + 1) / nth;
@@ -243,11 +245,11 @@ static void expand_avx2(const float* h, const W* B, int64_t r, int64_t d_out, in
                     for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
                     rows[k] = out + pair_token[p] * ld;
                 }
-                switch (np) {
-                    case 4: expand_pairs<4>(bs, d_out, r, hs.data(), rows, v0, v1); break;
-                    case 3: expand_pairs<3>(bs, d_out, r, hs.data(), rows, v0, v1); break;
-                    case 2: expand_pairs<2>(bs, d_out, r, hs.data(), rows, v0, v1); break;
-                    default: expand_pairs<1>(bs, d_out, r, hs.data(), rows, v0, v1); break;
+                switch (np) {  // widest tile whose accumulators fit the 16 registers
+                    case 4: expand_pairs<4, 3>(bs, d_out, r, hs.data(), rows, v0, v1); break;
+                    case 3: expand_pairs<3, 3>(bs, d_out, r, hs.data(), rows, v0, v1); break;
+                    case 2: expand_pairs<2, 4>(bs, d_out, r, hs.data(), rows, v0, v1); break;
+                    default: expand_pairs<1, 8>(bs, d_out, r, hs.data(), rows, v0, v1); break;
                 }
             }
         }
