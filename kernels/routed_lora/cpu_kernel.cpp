@@ -23,7 +23,7 @@ template <typename W, typename Block>
 static void for_pair_groups(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
                             const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
                             int64_t G, float* h, int nt, Block block) {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(nt) schedule(static)  // contiguous slot ranges: one stream per thread
     for (int64_t g = 0; g < G; ++g) {
         const W* a = A + seg_slot[g] * r * d_in;
         const int64_t p0 = seg_start[g], n = seg_len[g];
