@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import plan_from_slots
+from kernels.factor_cpu import factor_ffn_cpu
 
 from ..bank import ExpertBank
 from .bank import DOWN, GATE_UP, SCALE, layer_permutation
@@ -109,10 +110,15 @@ def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = 
     if factor_rows is not None and factor_rows.numel() == t:
         factor_rows = None
     xf = x if factor_rows is None else x.index_select(0, factor_rows)
-    plan = plan_from_slots(*layer.route(xf))
 
     if lora is None and factor_rows is None:  # the fast path: the whole batch on the factor bank
-        out = factor_ffn(x, layer.w_gate_up, layer.w_down, plan, gate_up_bias=layer.gate_up_bias)
+        fused = factor_ffn_cpu(x, layer.router, layer.w_gate_up, layer.w_down, layer.top_k, layer.scale,
+                               layer.gate_up_bias) if x.device.type == "cpu" else None
+        if fused is not None:  # routing and the chosen experts in one C++ call
+            out = fused[0]
+        else:
+            out = factor_ffn(x, layer.w_gate_up, layer.w_down, plan_from_slots(*layer.route(x)),
+                             gate_up_bias=layer.gate_up_bias)
         return out if layer.down_bias is None else out + layer.down_bias
 
     inter = mlp.intermediate_size
@@ -131,6 +137,7 @@ def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = 
         delta = gate_up if factor_rows is None else gate_up.index_select(0, factor_rows)
         delta = delta.index_select(1, layer.gate_up_index)
     sparse_act = xf.new_zeros(xf.shape[0], inter) if lora is not None else None
+    plan = plan_from_slots(*layer.route(xf))
     y_factor = factor_ffn(xf, layer.w_gate_up, layer.w_down, plan, gate_up_bias=layer.gate_up_bias,
                           gate_up_delta=delta, intermediate=sparse_act)
 
