@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .common import add_model_argument, resolve_model_path
@@ -28,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescale", choices=("fit", "release", "none"), default="fit",
                         help="output scale of the chosen experts: least squares (default), E/K as released, or 1")
     parser.add_argument("--lr", type=float, default=5e-3, help="router learning rate (Adam)")
+    parser.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                        help="then train the expert slices with the LM loss of the factorised model for N AdamW "
+                             "steps on the same text (default 0: off; the bank then stores the FFN weights, "
+                             "~2x the model's FFN size in fp32)")
+    parser.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -38,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"need 1 <= --top-k <= --experts, got --experts {args.experts} --top-k {args.top_k}")
     if args.calib_steps < 1 or args.seq_len < 2 or args.tokens_per_step < args.seq_len:
         raise UserError("need --calib-steps >= 1 and --tokens-per-step >= --seq-len >= 2")
+    if args.finetune_steps < 0 or not args.finetune_lr > 0:
+        raise UserError("need --finetune-steps >= 0 and --finetune-lr > 0")
     path = resolve_model_path(args.model)
 
     from transformers import AutoTokenizer
@@ -66,7 +74,16 @@ def run(args: argparse.Namespace) -> int:
     base = BaseFingerprint.from_hf_config(model.config.raw)
     [(bank, report)] = factorize(model, base, seqs, [cfg], steps=args.calib_steps, seqs_per_step=seqs_per_step,
                                  names=[args.name or out.name], log=lambda s: print(s, flush=True))
+    finetune = None
+    if args.finetune_steps:
+        from adapters.factor.finetune import finetune_factor_bank
+
+        bank, finetune = finetune_factor_bank(model, bank, seqs, steps=args.finetune_steps, seqs_per_step=seqs_per_step,
+                                              lr=args.finetune_lr, log=lambda s: print(s, flush=True))
     bank.save(out)
     save_report(report, out)
-    print(f"wrote {out} ({bank.nbytes() / 1e6:.1f} MB): {report.summary()}")
+    if finetune is not None:
+        (out / "finetune.json").write_text(json.dumps(finetune, indent=1) + "\n")
+    print(f"wrote {out} ({bank.nbytes() / 1e6:.1f} MB): {report.summary()}"
+          + ("" if finetune is None else f"; fine-tuning loss {finetune['loss_first_last']}"))
     return 0
