@@ -1,6 +1,7 @@
 """FactorLLM on the default model: calibration cost, FFN time, decode tokens/s, perplexity, accuracy.
 
-    python benchmarks/factor.py [--calib-steps 40] [--limit 50] [--out runs/factor]
+    python benchmarks/factor.py [--calib-steps 40] [--limit 50] [--out runs/factor] [--reuse]
+                                [--finetune-steps N] [--skip-speed]
 
 Calibrates E=4/K=2, E=8/K=2 and E=8/K=4 together (one dense forward per step feeds all three) on
 the shared commonsense *train* sets, then measures against the dense model:
@@ -10,6 +11,8 @@ the shared commonsense *train* sets, then measures against the dense model:
   *test* set, cut into 256-token windows;
 - accuracy on the shared test sets (first ``--limit`` records of each): the log-likelihood of each
   choice's answer tokens after the Alpaca prompt and "the correct answer is ", highest wins.
+With ``--finetune-steps N`` the K/E = 1/2 banks are also LM-fine-tuned (4 x 256-token train-set
+sequences per step; ``adapters.factor.finetune``) and their quality measured as ``<name>-ft``.
 Prints the markdown tables of BENCHMARKS.md and writes results.json under --out.
 """
 
@@ -23,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,6 +164,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "factor"))
     ap.add_argument("--reuse", action="store_true", help="reuse banks already under --out")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--finetune-steps", type=int, default=0,
+                    help="also LM-fine-tune the K/E = 1/2 banks' expert slices for N steps (banks <name>-ft, "
+                    "reused with --reuse) and measure their quality")
+    ap.add_argument("--finetune-lr", type=float, default=2e-4)
+    ap.add_argument("--skip-speed", action="store_true", help="quality only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -191,16 +198,42 @@ def main() -> int:
     factors = {n: load_factor_weights(load_bank(out / n, base=base), model) for n in names}
     print("calibration:", json.dumps(results["calibration"]), flush=True)
 
+    tuned = {}
+    if args.finetune_steps:
+        from adapters.factor.finetune import finetune_factor_bank
+
+        results["finetune"] = {}
+        seqs = calibration_sequences(tok, sorted(DATA.glob("*/train.json")), 256, seed=1,
+                                     max_tokens=args.finetune_steps * 4 * 256)
+        for e, k in CONFIGS:
+            if 2 * k != e:
+                continue
+            name = f"factor-e{e}-k{k}"
+            folder = out / f"{name}-ft"
+            if not (args.reuse and (folder / "finetune.json").is_file()):
+                bank, report = finetune_factor_bank(model, load_bank(out / name, base=base), seqs,
+                                                    steps=args.finetune_steps, seqs_per_step=4, lr=args.finetune_lr,
+                                                    log=lambda s: print(name, s, flush=True))
+                bank.save(folder)
+                (folder / "finetune.json").write_text(json.dumps(report, indent=1) + "\n")
+            report = json.loads((folder / "finetune.json").read_text())
+            report.pop("loss", None)
+            results["finetune"][f"{name}-ft"] = report
+            tuned[f"{name}-ft"] = load_factor_weights(load_bank(folder, base=base), model)
+        print("finetune:", json.dumps(results["finetune"]), flush=True)
+
     model.pack_weights()  # as the serving engine does: the dense GEMMs on packed weights (CPU fp32)
-    times = ffn_times(model, factors, (1, 32))
-    results["ffn_us"] = {f"{k[0]}@T={k[1]}": round(v * 1e6) for k, v in times.items()}
-    print("ffn:", results["ffn_us"], flush=True)
     variants = {"dense": None, **{n: FactorStep(fw) for n, fw in factors.items()}}
-    results["decode_tok_s"] = {}
-    for batch in (1, 8):
-        for name, step in variants.items():
-            results["decode_tok_s"][f"{name}@B={batch}"] = round(decode_rate(model, step, batch), 1)
-    print("decode:", results["decode_tok_s"], flush=True)
+    if not args.skip_speed:
+        times = ffn_times(model, factors, (1, 32))
+        results["ffn_us"] = {f"{k[0]}@T={k[1]}": round(v * 1e6) for k, v in times.items()}
+        print("ffn:", results["ffn_us"], flush=True)
+        results["decode_tok_s"] = {}
+        for batch in (1, 8):
+            for name, step in variants.items():
+                results["decode_tok_s"][f"{name}@B={batch}"] = round(decode_rate(model, step, batch), 1)
+        print("decode:", results["decode_tok_s"], flush=True)
+    variants.update({n: FactorStep(fw) for n, fw in tuned.items()})
 
     held = []
     for name in SETS:
@@ -222,17 +255,26 @@ def main() -> int:
 
 def print_tables(r: dict, names: list[str]) -> None:
     dense_acc = r["accuracy"]["dense"]
-    print("\n| model | FFN us T=1 | FFN us T=32 | decode tok/s B=1 | B=8 | ppl | " + " | ".join(SETS) + " | avg acc | retention |")
+    ffn, dec = r.get("ffn_us", {}), r.get("decode_tok_s", {})
+
+    def cell(table: dict, key: str, dense_key: str, faster_is_smaller: bool) -> str:
+        if key not in table:
+            return "-"
+        v, d = table[key], table[dense_key]
+        if key == dense_key:
+            return f"{v:,}"
+        return f"{v:,} ({(d / v if faster_is_smaller else v / d):.2f}x)"
+
+    print("\n| model | FFN us T=1 | FFN us T=32 | decode tok/s B=1 | B=8 | ppl | " + " | ".join(SETS)
+          + " | avg acc | retention |")
     print("|---|---|---|---|---|---|" + "---|" * len(SETS) + "---|---|")
-    for name in ["dense", *names]:
-        f1, f32 = r["ffn_us"][f"{name}@T=1"], r["ffn_us"][f"{name}@T=32"]
-        d1, d8 = r["decode_tok_s"][f"{name}@B=1"], r["decode_tok_s"][f"{name}@B=8"]
+    for name in r["accuracy"]:
         acc = r["accuracy"][name]
         avg = sum(acc.values()) / len(acc)
         dense_avg = sum(dense_acc.values()) / len(dense_acc)
-        sp = lambda a, b: "" if name == "dense" else f" ({b / a:.2f}x)"  # noqa: E731
-        print(f"| {name} | {f1:,}{sp(f1, r['ffn_us']['dense@T=1'])} | {f32:,}{sp(f32, r['ffn_us']['dense@T=32'])} | "
-              f"{d1}{sp(r['decode_tok_s']['dense@B=1'], d1)} | {d8}{sp(r['decode_tok_s']['dense@B=8'], d8)} | "
+        speed = name.removesuffix("-ft")  # a fine-tuned bank runs the same kernels as its source
+        print(f"| {name} | {cell(ffn, f'{speed}@T=1', 'dense@T=1', True)} | {cell(ffn, f'{speed}@T=32', 'dense@T=32', True)} | "
+              f"{cell(dec, f'{speed}@B=1', 'dense@B=1', False)} | {cell(dec, f'{speed}@B=8', 'dense@B=8', False)} | "
               f"{r['perplexity'][name]} | " + " | ".join(f"{acc.get(s, 0):.2f}" for s in SETS) +
               f" | {avg:.3f} | {avg / dense_avg:.0%} |")
 

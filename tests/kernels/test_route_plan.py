@@ -13,7 +13,6 @@ pytestmark = pytest.mark.skipif(load_library() is None, reason="C++ CPU kernel u
 
 def _reference(x, router, offsets, n, **prm):
     """logits [T, n] of each row's own bank (-1: zero), the torch routing and the torch plan."""
-    t = x.shape[0]
     full = x @ router.t()
     idx = offsets.clamp(min=0).unsqueeze(1) + torch.arange(n)
     logits = full.gather(1, idx)
