@@ -132,3 +132,20 @@ def test_every_metric_name_is_documented_in_the_readme():
     documented = set(re.findall(r"`((?:vllm:|moleserve_)[a-z0-9_:]+)`", section))
     assert names - documented == set(), f"undocumented: {sorted(names - documented)}"
     assert documented - names == set(), f"documented but not exported: {sorted(documented - names)}"
+
+
+def test_expert_selections_accumulate_over_steps_of_different_sites():
+    m = ServerMetrics("base")
+    first = {(0, "q_proj"): torch.tensor([1, 0, 2]), (1, "mlp"): torch.tensor([0, 1, 1, 4])}  # MoLA: 3 and 4 experts
+    second = {(0, "q_proj"): [2, 0, 0], (2, "v_proj"): [0, 5, 0]}
+    for sel in (first, second):
+        m.on_step(step(routing=RoutingStats(banks={"d": BankRoutingStats(tokens=1, decisions=1, selections=sel)})))
+    s = samples(m)
+    name = "moleserve_expert_selections_total"
+
+    def key(layer, target, expert):
+        return (name, (("bank", "d"), ("expert", str(expert)), ("layer", str(layer)), ("target", target)))
+
+    assert s[key(0, "q_proj", 0)] == 3 and s[key(0, "q_proj", 2)] == 2 and key(0, "q_proj", 1) not in s
+    assert s[key(1, "mlp", 3)] == 4 and s[key(2, "v_proj", 1)] == 5
+    assert len([k for k in s if k[0] == name]) == 6
