@@ -3,6 +3,10 @@ vs transformers + the `mixlora` package, hot-load time, routing statistics. Prin
 BENCHMARKS.md ("Expert banks").
 
     python benchmarks/banks.py [--threads 2] [--tokens 32] [--repeats 3] [--pool-dtype float32|bfloat16] [--skip-peer] [--profile]
+                               [--no-metrics]
+
+The engine reports every step to the server's Prometheus sink (routing statistics included), as
+``moleserve serve`` does; ``--no-metrics`` leaves it out (the runs before the third session did).
 
 Banks are random (router weights normal so routing is non-trivial, B non-zero). One run, side by
 side; the machine is shared, so numbers move between runs.
@@ -130,12 +134,20 @@ def main() -> None:
                     help="multiply the random routers: 1 gives near-uniform routing (most tokens broadcast, as an "
                     "untrained DynMoLE bank); larger gives the peaked routing of a trained one")
     ap.add_argument("--profile", action="store_true", help="print a torch profiler table of the DynMoLE run")
+    ap.add_argument("--no-metrics", action="store_true",
+                    help="run without the server's Prometheus sink (by default every step reports to one, as served)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = ensure_default_model()
     pool_dtype = getattr(torch, args.pool_dtype)
     engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", kv_cache_memory=512 << 20,
                                     max_num_seqs=32, max_num_batched_tokens=512))
+    if not args.no_metrics:  # as `moleserve serve` runs: per-step routing statistics into Prometheus series
+        from prometheus_client import CollectorRegistry
+
+        from server.metrics import ServerMetrics
+
+        engine.set_stats_sink(ServerMetrics("bench", registry=CollectorRegistry()))
     cfg = engine.model_config
     fp = BaseFingerprint.from_hf_config(cfg.raw)
     vocab = cfg.vocab_size
