@@ -76,6 +76,15 @@ def _param(v, t: int, keep: list) -> tuple[int, int]:
     return a.data_ptr(), int(a.numel() == t and t > 1)
 
 
+def _params(t: int, keep: list, *values) -> list[int]:
+    """The DynMoLE parameters (top_p, keep_top_k, entropy_threshold, q) as the C++ calls take them."""
+    return [v for value in values for v in _param(value, t, keep)]
+
+
+def _offsets(offset: Tensor) -> Tensor:
+    return offset if offset.dtype == torch.int64 and offset.is_contiguous() else offset.long().contiguous()
+
+
 def route_plan_cpu(x: Tensor, routers: tuple[Tensor, ...], offset: Tensor, num_experts: int, *, top_p, keep_top_k,
                    entropy_threshold, q, eps: float) -> tuple[Tensor, Tensor, Tensor, list[PairPlan]] | None:
     """DynMoLE routing and the pair plans of M sites sharing the input, in one C++ call.
@@ -97,9 +106,8 @@ def route_plan_cpu(x: Tensor, routers: tuple[Tensor, ...], offset: Tensor, num_e
         return None
     xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
     keep: list = []
-    args = [*_param(top_p, t, keep), *_param(keep_top_k, t, keep), *_param(entropy_threshold, t, keep),
-            *_param(q, t, keep)]
-    offs = offset if offset.dtype == torch.int64 and offset.is_contiguous() else offset.long().contiguous()
+    args = _params(t, keep, top_p, keep_top_k, entropy_threshold, q)
+    offs = _offsets(offset)
     addrs = torch.tensor([r.data_ptr() for r in routers], dtype=torch.int64)
     tn = t * n
     blk = 3 * tn + 3 * s + 3
@@ -126,7 +134,7 @@ def route_plan_cpu(x: Tensor, routers: tuple[Tensor, ...], offset: Tensor, num_e
 class RouteLoraSites:
     """The per-step constant arguments of ``route_lora_cpu`` for M sites sharing an input: their
     pooled routers [S, d_in] fp32, lora_a [S, r, d_in] and lora_b stored [S, r, d_out] (fp32 or bf16),
-    scaling [S] fp32, and each site's first column in the output. Built once per step and sites."""
+    scaling [S] fp32, and each site's first column in the output. Cached per pool state (adapters.runtime.step)."""
 
     def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int]):
         self.keep = (routers, lora_a, lora_b_rows, scaling)  # the addresses below stay valid
@@ -161,14 +169,14 @@ def route_lora_cpu(x: Tensor, sites: RouteLoraSites, offset: Tensor, num_experts
         return None
     t = x.shape[0]
     keep: list = []
-    args = [*_param(top_p, t, keep), *_param(keep_top_k, t, keep), *_param(entropy_threshold, t, keep),
-            *_param(q, t, keep)]
+    args = _params(t, keep, top_p, keep_top_k, entropy_threshold, q)
     tn = t * n
     fb = torch.empty(m * (2 * tn + t), dtype=torch.float32)
     logits, w, ent = fb[:m * tn].view(m, t, n), fb[m * tn:2 * m * tn].view(m, t, n), fb[2 * m * tn:].view(m, t)
+    offs = _offsets(offset)
     keep.append(sites)
     rc = lib.route_lora(x.data_ptr(), t, sites.d_in, m, sites.routers.data_ptr(), sites.num_slots, n,
-                        offset.data_ptr(), *args, float(eps), sites.a.data_ptr(), sites.b.data_ptr(), sites.rank,
+                        offs.data_ptr(), *args, float(eps), sites.a.data_ptr(), sites.b.data_ptr(), sites.rank,
                         sites.d_out_t.data_ptr(), sites.wbits, sites.keep[3].data_ptr(), 0.0, out.data_ptr(),
                         out.stride(0), sites.cols.data_ptr(), logits.data_ptr(), w.data_ptr(), ent.data_ptr(),
                         torch.get_num_threads())
@@ -191,8 +199,7 @@ def dynamic_route_cpu(logits: Tensor, top_p, keep_top_k, entropy_threshold, q, e
         x = x.contiguous()
     t, n = x.shape
     keep: list = []
-    args = [*_param(top_p, t, keep), *_param(keep_top_k, t, keep), *_param(entropy_threshold, t, keep),
-            *_param(q, t, keep)]
+    args = _params(t, keep, top_p, keep_top_k, entropy_threshold, q)
     w = torch.empty(t, n, dtype=torch.float32)
     ent = torch.empty(t, dtype=torch.float32)
     if t and lib.dynamic_route(x.data_ptr(), x.stride(0), t, n, *args, float(eps), w.data_ptr(), ent.data_ptr()):
