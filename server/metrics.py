@@ -101,6 +101,7 @@ class CountVectors(Collector):
         self.labelnames, self.index_label = tuple(labelnames), index_label
         self._lock = threading.Lock()
         self._blocks: dict[tuple, Any] = {}  # (head labels, tails) -> int64 counts [len(tails), n]
+        self._tails: dict[tuple, tuple] = {}  # add_block's sites -> their label tuples
 
     def add(self, head: tuple[str, ...], rows: dict[tuple[str, ...], Any]) -> None:
         """``rows``: tail labels -> counts (a tensor or a list), one per index of the last label."""
@@ -116,6 +117,21 @@ class CountVectors(Collector):
                 mat = torch.stack([c for _, c in items]).to(torch.int64)
                 acc = self._blocks.get(key)
                 self._blocks[key] = mat if acc is None else acc.add_(mat)
+
+    def add_block(self, head: tuple[str, ...], sites: tuple, counts: Any) -> None:
+        """A whole block at once: ``counts`` [len(sites), n] (a tensor), row i for the tail labels
+        ``sites[i]`` (each a tuple of values, turned into strings here, once per distinct block)."""
+        import torch
+
+        tails = self._tails.get(sites)
+        if tails is None:
+            tails = self._tails[sites] = tuple(tuple(str(v) for v in site) for site in sites)
+            if len(self._tails) > 4096:
+                self._tails.clear()
+        key = (head, tails)
+        with self._lock:
+            acc = self._blocks.get(key)
+            self._blocks[key] = counts.to(torch.int64, copy=True) if acc is None else acc.add_(counts)
 
     def collect(self):
         family = CounterMetricFamily(self.name, self.documentation, labels=(*self.labelnames, self.index_label))
@@ -272,7 +288,11 @@ class ServerMetrics:
             self.broadcast_decisions.labels(bank).inc(b.broadcast)
             if b.decisions:
                 self.broadcast_rate.labels(bank).set(b.broadcast / b.decisions)
-            if b.selections:
+            blocks = getattr(b.selections, "blocks", None)
+            if blocks is not None:  # SiteCounts: one add per block of sites
+                for sites, counts in blocks:
+                    self.expert_selections.add_block((bank,), sites, counts)
+            elif b.selections:
                 self.expert_selections.add((bank,), {(str(layer), target): counts
                                                      for (layer, target), counts in b.selections.items()})
             per_token = _to_list(b.experts_per_decision)

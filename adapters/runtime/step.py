@@ -29,6 +29,7 @@ by ``routing_stats()``.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,8 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import PairPlan, dynamic_route, plan_from_slots, routed_lora, slots_from_dense, topk_route
-from kernels.routed_lora.cpu_ops import RouteLoraSites, build_plan_cpu, route_lora_cpu, route_plan_cpu
-from server.engine.routing_stats import ENTROPY_BUCKETS, BankRoutingStats, RoutingStats
+from kernels.routed_lora.cpu_ops import (STAT_WIDTH, RouteLoraSites, RouteLoraStats, RouteLoraStep, build_plan_cpu,
+                                        route_plan_cpu)
+from server.engine.routing_stats import ENTROPY_BUCKETS, BankRoutingStats, RoutingStats, SiteCounts
 from adapters.factor.serving import factor_mlp
 from adapters.fingerprint import FFN_TARGETS
 from server.model import ModelConfig
@@ -47,6 +49,28 @@ from .layout import BankLayout, SiteRule
 from .pool import PoolState, Site, linear_shape
 
 _MISSING = object()
+_NOTHING = object()  # a (layer, targets) no bank of the step adapts
+FAST_PATH = True  # the one-call C++ route_lora decode path (tests switch it off to compare)
+
+
+@dataclass
+class _FastRecords:
+    """What a step's ``route_lora`` calls did: their statistics and which ``WholeLinear`` ran."""
+
+    stats: RouteLoraStats | None = None
+    used: dict = field(default_factory=dict)  # WholeLinear -> None, in call order
+
+
+@dataclass(frozen=True, eq=False)
+class WholeLinear:
+    """A (layer, targets) that one ``route_lora`` call serves: its sites are one DynMoLE (Tsallis)
+    group of the step's banks ``members`` (indices into the step's bank list) with n experts, and
+    nothing else. Depends only on the banks' layouts and the pool state, so it is kept across steps."""
+
+    sites: tuple
+    members: tuple[int, ...]
+    n: int
+    args: RouteLoraSites
 
 
 @dataclass
@@ -188,7 +212,9 @@ class BankStep:
         self._routers: dict[tuple, Tensor] = {}  # sites -> their routers concatenated ([M*S, in])
         self._stacked_groups: dict[tuple, RouteGroup] = {}
         self._cpu_plans = dev.type == "cpu" and backend in ("auto", "cpu")
-        self._whole: dict[tuple, tuple | None] = {}  # (layer, targets) -> route_lora_cpu's arguments
+        self._decide = self._decisions()  # (layer, targets) -> WholeLinear | _NOTHING | None (general path)
+        self._group_steps: dict[tuple, RouteLoraStep] = {}  # (members, n) -> the step's route_lora group
+        self._fast = _FastRecords()  # what the route_lora calls did (shared with sub-steps)
 
     # -- per-step metadata, built on first use and cached --------------------------------------
 
@@ -419,7 +445,13 @@ class BankStep:
                            backend=self.backend, plan=plan)
 
     def linear(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> None:
-        if self._cpu_plans and self._whole_linear(layer, targets, x, out):
+        key = (layer, targets)
+        d = self._decide.get(key, _MISSING)
+        if d is _MISSING:
+            d = self._decide[key] = self._decision(layer, targets)
+        if d is _NOTHING:
+            return
+        if d is not None and self._whole_linear(d, x, out):
             return
         if len(targets) > 1 and self._fused(layer, targets, x, out):
             return
@@ -432,28 +464,29 @@ class BankStep:
             if plan.num_pairs:
                 out[:, c0:c1] += self._delta(site, x, plan)
 
-    def _whole_linear(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> bool:
-        """The CPU decode fast path: routing, plans and routed LoRA of every target in one C++ call
-        (``route_lora_cpu``), when the targets' sites are one DynMoLE (Tsallis) group and nothing
-        else. False (nothing done) otherwise: the general path runs."""
-        key = (layer, targets)
-        prep = self._whole.get(key, _MISSING)
-        if prep is _MISSING:
-            prep = self._whole[key] = self._whole_args(layer, targets)
-        if prep is None or (x.requires_grad and torch.is_grad_enabled()):
-            return False
-        g, args, sites = prep
-        offsets, params = self._row_params(g)
-        res = route_lora_cpu(x, args, offsets, g.key[1], out, **params)
-        if res is None:
-            self._whole[key] = None
-            return False
-        if self.collect_stats:
-            self._record(g, sites, *res)
-        return True
+    # -- the CPU decode fast path: one C++ call per routed linear --------------------------------
 
-    def _whole_args(self, layer: int, targets: tuple[str, ...]) -> tuple | None:
+    def _decisions(self) -> dict:
+        """The (layer, targets) -> path table of this step's banks, shared by every step with the same
+        bank layouts in the same order while the pool state lives (a new state starts afresh)."""
+        cache = self.state.cache
+        key = ("decisions", tuple(id(b.layout) for b in self.banks), self.backend, self._cpu_plans)
+        hit = cache.get(key)
+        if hit is not None and all(ref() is b.layout for ref, b in zip(hit[0], self.banks)):
+            return hit[1]
+        if sum(1 for k in cache if k[0] == "decisions") >= 64:  # bank mixes come and go: keep the table bounded
+            for k in [k for k in cache if k[0] == "decisions"]:
+                del cache[k]
+        table: dict = {}
+        cache[key] = ([weakref.ref(b.layout) for b in self.banks], table)
+        return table
+
+    def _decision(self, layer: int, targets: tuple[str, ...]):
         sites = tuple((layer, t) for t in targets)
+        if not any(site in b.layout.sites for b in self.banks for site in sites):
+            return _NOTHING
+        if not (FAST_PATH and self._cpu_plans):
+            return None
         specs = [self._site_spec(site) for site in sites]
         spec = specs[0]
         if (spec is None or any(sp is not spec for sp in specs) or spec.static_plan is not None
@@ -466,10 +499,59 @@ class BankStep:
             return None
         args = st.cache.get(("route_lora", sites))
         if args is None:
+            rows = st.cache.get("stat_rows")
+            if rows is None:
+                rows = st.cache["stat_rows"] = {site: i for i, site in enumerate(st.router)}
             args = st.cache[("route_lora", sites)] = RouteLoraSites(
                 routers, [st.lora_a[s] for s in sites], [st.lora_b[s] for s in sites], st.scaling,
-                [c0 for _, c0, _ in self._target_columns(targets)])
-        return (g, args, sites) if args.ok else None
+                [c0 for _, c0, _ in self._target_columns(targets)], [rows[s] for s in sites])
+        if not args.ok:
+            return None
+        members = tuple(i for i, b in enumerate(self.banks) if sites[0] in b.layout.sites)
+        return WholeLinear(sites, members, g.key[1], args)
+
+    def _whole_linear(self, d: WholeLinear, x: Tensor, out: Tensor) -> bool:
+        """Routing, plans, routed LoRA and statistics of every target of ``d`` in one C++ call; False
+        (nothing done) when the call does not apply (autograd, shapes): the general path runs."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return False
+        gkey = (d.members, d.n)
+        step = self._group_steps.get(gkey)
+        if step is None:
+            step = self._group_steps[gkey] = self._route_lora_step(d)
+        if not step(x, d.args, out):
+            return False
+        self._fast.used[d] = None
+        return True
+
+    def _route_lora_step(self, d: WholeLinear) -> RouteLoraStep:
+        """The step's rows for ``d``'s group: each row's bank slot offset (-1 outside the group) and the
+        members' DynMoLE parameters (one value, or one per row where the members differ)."""
+        members, dev = d.members, self.token_bank.device
+        nb = len(self.banks)
+        if len(members) == nb:
+            offsets = self.token_offset
+        else:
+            inside = torch.zeros(nb + 1, dtype=torch.bool)
+            inside[list(members)] = True
+            offsets = torch.where(inside[self.token_bank], self.token_offset, -1)
+        cfgs = [self.banks[i].layout.routing for i in members]
+        prm = {}
+        for name, attr in (("top_p", "top_p"), ("keep_top_k", "keep_top_k"),
+                           ("entropy_threshold", "entropy_threshold"), ("q", "entropy_index")):
+            values = [float(getattr(c, attr)) for c in cfgs]
+            if len(set(values)) == 1:
+                prm[name] = values[0]
+            else:  # one value per row, read from a table over the step's banks (+ 0 for the others)
+                table = torch.zeros(nb + 1, dtype=torch.float32, device=dev)
+                table[list(members)] = torch.tensor(values, dtype=torch.float32, device=dev)
+                prm[name] = table[self.token_bank]
+        stats = None
+        if self.collect_stats:
+            if self._fast.stats is None:
+                self._fast.stats = RouteLoraStats(len(self.state.router), self.state.capacity, ENTROPY_BUCKETS)
+            stats = self._fast.stats
+        return RouteLoraStep(offsets, d.n, eps=cfgs[0].entropy_eps, stats=stats, **prm)
 
     def _record(self, g: RouteGroup, sites: tuple, logits: Tensor, w: Tensor, ent: Tensor) -> None:
         """Routing statistics records of a fused call's [M, T, ...] outputs (the group's rows only)."""
@@ -508,6 +590,7 @@ class BankStep:
         sub = BankStep(self.cfg, self.state, self.banks, self.token_bank.index_select(0, rows),
                        collect_stats=self.collect_stats, backend=self.backend)
         sub._records = self._records
+        sub._fast = self._fast
         return sub
 
     def _has_ffn_sites(self, layer: int) -> bool:
@@ -570,6 +653,12 @@ class BankStep:
 
     def _bank_mlp(self, layer: int, x: Tensor, mlp: torch.nn.Module) -> Tensor | None:
         """MixLoRA's FFN for its tokens (None when no bank of the step has a block router here)."""
+        key = ("mlp", layer)
+        if self._decide.get(key) is _NOTHING:
+            return None
+        if not any(layer in b.layout.blocks for b in self.banks):
+            self._decide[key] = _NOTHING
+            return None
         spec = self._block_spec(layer)
         if spec is None:
             return None
@@ -631,7 +720,8 @@ class BankStep:
         by_n: dict[int, list] = {}
         for rec in self._records:
             by_n.setdefault(rec[3].shape[1], []).append(rec)
-        max_k = max(by_n, default=1)
+        fast = self._fast if self._fast.used and self._fast.stats is not None else None
+        max_k = max([*by_n, *(d.n for d in (fast.used if fast else ()))], default=1)
         nbk = len(ENTROPY_BUCKETS) + 1
         epd = torch.zeros(nb, max_k + 1, dtype=torch.long)
         ent_counts = torch.zeros(nb, nbk, dtype=torch.long)
@@ -646,7 +736,7 @@ class BankStep:
             site_id = torch.repeat_interleave(torch.arange(len(recs)), lens)
             sel = torch.cat([r[3] for r in recs]) > 0  # [R, n]
             p = torch.softmax(torch.cat([r[2] for r in recs]).float(), dim=-1)
-            h = -torch.special.xlogy(p, p).sum(-1) / math.log(n) if n > 1 else torch.zeros(p.shape[0])
+            h = (-torch.special.xlogy(p, p).sum(-1) / math.log(n)).clamp_(0, 1) if n > 1 else torch.zeros(p.shape[0])
             k = sel.sum(1)
             decisions += torch.bincount(bank, minlength=nb)
             epd += torch.bincount(bank * (max_k + 1) + k, minlength=nb * (max_k + 1)).view(nb, max_k + 1)
@@ -665,6 +755,8 @@ class BankStep:
             rows = [r.unbind(0) for r in sel_counts.unbind(0)]  # views; 720 single indexings took ~3 ms a step
             for i, j in present.nonzero().tolist():
                 per_bank[j].selections[sites[i]] = rows[i][j]
+        if fast is not None:  # the route_lora calls' counts, kept per bank slot offset
+            self._add_fast(fast, per_bank, decisions, bcast, epd, ent_counts, ent_sum)
         dec, bc, es = decisions.tolist(), bcast.tolist(), ent_sum.tolist()
         for i, s in enumerate(per_bank):
             s.decisions, s.broadcast, s.entropy_sum = dec[i], bc[i], es[i]
@@ -679,6 +771,36 @@ class BankStep:
             stats.banks[name] = s
         return stats
 
+    def _add_fast(self, fast: _FastRecords, per_bank: list[BankRoutingStats], decisions: Tensor, bcast: Tensor,
+                  epd: Tensor, ent_counts: Tensor, ent_sum: Tensor) -> None:
+        st = fast.stats
+        offs = torch.tensor([b.offset for b in self.banks], dtype=torch.long)
+        acc = st.acc.index_select(0, offs)  # [nb, width]
+        decisions += acc[:, 0]
+        bcast += acc[:, 1]
+        k = epd.shape[1]
+        epd += acc[:, 2:2 + k]
+        ent_counts += acc[:, STAT_WIDTH:]
+        ent_sum += st.esum.index_select(0, offs)
+        rows = self.state.cache["stat_rows"]
+        by_group: dict[tuple, list] = {}
+        for d in fast.used:
+            by_group.setdefault((d.members, d.n), []).extend(d.sites)
+        blocks: dict[int, list] = {}
+        for (members, n), sites in by_group.items():
+            sel = st.sel.index_select(0, torch.tensor([rows[site] for site in sites]))
+            sites = tuple(sites)
+            for i in members:
+                o = self.banks[i].offset
+                blocks.setdefault(i, []).append((sites, sel[:, o:o + n]))
+        for i, bl in blocks.items():
+            sel = per_bank[i].selections
+            if sel:  # the bank also routed on the general path: one plain dict
+                merged = dict(sel)
+                merged.update(SiteCounts(bl))
+                per_bank[i].selections = merged
+            else:
+                per_bank[i].selections = SiteCounts(bl)
 
 def _merged(a: BankRoutingStats, b: BankRoutingStats) -> BankRoutingStats:
     def add(x, y):

@@ -1,41 +1,91 @@
 // Segmented routed-LoRA shrink and expand for the CPU (see cpu_ops.py for the math and shapes).
 // Plain C ABI, called through ctypes: no torch headers, so it compiles in about a second.
-// Weights are fp32 or bf16 (W = float / uint16_t); activations and accumulation are fp32.
+// Weights are fp32, bf16 or fp16 (W = float / bf16w / f16w; wtype 0 / 1 / 2 at the C ABI);
+// activations and accumulation are fp32.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#include <omp.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+struct bf16w { uint16_t bits; };  // bfloat16: the top half of an fp32
+struct f16w { uint16_t bits; };   // IEEE half
 
 static inline float to_f32(float v) { return v; }
-static inline float to_f32(uint16_t v) {
-    uint32_t u = static_cast<uint32_t>(v) << 16;
+static inline float to_f32(bf16w v) {
+    uint32_t u = static_cast<uint32_t>(v.bits) << 16;
     float f;
     std::memcpy(&f, &u, 4);
     return f;
 }
+static inline float to_f32(f16w v) {
+#if defined(__F16C__)
+    return _cvtsh_ss(v.bits);
+#else
+    const uint32_t h = v.bits, sign = (h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0 && man == 0) {
+        bits = sign;
+    } else if (exp == 0) {  // subnormal: normalise
+        int e = -1;
+        do {
+            ++e;
+            man <<= 1;
+        } while (!(man & 0x400u));
+        bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
 
-// The shrink's walk: for every segment (slot) g, its pairs four at a time (the last group may be
+// Calls fn(type tag) with a null pointer of the weight type of wtype (0 fp32, 1 bf16, 2 fp16); 1 if unknown.
+template <typename Fn>
+static inline int with_wtype(int64_t wtype, Fn&& fn) {
+    switch (wtype) {
+        case 0: fn(static_cast<const float*>(nullptr)); return 0;
+        case 1: fn(static_cast<const bf16w*>(nullptr)); return 0;
+        case 2: fn(static_cast<const f16w*>(nullptr)); return 0;
+        default: return 1;
+    }
+}
+
+// The shrink's walk over one segment g (slot s): its pairs four at a time (the last group may be
 // short: nb < 4, missing x rows repeat the first), calling
 //   block(a = A[slot], x0, x1, x2, x3, nb, hp = &h[first pair of the group, 0])
 // so that each pass over a row of A serves four pairs: A is read from memory once per segment.
+template <typename W, typename Block>
+static inline void shrink_segment(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
+                                  int64_t slot, int64_t p0, int64_t n, float* h, Block& block) {
+    const W* a = A + slot * r * d_in;
+    for (int64_t pb = 0; pb < n; pb += 4) {
+        const int64_t nb = std::min<int64_t>(4, n - pb);
+        const float* x0 = x + pair_token[p0 + pb] * d_in;
+        const float* x1 = nb > 1 ? x + pair_token[p0 + pb + 1] * d_in : x0;
+        const float* x2 = nb > 2 ? x + pair_token[p0 + pb + 2] * d_in : x0;
+        const float* x3 = nb > 3 ? x + pair_token[p0 + pb + 3] * d_in : x0;
+        block(a, x0, x1, x2, x3, nb, h + (p0 + pb) * r);
+    }
+}
+
 template <typename W, typename Block>
 static void for_pair_groups(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
                             const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
                             int64_t G, float* h, int nt, Block block) {
 #pragma omp parallel for num_threads(nt) schedule(static)  // contiguous slot ranges: one stream per thread
-    for (int64_t g = 0; g < G; ++g) {
-        const W* a = A + seg_slot[g] * r * d_in;
-        const int64_t p0 = seg_start[g], n = seg_len[g];
-        for (int64_t pb = 0; pb < n; pb += 4) {
-            const int64_t nb = std::min<int64_t>(4, n - pb);
-            const float* x0 = x + pair_token[p0 + pb] * d_in;
-            const float* x1 = nb > 1 ? x + pair_token[p0 + pb + 1] * d_in : x0;
-            const float* x2 = nb > 2 ? x + pair_token[p0 + pb + 2] * d_in : x0;
-            const float* x3 = nb > 3 ? x + pair_token[p0 + pb + 3] * d_in : x0;
-            block(a, x0, x1, x2, x3, nb, h + (p0 + pb) * r);
-        }
-    }
+    for (int64_t g = 0; g < G; ++g)
+        shrink_segment(x, d_in, A, r, pair_token, seg_slot[g], seg_start[g], seg_len[g], h, block);
 }
 
 // h[p, j] = sum_i A[slot(p), j, i] * x[token(p), i] for every pair p, segment by segment.
@@ -121,9 +171,18 @@ static void expand(const float* h, const W* B, int64_t r, int64_t d_out, int64_t
 // weight vector loaded feeds several FMA chains, and bf16 weights widen in registers (a shift),
 // so a bf16 pool reads half the bytes at the same arithmetic cost.
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const uint16_t* p) {
+static inline __m256 load8(const bf16w* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline __m256 load8(const f16w* p) {
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    alignas(32) float v[8];
+    for (int i = 0; i < 8; ++i) v[i] = to_f32(p[i]);
+    return _mm256_load_ps(v);
+#endif
 }
 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
     const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -133,12 +192,10 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
 
 // h[p, j]: pairs four at a time, rank rows two at a time (8 FMA chains per pass over d_in).
 template <typename W>
-static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
-                        const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
-                        int64_t G, float* h, int nt) {
-    for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt,
-                    [=](const W* a, const float* x0, const float* x1, const float* x2, const float* x3,
-                        int64_t nb, float* hg) {
+struct ShrinkAvx2 {
+    int64_t d_in, r;
+    void operator()(const W* a, const float* x0, const float* x1, const float* x2, const float* x3, int64_t nb,
+                    float* hg) const {
         for (int64_t j = 0; j < r; j += 2) {
             const W* ra = a + j * d_in;
             const W* rb = j + 1 < r ? ra + d_in : ra;
@@ -172,7 +229,14 @@ static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, con
                 if (j + 1 < r) hp[1] = res[4 + k];
             }
         }
-    });
+    }
+};
+
+template <typename W>
+static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, const int64_t* pair_token,
+                        const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
+                        int64_t G, float* h, int nt) {
+    for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx2<W>{d_in, r});
 }
 
 // One register tile of the expand: NP pairs of one segment x NV vectors (8 columns each):
@@ -214,10 +278,44 @@ static inline void expand_pairs(const W* bs, int64_t d_out, int64_t r, const flo
     }
 }
 
-// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] (out rows ld apart; zero: clear out's T rows
-// first, else accumulate into what is there): each thread owns one contiguous range of columns (no races) and walks segment by segment, up to four pairs of a segment at a time, so each
-// B[s] value loaded from memory serves four pairs from registers (the previous one-pair loop was
-// bound by loads: one per FMA).
+// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] for the columns v0..v1 (in vectors of 8) of
+// every segment (out rows ld apart; zero: clear those columns of out's T rows first, else accumulate
+// into what is there), segment by segment, up to four pairs of a segment at a time, so each B[s]
+// value loaded from memory serves four pairs from registers (the previous one-pair loop was bound by
+// loads: one per FMA).  hs: scratch [4 r].  A thread owns one column range: no races.
+template <typename W>
+static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T, const int64_t* pair_token,
+                        const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
+                        const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
+                        bool zero, int64_t v0, int64_t v1, float* hs) {
+    if (zero)
+        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 8 * v0, 0, (v1 - v0) * 8 * sizeof(float));
+    if (v1 <= v0) return;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t s = seg_slot[g];
+        const float sc = scale ? scale[s] : scale_scalar;
+        const int64_t p0 = seg_start[g], n = seg_len[g];
+        const W* bs = B + s * r * d_out;
+        for (int64_t pb = 0; pb < n; pb += 4) {
+            const int np = static_cast<int>(std::min<int64_t>(4, n - pb));
+            float* rows[4];
+            for (int k = 0; k < np; ++k) {
+                const int64_t p = p0 + pb + k;
+                const float c = sc * pair_weight[p];
+                for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
+                rows[k] = out + pair_token[p] * ld;
+            }
+            switch (np) {  // widest tile whose accumulators fit the 16 registers
+                case 4: expand_pairs<4, 3>(bs, d_out, r, hs, rows, v0, v1); break;
+                case 3: expand_pairs<3, 3>(bs, d_out, r, hs, rows, v0, v1); break;
+                case 2: expand_pairs<2, 4>(bs, d_out, r, hs, rows, v0, v1); break;
+                default: expand_pairs<1, 8>(bs, d_out, r, hs, rows, v0, v1); break;
+            }
+        }
+    }
+}
+
+// expand_cols over all columns, one contiguous column range per thread.
 template <typename W>
 static void expand_avx2(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
                         const int64_t* pair_token, const float* pair_weight, const float* scale,
@@ -227,32 +325,9 @@ static void expand_avx2(const float* h, const W* B, int64_t r, int64_t d_out, in
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
 #pragma omp parallel for num_threads(nth) schedule(static, 1)
     for (int64_t th = 0; th < nth; ++th) {
-        const int64_t v0 = nvec * th / nth, v1 = nvec * (th + 1) / nth;
         std::vector<float> hs(static_cast<size_t>(4 * r));
-        if (zero)
-            for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 8 * v0, 0, (v1 - v0) * 8 * sizeof(float));
-        for (int64_t g = 0; g < G; ++g) {
-            const int64_t s = seg_slot[g];
-            const float sc = scale ? scale[s] : scale_scalar;
-            const int64_t p0 = seg_start[g], n = seg_len[g];
-            const W* bs = B + s * r * d_out;
-            for (int64_t pb = 0; pb < n; pb += 4) {
-                const int np = static_cast<int>(std::min<int64_t>(4, n - pb));
-                float* rows[4];
-                for (int k = 0; k < np; ++k) {
-                    const int64_t p = p0 + pb + k;
-                    const float c = sc * pair_weight[p];
-                    for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
-                    rows[k] = out + pair_token[p] * ld;
-                }
-                switch (np) {  // widest tile whose accumulators fit the 16 registers
-                    case 4: expand_pairs<4, 3>(bs, d_out, r, hs.data(), rows, v0, v1); break;
-                    case 3: expand_pairs<3, 3>(bs, d_out, r, hs.data(), rows, v0, v1); break;
-                    case 2: expand_pairs<2, 4>(bs, d_out, r, hs.data(), rows, v0, v1); break;
-                    default: expand_pairs<1, 8>(bs, d_out, r, hs.data(), rows, v0, v1); break;
-                }
-            }
-        }
+        expand_cols(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G,
+                    out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data());
     }
 }
 #define MS_ROUTED_AVX2 1
@@ -276,8 +351,11 @@ static void routed(const float* x, int64_t T, int64_t d_in, const W* A, const W*
            b_rows_are_r, nt);
 }
 
-// One row of DynMoLE hybrid routing (see dynamic_route below); returns the row's entropy.
-static float route_row(const float* l, int64_t n, float tp, float kk, float th, float q, float eps, float* wr) {
+// One row of DynMoLE hybrid routing (see dynamic_route below); returns the row's entropy.  With
+// shannon non-null, also the normalised Shannon entropy of p (the routing statistics' entropy) there,
+// and whether the row broadcast in *bcast.
+static float route_row(const float* l, int64_t n, float tp, float kk, float th, float q, float eps, float* wr,
+                       float* shannon = nullptr, bool* bcast = nullptr) {
     float p[64];
     int64_t idx[64];
     float m = -INFINITY;
@@ -287,18 +365,25 @@ static float route_row(const float* l, int64_t n, float tp, float kk, float th, 
     const float inv = 1.f / sum;
     for (int64_t e = 0; e < n; ++e) p[e] *= inv;
     float h = 0.f;
+    float hs = 0.f;
+    if (n > 1 && (q == 1.f || shannon)) {
+        for (int64_t e = 0; e < n; ++e)
+            if (p[e] > 0.f) hs -= p[e] * std::log(p[e]);
+        hs /= std::log(static_cast<float>(n));
+    }
+    if (shannon) *shannon = std::min(std::max(hs, 0.f), 1.f);
     if (n > 1) {
         if (q == 1.f) {
-            for (int64_t e = 0; e < n; ++e)
-                if (p[e] > 0.f) h -= p[e] * std::log(p[e]);
-            h /= std::log(static_cast<float>(n));
+            h = hs;
         } else {
             float acc = 0.f;
             for (int64_t e = 0; e < n; ++e) acc += std::pow(p[e] + eps, q);
             h = (1.f - acc) / (1.f - std::pow(static_cast<float>(n), 1.f - q));
         }
     }
-    if (q > 0.f && th < 1.f && h > th) {
+    const bool all = q > 0.f && th < 1.f && h > th;
+    if (bcast) *bcast = all;
+    if (all) {
         for (int64_t e = 0; e < n; ++e) wr[e] = p[e];
         return h;
     }
@@ -333,22 +418,18 @@ static inline float dot(const float* a, const float* b, int64_t d) {
 
 extern "C" {
 
-// wbits: 32 for fp32 weights, 16 for bf16.  b_rows_are_r: B is laid out [S, r, d_out].  h: scratch [P, r] fp32.  out: [T, d_out] fp32.
+// wtype: 0 fp32, 1 bf16, 2 fp16 weights.  b_rows_are_r: B is laid out [S, r, d_out].  h: scratch [P, r] fp32.
+// out: [T, d_out] fp32.
 int routed_lora_cpu(const float* x, int64_t T, int64_t d_in, const void* A, const void* B,
-                    int64_t r, int64_t d_out, int wbits, const int64_t* pair_token,
+                    int64_t r, int64_t d_out, int wtype, const int64_t* pair_token,
                     const float* pair_weight, const float* scale, float scale_scalar,
                     const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
                     int64_t G, float* h, float* out, int b_rows_are_r, int nt) {
-    if (wbits == 32) {
-        routed(x, T, d_in, static_cast<const float*>(A), static_cast<const float*>(B), r, d_out, pair_token,
-               pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G, h, out, b_rows_are_r, nt);
-    } else if (wbits == 16) {
-        routed(x, T, d_in, static_cast<const uint16_t*>(A), static_cast<const uint16_t*>(B), r, d_out, pair_token,
-               pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G, h, out, b_rows_are_r, nt);
-    } else {
-        return 1;
-    }
-    return 0;
+    return with_wtype(wtype, [&](auto tag) {
+        using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        routed(x, T, d_in, static_cast<const W*>(A), static_cast<const W*>(B), r, d_out, pair_token, pair_weight,
+               scale, scale_scalar, seg_slot, seg_start, seg_len, G, h, out, b_rows_are_r, nt);
+    });
 }
 
 // The pair plan (kernels/pairs.py) in one call, for the decode path where a dozen small torch ops
@@ -479,53 +560,183 @@ int route_plan(const float* x, int64_t xs, int64_t T, int64_t d_in, int64_t M, c
     return 0;
 }
 
-// A whole routed linear of M sites sharing x (gate and up: M = 2; down: M = 1) in one call:
-// route_plan's routing and plans, then per site m the shrink and the expand, accumulated straight
-// into out[:, col[m] : col[m] + d_out[m]] (out rows ld apart, fp32).  A[m], B[m]: the pooled
-// weights ([S, r, d_in] and [S, r, d_out], wbits 32 = fp32 or 16 = bf16); scale: [S] or null
-// (scale_scalar).  logits, w, ent as in route_plan (the routing statistics).  x rows are d_in apart.
-// Returns 4 when the shapes are not the AVX2 path's (d_in, d_out % 8): the caller falls back.
-int route_lora(const float* x, int64_t T, int64_t d_in, int64_t M, const int64_t* routers, int64_t S, int64_t n,
-               const int64_t* offset, const float* top_p, int64_t s_top_p, const float* keep_k, int64_t s_keep_k,
-               const float* thr, int64_t s_thr, const float* qv, int64_t s_q, float eps, const int64_t* A,
-               const int64_t* B, int64_t r, const int64_t* d_out, int wbits, const float* scale,
-               float scale_scalar, float* out, int64_t ld, const int64_t* col, float* logits, float* w,
-               float* ent, int nt) {
+// route_lora's arguments.  RLSites: M sites sharing one input (gate and up: M = 2; down: M = 1),
+// constant while the pool's tensors live (built once, cached by the caller).  RLStep: one step's
+// routing group (its rows' bank offsets and DynMoLE parameters) and where its statistics go.
+struct RLSites {
+    int64_t M, d_in, S, r, wtype;  // wtype: 0 fp32, 1 bf16, 2 fp16 weights
+    const int64_t* routers;        // M addresses of [S, d_in] fp32 routers
+    const int64_t* A;              // M addresses of lora_a [S, r, d_in]
+    const int64_t* B;              // M addresses of lora_b stored [S, r, d_out]
+    const int64_t* d_out;          // [M]
+    const int64_t* col;            // [M] each site's first column in out
+    const int64_t* stat_row;       // [M] each site's row in RLStep::sel
+    const float* scale;            // [S] per-slot scaling
+};
+struct RLStep {
+    int64_t T, n;                  // rows; experts per bank at these sites (n <= 64)
+    const int64_t* offset;         // [T] a row's bank slot offset, -1: not routed here
+    const float* top_p;
+    int64_t s_top_p;               // parameters: one value (stride 0) or one per row (stride 1)
+    const float* keep_k;
+    int64_t s_keep_k;
+    const float* thr;
+    int64_t s_thr;
+    const float* q;
+    int64_t s_q;
+    float eps;
+    int32_t nt;                    // threads
+    // statistics (sel null: none): sel [rows, S] decisions that selected each slot, per site;
+    // acc [S, 2 + 65 + NE] per bank offset: decisions, broadcasts, decisions by experts used (0..64),
+    // decisions by normalised Shannon entropy bucket (NE = n_edges + 1: value <= edges[i] -> i);
+    // esum [S]: the entropies' sum.
+    int64_t* sel;
+    int64_t* acc;
+    double* esum;
+    const float* edges;
+    int64_t n_edges;
+    // optional [M, T, n] logits and weights, [M, T] routing entropy (null: not written)
+    float* logits;
+    float* w;
+    float* ent;
+};
+
+// A whole DynMoLE-routed linear of the sites `s` in one call and one parallel region: per row, the
+// router dot products of its own bank's n experts only (logits[m, t, j] = routers[m][offset[t] + j] . x[t]),
+// dynamic_route's routing, then (one thread) the plans and the statistics, then every site's segmented
+// shrink (slot ranges per thread) and expand (column ranges per thread), added straight into
+// out[:, col[m] : col[m] + d_out[m]] (rows ld apart).  x [T, d_in] contiguous fp32.
+// Returns 4 when the shapes are not the AVX2 path's (d_in, d_out % 8): nothing is done, the caller falls back.
+int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const RLStep* st) {
 #ifdef MS_ROUTED_AVX2
-    if (d_in % 8 || (wbits != 32 && wbits != 16)) return 4;
+    const int64_t M = s->M, T = st->T, n = st->n, S = s->S, d_in = s->d_in, r = s->r;
+    if (d_in % 8 || s->wtype < 0 || s->wtype > 2) return 4;
     for (int64_t m = 0; m < M; ++m)
-        if (d_out[m] % 8) return 4;
+        if (s->d_out[m] % 8) return 4;
+    if (n > 64 || n < 1) return 3;
+    for (int64_t t = 0; t < T; ++t)
+        if (st->offset[t] + n > S) return 2;
     const int64_t tn = T * n, blk = 3 * tn + 3 * S + 3;
     thread_local std::vector<int64_t> ibuf;
-    thread_local std::vector<float> fbuf, h;
+    thread_local std::vector<float> fbuf, h, lgb, wb, eb, shb;
+    thread_local std::vector<uint8_t> bcb;
+    thread_local std::vector<int64_t> work;  // shrink items: (m, g)
     ibuf.resize(static_cast<size_t>(M * blk));
     fbuf.resize(static_cast<size_t>(M * 2 * tn));
-    h.resize(static_cast<size_t>(tn * r));
-    const int rc = route_plan(x, d_in, T, d_in, M, routers, S, n, offset, top_p, s_top_p, keep_k, s_keep_k, thr,
-                              s_thr, qv, s_q, eps, logits, w, ent, ibuf.data(), fbuf.data(), nt);
-    if (rc) return rc;
-    for (int64_t m = 0; m < M; ++m) {
-        const int64_t* ib = ibuf.data() + m * blk;
-        const float* fb = fbuf.data() + m * 2 * tn;
-        const int64_t* seg = ib + 3 * tn;
-        const int64_t G = seg[3 * S + 1];
-        if (G == 0) continue;
-        float* o = out + col[m];
-        if (wbits == 32) {
-            const float* a = reinterpret_cast<const float*>(A[m]);
-            const float* b = reinterpret_cast<const float*>(B[m]);
-            shrink_avx2(x, d_in, a, r, ib, seg, seg + S, seg + 2 * S, G, h.data(), nt);
-            expand_avx2(h.data(), b, r, d_out[m], T, ib, fb, scale, scale_scalar, seg, seg + S, seg + 2 * S, G, o,
-                        nt, ld, false);
-        } else {
-            const uint16_t* a = reinterpret_cast<const uint16_t*>(A[m]);
-            const uint16_t* b = reinterpret_cast<const uint16_t*>(B[m]);
-            shrink_avx2(x, d_in, a, r, ib, seg, seg + S, seg + 2 * S, G, h.data(), nt);
-            expand_avx2(h.data(), b, r, d_out[m], T, ib, fb, scale, scale_scalar, seg, seg + S, seg + 2 * S, G, o,
-                        nt, ld, false);
+    h.resize(static_cast<size_t>(M * tn * r));
+    float* lg = st->logits;
+    float* wv = st->w;
+    float* en = st->ent;
+    if (!lg) { lgb.resize(static_cast<size_t>(M * tn)); lg = lgb.data(); }
+    if (!wv) { wb.resize(static_cast<size_t>(M * tn)); wv = wb.data(); }
+    if (!en) { eb.resize(static_cast<size_t>(M * T)); en = eb.data(); }
+    shb.resize(static_cast<size_t>(M * T));
+    bcb.resize(static_cast<size_t>(M * T));
+    work.resize(static_cast<size_t>(M * S));
+    const bool stats = st->sel != nullptr;
+    // thread_local buffers are the calling thread's: the parallel region below reads them via these
+    int64_t* const ibp = ibuf.data();
+    float* const fbp = fbuf.data();
+    float* const hp = h.data();
+    int64_t* const wk = work.data();
+    float* const sh = shb.data();
+    uint8_t* const bc = bcb.data();
+    int64_t nwork = 0;
+    int rc = 0;
+    const int nt = std::max(1, static_cast<int>(st->nt));
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * T; ++i) {
+            const int64_t m = i / T, t = i - m * T;
+            float* lr = lg + i * n;
+            float* wr = wv + i * n;
+            const int64_t off = st->offset[t];
+            if (off < 0) {
+                for (int64_t e = 0; e < n; ++e) lr[e] = wr[e] = 0.f;
+                en[i] = sh[i] = 0.f;
+                bc[i] = 0;
+                continue;
+            }
+            const float* R = reinterpret_cast<const float*>(s->routers[m]) + off * d_in;
+            const float* xr = x + t * d_in;
+            for (int64_t e = 0; e < n; ++e) lr[e] = dot(xr, R + e * d_in, d_in);
+            bool b = false;
+            en[i] = route_row(lr, n, st->top_p[t * st->s_top_p], st->keep_k[t * st->s_keep_k], st->thr[t * st->s_thr],
+                              st->q[t * st->s_q], st->eps, wr, stats ? sh + i : nullptr, &b);
+            bc[i] = b;
+        }
+#pragma omp single
+        {
+            for (int64_t m = 0; m < M && !rc; ++m) {
+                int64_t* ib = ibp + m * blk;
+                float* fb = fbp + m * 2 * tn;
+                rc = build_plan(1, wv + m * tn, n, st->offset, T, n, S, ib + 2 * tn, fb + tn, ib, ib + tn, fb,
+                                ib + 3 * tn, ib + 3 * tn + S, ib + 3 * tn + 2 * S, ib + 3 * tn + 3 * S);
+                const int64_t G = ib[3 * tn + 3 * S + 1];
+                for (int64_t g = 0; g < G; ++g) wk[nwork++] = m * S + g;
+            }
+            if (stats && !rc) {
+                const int64_t ne = st->n_edges + 1, width = 2 + 65 + ne;
+                for (int64_t m = 0; m < M; ++m) {
+                    int64_t* sel = st->sel + s->stat_row[m] * S;
+                    for (int64_t t = 0; t < T; ++t) {
+                        const int64_t off = st->offset[t], i = m * T + t;
+                        if (off < 0) continue;
+                        const float* wr = wv + i * n;
+                        int64_t k = 0;
+                        for (int64_t e = 0; e < n; ++e)
+                            if (wr[e] != 0.f) {
+                                ++k;
+                                ++sel[off + e];
+                            }
+                        int64_t bucket = 0;
+                        while (bucket < st->n_edges && st->edges[bucket] < sh[i]) ++bucket;
+                        int64_t* a = st->acc + off * width;
+                        a[0] += 1;
+                        a[1] += bc[i];
+                        a[2 + k] += 1;
+                        a[2 + 65 + bucket] += 1;
+                        st->esum[off] += sh[i];
+                    }
+                }
+            }
+        }  // implicit barrier: the plans are ready
+        if (!rc) {
+#pragma omp for schedule(static)  // contiguous slot ranges: one A stream per thread
+            for (int64_t k = 0; k < nwork; ++k) {
+                const int64_t m = wk[k] / S, g = wk[k] - m * S;
+                const int64_t* ib = ibp + m * blk;
+                const int64_t* seg = ib + 3 * tn;
+                float* hm = hp + m * tn * r;
+                with_wtype(s->wtype, [&](auto tag) {
+                    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+                    ShrinkAvx2<W> blk2{d_in, r};
+                    shrink_segment(x, d_in, reinterpret_cast<const W*>(s->A[m]), r, ib, seg[g], seg[S + g],
+                                   seg[2 * S + g], hm, blk2);
+                });
+            }  // implicit barrier: h is ready
+            const int th = omp_get_thread_num(), nth = omp_get_num_threads();
+            std::vector<float> hsv(static_cast<size_t>(4 * r));
+            float* hs = hsv.data();
+            for (int64_t m = 0; m < M; ++m) {
+                const int64_t* ib = ibp + m * blk;
+                const float* fb = fbp + m * 2 * tn;
+                const int64_t* seg = ib + 3 * tn;
+                const int64_t G = seg[3 * S + 1], nvec = s->d_out[m] / 8;
+                const float* hm = hp + m * tn * r;
+                float* o = out + s->col[m];
+                const int64_t v0 = nvec * th / nth, v1 = nvec * (th + 1) / nth;
+                if (G == 0) continue;
+                with_wtype(s->wtype, [&](auto tag) {
+                    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+                    expand_cols(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale, 0.f,
+                                seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs);
+                });
+            }
         }
     }
-    return 0;
+    return rc;
 #else
     return 4;
 #endif

@@ -6,10 +6,10 @@
 for the pairs p of the plan, grouped by slot s so each expert's weights are read once per call.
 
 Two implementations, chosen by measurement (BENCHMARKS.md, "Kernels"):
-- a small C++ kernel (`cpu_kernel.cpp`, OpenMP, fp32/bf16 weights) compiled once with g++ and
+- a small C++ kernel (`cpu_kernel.cpp`, OpenMP, fp32/bf16/fp16 weights) compiled once with g++ and
   loaded through ctypes: one foreign call per routed linear, which is what decode steps need, where
   Python/ATen dispatch per op would cost more than the arithmetic;
-- a per-segment loop of ATen matmuls, used for fp16 weights and whenever the C++ kernel is
+- a per-segment loop of ATen matmuls, used for other weight dtypes and whenever the C++ kernel is
   unavailable (no compiler, build failure, or MOLESERVE_CPU_KERNEL=0).  Measured slower than the
   C++ kernel at decode (5-9x) and at prefill (2-4x), so it is only the fallback.
 """
@@ -31,6 +31,7 @@ from kernels.routed_lora.torch_ops import scaling_vector
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's weight types
 
 
 @lru_cache(maxsize=1)
@@ -56,10 +57,24 @@ def load_library() -> ctypes.CDLL | None:
                    ctypes.c_int]
     rp.restype = ctypes.c_int
     rl = lib.route_lora
-    rl.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, i64, p, i64, p, i64, p, i64, f32, p, p, i64, p,
-                   ctypes.c_int, p, f32, p, i64, p, p, p, p, ctypes.c_int]
+    rl.argtypes = [p, p, i64, p, p]
     rl.restype = ctypes.c_int
     return lib
+
+
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _RLSites(ctypes.Structure):  # cpu_kernel.cpp RLSites
+    _fields_ = [("M", _I64), ("d_in", _I64), ("S", _I64), ("r", _I64), ("wtype", _I64), ("routers", _P), ("A", _P),
+                ("B", _P), ("d_out", _P), ("col", _P), ("stat_row", _P), ("scale", _P)]
+
+
+class _RLStep(ctypes.Structure):  # cpu_kernel.cpp RLStep
+    _fields_ = [("T", _I64), ("n", _I64), ("offset", _P), ("top_p", _P), ("s_top_p", _I64), ("keep_k", _P),
+                ("s_keep_k", _I64), ("thr", _P), ("s_thr", _I64), ("q", _P), ("s_q", _I64), ("eps", _F32),
+                ("nt", ctypes.c_int32), ("sel", _P), ("acc", _P), ("esum", _P), ("edges", _P), ("n_edges", _I64),
+                ("logits", _P), ("w", _P), ("ent", _P)]
 
 
 def _param(v, t: int, keep: list) -> tuple[int, int]:
@@ -132,59 +147,102 @@ def route_plan_cpu(x: Tensor, routers: tuple[Tensor, ...], offset: Tensor, num_e
 
 
 class RouteLoraSites:
-    """The per-step constant arguments of ``route_lora_cpu`` for M sites sharing an input: their
-    pooled routers [S, d_in] fp32, lora_a [S, r, d_in] and lora_b stored [S, r, d_out] (fp32 or bf16),
-    scaling [S] fp32, and each site's first column in the output. Cached per pool state (adapters.runtime.step)."""
+    """The constant arguments of ``route_lora`` for M sites sharing an input: their pooled routers
+    [S, d_in] fp32, lora_a [S, r, d_in] and lora_b stored [S, r, d_out] (fp32, bf16 or fp16), scaling [S]
+    fp32, each site's first column in the output and its row in the step's selection counts
+    (``RouteLoraStats``). Built once per pool state and cached (adapters.runtime.step)."""
 
-    def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int]):
-        self.keep = (routers, lora_a, lora_b_rows, scaling)  # the addresses below stay valid
+    def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int], stat_rows: list[int] | None = None):
         self.m = len(routers)
         self.num_slots, self.d_in = routers[0].shape
         self.rank = lora_a[0].shape[1]
-        self.wbits = 32 if lora_a[0].dtype == torch.float32 else 16
+        self.wtype = WTYPES.get(lora_a[0].dtype, -1)
         self.d_out = [b.shape[2] for b in lora_b_rows]
         addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
-        self.routers, self.a, self.b = addr(routers), addr(lora_a), addr(lora_b_rows)
-        self.d_out_t = torch.tensor(self.d_out, dtype=torch.int64)
-        self.cols = torch.tensor(cols, dtype=torch.int64)
+        self._tables = (addr(routers), addr(lora_a), addr(lora_b_rows), torch.tensor(self.d_out, dtype=torch.int64),
+                        torch.tensor(cols, dtype=torch.int64),
+                        torch.tensor(stat_rows if stat_rows is not None else [0] * self.m, dtype=torch.int64))
+        self.keep = (routers, lora_a, lora_b_rows, scaling)  # the addresses above stay valid
         self.ok = (all(r.dtype == torch.float32 and r.is_contiguous() and r.shape == routers[0].shape for r in routers)
-                   and all(a.dtype in (torch.float32, torch.bfloat16) and a.dtype == b.dtype and a.is_contiguous()
+                   and all(a.dtype in WTYPES and a.dtype == b.dtype and a.is_contiguous()
                            and b.is_contiguous() and a.shape[2] == self.d_in and a.shape[1] == self.rank
                            and b.shape[1] == self.rank and a.shape[0] == b.shape[0] == self.num_slots
                            for a, b in zip(lora_a, lora_b_rows))
-                   and scaling.dtype == torch.float32 and scaling.is_contiguous())
+                   and scaling.dtype == torch.float32 and scaling.is_contiguous() and scaling.numel() == self.num_slots)
+        t = self._tables
+        self.struct = _RLSites(self.m, self.d_in, self.num_slots, self.rank, self.wtype, t[0].data_ptr(),
+                               t[1].data_ptr(), t[2].data_ptr(), t[3].data_ptr(), t[4].data_ptr(), t[5].data_ptr(),
+                               scaling.data_ptr())
+        self.addr = ctypes.addressof(self.struct)
+
+
+STAT_WIDTH = 2 + 65  # RouteLoraStats.acc columns before the entropy buckets
+
+
+class RouteLoraStats:
+    """One step's routing statistics, accumulated by the ``route_lora`` calls (cpu_kernel.cpp RLStep):
+    ``sel [rows, S]``: decisions that selected each pool slot, one row per site; per bank slot offset
+    o, ``acc[o]`` = (decisions, broadcasts, decisions by experts used 0..64, decisions by normalised
+    Shannon entropy bucket) and ``esum[o]`` the entropies' sum."""
+
+    def __init__(self, rows: int, num_slots: int, edges: tuple[float, ...]):
+        self.num_slots, self.edges = num_slots, torch.tensor(edges, dtype=torch.float32)
+        self.width = STAT_WIDTH + len(edges) + 1
+        self.sel = torch.zeros(rows, num_slots, dtype=torch.int64)
+        self.acc = torch.zeros(num_slots, self.width, dtype=torch.int64)
+        self.esum = torch.zeros(num_slots, dtype=torch.float64)
+
+
+class RouteLoraStep:
+    """One step's routing group for ``route_lora``: T rows' bank slot offsets ([T] int64, -1: not
+    routed by this group), the number of experts n, the DynMoLE parameters (scalars or [T] tensors)
+    and where the statistics go (None: nowhere). Built once per step and group; ``__call__`` runs
+    one routed linear."""
+
+    def __init__(self, offset: Tensor, num_experts: int, *, top_p, keep_top_k, entropy_threshold, q, eps: float,
+                 stats: RouteLoraStats | None = None, outputs: tuple[Tensor, Tensor, Tensor] | None = None):
+        t = offset.shape[0]
+        self.t, self.n = t, num_experts
+        self.keep: list = [_offsets(offset), stats, outputs]
+        prm = _params(t, self.keep, top_p, keep_top_k, entropy_threshold, q)
+        st = stats
+        out = outputs or (None, None, None)
+        self.struct = _RLStep(t, num_experts, self.keep[0].data_ptr(), *prm, float(eps), torch.get_num_threads(),
+                              st.sel.data_ptr() if st else None, st.acc.data_ptr() if st else None,
+                              st.esum.data_ptr() if st else None, st.edges.data_ptr() if st else None,
+                              st.edges.numel() if st else 0, *(o.data_ptr() if o is not None else None for o in out))
+        self.addr = ctypes.addressof(self.struct)
+        self.lib = load_library()
+
+    def __call__(self, x: Tensor, sites: RouteLoraSites, out: Tensor) -> bool:
+        """out[:, cols of each site] += the sites' routed LoRA of x [T, d_in] (fp32, contiguous; out fp32
+        with unit column stride). False (nothing done) when the library or the shapes do not allow it."""
+        if (self.lib is None or not sites.ok or not 1 <= self.n <= 64 or x.dtype != torch.float32 or x.dim() != 2
+                or not x.is_contiguous() or x.device.type != "cpu" or x.shape != (self.t, sites.d_in)
+                or out.dtype != torch.float32 or out.stride(1) != 1 or out.shape[0] != self.t):
+            return False
+        rc = self.lib.route_lora(x.data_ptr(), out.data_ptr(), out.stride(0), sites.addr, self.addr)
+        if rc == 4:
+            return False
+        if rc != 0:
+            raise RuntimeError(f"route_lora failed with code {rc}")
+        return True
 
 
 def route_lora_cpu(x: Tensor, sites: RouteLoraSites, offset: Tensor, num_experts: int, out: Tensor, *, top_p,
-                   keep_top_k, entropy_threshold, q, eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
+                   keep_top_k, entropy_threshold, q, eps: float, stats: RouteLoraStats | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor] | None:
     """A whole DynMoLE-routed linear of M sites sharing x in one C++ call: ``route_plan_cpu``'s
     routing and plans, then each site's segmented shrink/expand added into its columns of ``out``
-    [T, >= cols + d_out] fp32 (rows contiguous). Returns (logits, weights [M, T, n], entropy [M, T])
-    for the routing statistics, or None (nothing done) when the library or the shapes do not allow it."""
-    lib = load_library()
-    n, m = num_experts, sites.m
-    if (lib is None or not sites.ok or not 1 <= n <= 64 or x.device.type != "cpu" or x.dtype != torch.float32
-            or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != sites.d_in or out.dtype != torch.float32
-            or out.stride(1) != 1 or out.shape[0] != x.shape[0]):
-        return None
-    t = x.shape[0]
-    keep: list = []
-    args = _params(t, keep, top_p, keep_top_k, entropy_threshold, q)
-    tn = t * n
-    fb = torch.empty(m * (2 * tn + t), dtype=torch.float32)
-    logits, w, ent = fb[:m * tn].view(m, t, n), fb[m * tn:2 * m * tn].view(m, t, n), fb[2 * m * tn:].view(m, t)
-    offs = _offsets(offset)
-    keep.append(sites)
-    rc = lib.route_lora(x.data_ptr(), t, sites.d_in, m, sites.routers.data_ptr(), sites.num_slots, n,
-                        offs.data_ptr(), *args, float(eps), sites.a.data_ptr(), sites.b.data_ptr(), sites.rank,
-                        sites.d_out_t.data_ptr(), sites.wbits, sites.keep[3].data_ptr(), 0.0, out.data_ptr(),
-                        out.stride(0), sites.cols.data_ptr(), logits.data_ptr(), w.data_ptr(), ent.data_ptr(),
-                        torch.get_num_threads())
-    if rc == 4:
-        return None
-    if rc != 0:
-        raise RuntimeError(f"route_lora failed with code {rc}")
-    return logits, w, ent
+    [T, >= cols + d_out] fp32 (rows contiguous). Returns (logits, weights [M, T, n], entropy [M, T]),
+    or None (nothing done) when the library or the shapes do not allow it. The step's hot path
+    builds one ``RouteLoraStep`` per step instead (no outputs, statistics accumulated in C++)."""
+    t, m, n = x.shape[0], sites.m, num_experts
+    fb = torch.empty(m * (2 * t * n + t), dtype=torch.float32)
+    outputs = fb[:m * t * n].view(m, t, n), fb[m * t * n:2 * m * t * n].view(m, t, n), fb[2 * m * t * n:].view(m, t)
+    step = RouteLoraStep(offset, n, top_p=top_p, keep_top_k=keep_top_k, entropy_threshold=entropy_threshold, q=q,
+                         eps=eps, stats=stats, outputs=outputs)
+    return outputs if step(x, sites, out) else None
 
 
 def dynamic_route_cpu(logits: Tensor, top_p, keep_top_k, entropy_threshold, q, eps: float
@@ -266,7 +324,7 @@ def routed_lora_cpu(
     lib = load_library()
     if (
         lib is None
-        or lora_a.dtype not in (torch.float32, torch.bfloat16)
+        or lora_a.dtype not in WTYPES
         or lora_b.dtype != lora_a.dtype
         or not lora_a.is_contiguous()
         or not (lora_b.is_contiguous() or lora_b.transpose(1, 2).is_contiguous())
@@ -289,7 +347,7 @@ def _call_kernel(lib, x, lora_a, lora_b, plan: PairPlan, scaling) -> Tensor:
     out = torch.empty(t, d_out, dtype=torch.float32)
     rc = lib.routed_lora_cpu(
         xf.data_ptr(), t, d_in, lora_a.data_ptr(), lora_b.data_ptr(), r, d_out,
-        32 if lora_a.dtype == torch.float32 else 16,
+        WTYPES[lora_a.dtype],
         plan.pair_token.data_ptr(), plan.pair_weight.data_ptr(), scale_ptr, scale_scalar,
         plan.seg_slot.data_ptr(), plan.seg_start.data_ptr(), plan.seg_len.data_ptr(),
         plan.num_segments, h.data_ptr(), out.data_ptr(), int(not lora_b.is_contiguous()),

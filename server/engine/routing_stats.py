@@ -12,7 +12,7 @@ targets makes 8 decisions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,38 @@ ENTROPY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0
 Counts = Sequence[int] | Sequence[float] | Any  # a 1-D list / tuple / torch.Tensor of counts
 
 
+class SiteCounts(Mapping):
+    """``BankRoutingStats.selections`` as blocks of rows: ``blocks`` = [(sites, counts [len(sites), n])].
+    A read-only mapping (layer, target) -> counts [n] like the plain dict, which consumers that take a
+    whole step at once (the Prometheus sink) read block by block instead of site by site."""
+
+    def __init__(self, blocks: list[tuple[tuple[tuple[int, str], ...], Any]]):
+        self.blocks = blocks
+        self._index: dict[tuple[int, str], tuple[int, int]] | None = None
+
+    def _where(self) -> dict[tuple[int, str], tuple[int, int]]:
+        if self._index is None:
+            self._index = {site: (b, i) for b, (sites, _) in enumerate(self.blocks) for i, site in enumerate(sites)}
+        return self._index
+
+    def __getitem__(self, site: tuple[int, str]) -> Any:
+        b, i = self._where()[site]
+        return self.blocks[b][1][i]
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self._where())
+
+    def __len__(self) -> int:
+        return len(self._where())
+
+
 @dataclass
 class BankRoutingStats:
     """One bank's routing in one step.
 
     ``selections``: (layer, target) -> counts of shape [num_experts]: how many of the step's decisions
-        at that site selected each expert (a broadcast decision selects every expert).
+        at that site selected each expert (a broadcast decision selects every expert). A dict, or a
+        ``SiteCounts`` (the same mapping, stored as blocks of rows).
     ``tokens``: tokens of this bank in the step (counted once, not per site).
     ``decisions``: token x site decisions in the step.
     ``broadcast``: decisions that broadcast to all experts (DynMoLE's high-entropy case; 0 otherwise).
@@ -41,7 +67,7 @@ class BankRoutingStats:
     tokens: int = 0
     decisions: int = 0
     broadcast: int = 0
-    selections: dict[tuple[int, str], Counts] = field(default_factory=dict)
+    selections: Mapping[tuple[int, str], Counts] = field(default_factory=dict)
     experts_per_decision: Counts = ()
     entropy_counts: Counts = ()
     entropy_sum: float = 0.0

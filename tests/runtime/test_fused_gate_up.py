@@ -1,17 +1,22 @@
 """The fused gate/up path (one router GEMM and one routing call for both targets, C++ plans)
 equals separate per-target calls and the torch plan path, routing statistics included."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from adapters import ExpertBank, LayerAdapters, LinearExperts, RoutingConfig
+from adapters import BaseFingerprint, ExpertBank, LayerAdapters, LinearExperts, RoutingConfig
 from adapters.runtime import BankRegistry
 from server.model import ModelConfig
 from tests.adapters.bank_builders import fingerprint_of
 
 TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def fingerprint_of_cfg(cfg):
+    return BaseFingerprint.from_hf_config(cfg.raw)
 
 
 def _bank(fp, name, seed, experts, routing, kind="dynmole"):
@@ -42,10 +47,10 @@ def setup(tiny_model_dir):
     return cfg, banks
 
 
-def _steps(cfg, banks, names, backends=("auto", "torch")):
+def _steps(cfg, banks, names, backends=("auto", "torch"), dtype=torch.float32):
     out = []
     for backend in backends:
-        reg = BankRegistry(cfg, backend=backend)
+        reg = BankRegistry(cfg, backend=backend, dtype=dtype)
         for b in banks:
             reg.add(b)
         handles = {n: reg.acquire(n) for n in set(names) if n}
@@ -63,7 +68,7 @@ def _steps(cfg, banks, names, backends=("auto", "torch")):
 def test_fused_gate_up_equals_separate_calls(setup, names, whole, monkeypatch):
     cfg, banks = setup
     if not whole:
-        monkeypatch.setattr("adapters.runtime.step.route_lora_cpu", lambda *a, **k: None)
+        monkeypatch.setattr("adapters.runtime.step.FAST_PATH", False)
     fused, torch_path = _steps(cfg, banks, names)
     separate, = _steps(cfg, banks, names, backends=("auto",))
     t, inter = len(names), cfg.intermediate_size
@@ -89,6 +94,8 @@ def test_fused_gate_up_equals_separate_calls(setup, names, whole, monkeypatch):
         separate.linear(layer, ("down_proj",), xd, d3)
         torch.testing.assert_close(d1, d2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(d1, d3, rtol=0, atol=1e-6)
+    # the one-call C++ path ran exactly where its conditions hold (one DynMoLE Tsallis group, nothing plain)
+    assert bool(fused._fast.used) == (whole and all(n in ("a", "b", None) for n in names))
     s_fused, s_sep, s_torch = (s.routing_stats() for s in (fused, separate, torch_path))
     for other in (s_sep, s_torch):
         assert s_fused.banks.keys() == other.banks.keys()
@@ -101,3 +108,64 @@ def test_fused_gate_up_equals_separate_calls(setup, names, whole, monkeypatch):
             assert bs.selections.keys() == ob.selections.keys()
             for k, v in bs.selections.items():
                 assert torch.equal(v, ob.selections[k]), (name, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_whole_linear_on_half_pools_equals_the_torch_path(setup, dtype):
+    """The one-call C++ path reads fp16 / bf16 pooled weights as the torch path does (same rounded weights)."""
+    cfg, banks = setup
+    names = ["a", "b", None, "a", "b", "b"]
+    fast, torch_path = _steps(cfg, banks, names, dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    for layer in range(cfg.num_hidden_layers):
+        x = torch.randn(len(names), cfg.hidden_size, generator=gen)
+        base = torch.randn(len(names), 2 * cfg.intermediate_size, generator=gen)
+        a, b = base.clone(), base.clone()
+        fast.linear(layer, ("gate_proj", "up_proj"), x, a)
+        torch_path.linear(layer, ("gate_proj", "up_proj"), x, b)
+        assert (a - base).abs().max() > 1e-2  # the banks did something
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fast._fast.used
+
+
+def test_fast_path_decisions_follow_bank_replacement(setup):
+    """The (layer, targets) -> path table is shared by steps with the same bank layouts, and a replaced
+    bank (another layout at the same name) gets a fresh one: no stale fast path."""
+    cfg, banks = setup
+    reg = BankRegistry(cfg)
+    reg.add(banks[0])
+    h = reg.acquire("a")
+    s1, s2 = reg.build_step([h, None], [1, 1]), reg.build_step([h], [3])
+    x = torch.randn(1, cfg.hidden_size)
+    s1.linear(0, ("gate_proj", "up_proj"), torch.cat([x, x]), torch.zeros(2, 2 * cfg.intermediate_size))
+    assert s2._decide is s1._decide and s1._fast.used
+    reg.release(h)
+    only_down = _bank(fingerprint_of_cfg(cfg), "a", 9, 6, RoutingConfig("dynmole"))
+    for layer in only_down.layers:
+        del layer.linears["gate_proj"], layer.linears["up_proj"]
+    only_down = dataclasses.replace(only_down, version="2", targets=("down_proj",))
+    reg.add(only_down)
+    h = reg.acquire("a")
+    s3 = reg.build_step([h], [1])
+    assert s3._decide is not s1._decide
+    out = torch.zeros(1, 2 * cfg.intermediate_size)
+    s3.linear(0, ("gate_proj", "up_proj"), x, out)
+    assert not out.any() and not s3._fast.used  # version 2 adapts no gate / up
+    out = torch.zeros(1, cfg.hidden_size)
+    s3.linear(0, ("down_proj",), torch.randn(1, cfg.intermediate_size), out)
+    assert out.abs().max() > 0 and s3._fast.used
+    reg.release(h)
+
+
+def test_fast_path_without_statistics(setup):
+    cfg, banks = setup
+    reg = BankRegistry(cfg, collect_stats=False)
+    reg.add(banks[0])
+    h = reg.acquire("a")
+    step = reg.build_step([h, h], [2, 1])
+    out = torch.zeros(3, cfg.hidden_size)
+    step.linear(1, ("down_proj",), torch.randn(3, cfg.intermediate_size), out)
+    assert step._fast.used and step._fast.stats is None and out.abs().max() > 0
+    stats = step.routing_stats().banks["a"]
+    assert stats.tokens == 3 and stats.decisions == 0 and not stats.selections
+    reg.release(h)

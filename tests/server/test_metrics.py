@@ -149,3 +149,24 @@ def test_expert_selections_accumulate_over_steps_of_different_sites():
     assert s[key(0, "q_proj", 0)] == 3 and s[key(0, "q_proj", 2)] == 2 and key(0, "q_proj", 1) not in s
     assert s[key(1, "mlp", 3)] == 4 and s[key(2, "v_proj", 1)] == 5
     assert len([k for k in s if k[0] == name]) == 6
+
+
+def test_expert_selections_from_site_blocks_and_dicts_add_up():
+    """``SiteCounts`` (the C++ decode path's blocks of rows) and plain dicts land in the same series."""
+    from server.engine.routing_stats import SiteCounts
+
+    m = ServerMetrics("base")
+    sites = ((0, "gate_proj"), (0, "up_proj"), (1, "down_proj"))
+    block = SiteCounts([(sites, torch.tensor([[1, 0, 2], [0, 3, 0], [4, 0, 0]]))])
+    assert dict(block).keys() == set(sites) and torch.equal(block[(0, "up_proj")], torch.tensor([0, 3, 0]))
+    for sel in (block, {(0, "gate_proj"): [1, 1, 0]}, block):
+        m.on_step(step(routing=RoutingStats(banks={"d": BankRoutingStats(tokens=1, decisions=1, selections=sel)})))
+    s = samples(m)
+
+    def key(layer, target, expert):
+        return ("moleserve_expert_selections_total", (("bank", "d"), ("expert", str(expert)), ("layer", str(layer)),
+                                                       ("target", target)))
+
+    assert s[key(0, "gate_proj", 0)] == 3 and s[key(0, "gate_proj", 1)] == 1 and s[key(0, "gate_proj", 2)] == 4
+    assert s[key(0, "up_proj", 1)] == 6 and s[key(1, "down_proj", 0)] == 8
+    assert key(0, "up_proj", 0) not in s
