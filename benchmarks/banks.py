@@ -2,8 +2,12 @@
 vs transformers + the `mixlora` package, hot-load time, routing statistics. Prints the tables of
 BENCHMARKS.md ("Expert banks").
 
-    python benchmarks/banks.py [--threads 2] [--tokens 32] [--repeats 3] [--pool-dtype float32|bfloat16] [--skip-peer] [--profile]
-                               [--no-metrics]
+    python benchmarks/banks.py [--threads 2] [--tokens 32] [--repeats 3] [--pool-dtypes float16,float32] [--skip-peer]
+                               [--profile] [--no-metrics]
+
+``--pool-dtypes``: the bank pool's storage dtypes to measure, each with its own pool of the same 8
+banks, their runs alternating with the base model's. The first is the server's default on this
+model (``serve --bank-dtype auto``: float16 for a float32 CPU model); float32 keeps the weights exact.
 
 The engine reports every step to the server's Prometheus sink (routing statistics included), as
 ``moleserve serve`` does; ``--no-metrics`` leaves it out (the runs before the third session did).
@@ -129,7 +133,9 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=3,
                     help="alternating runs of base / DynMoLE and of ours / the MixLoRA peer; best of each kept")
-    ap.add_argument("--pool-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--pool-dtypes", default="float16,float32",
+                    help="comma-separated pool storage dtypes (float16, bfloat16, float32) for the DynMoLE rows; "
+                    "the MixLoRA rows use the first")
     ap.add_argument("--router-scale", type=float, default=1.0,
                     help="multiply the random routers: 1 gives near-uniform routing (most tokens broadcast, as an "
                     "untrained DynMoLE bank); larger gives the peaked routing of a trained one")
@@ -139,7 +145,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = ensure_default_model()
-    pool_dtype = getattr(torch, args.pool_dtype)
     engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", kv_cache_memory=512 << 20,
                                     max_num_seqs=32, max_num_batched_tokens=512))
     if not args.no_metrics:  # as `moleserve serve` runs: per-step routing statistics into Prometheus series
@@ -154,7 +159,11 @@ def main() -> None:
     rows = []
 
     # --- 1. 32 requests over 8 DynMoLE banks vs the base model --------------------------------------
-    registry = BankRegistry(cfg, dtype=pool_dtype)
+    dtypes = [d.strip() for d in args.pool_dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("float16", "bfloat16", "float32") for d in dtypes):
+        ap.error("--pool-dtypes: float16, bfloat16 and/or float32")
+    registries = {d: BankRegistry(cfg, dtype=getattr(torch, d)) for d in dtypes}
+    registry = registries[dtypes[0]]
     tmp = Path(tempfile.mkdtemp(prefix="moleserve-bench-"))
     banks = [dynmole_bank(fp, f"dyn{i}", seed=i, router_scale=args.router_scale) for i in range(8)]
     banks[0].save(tmp / "dyn0")
@@ -166,34 +175,46 @@ def main() -> None:
     for b in banks[1:]:
         registry.add(b)
     add_mem = (time.perf_counter() - t0) / 7
-    engine.set_adapter_provider(registry)
+    for d in dtypes[1:]:
+        for b in banks:
+            registries[d].add(b)
     run(engine, requests(4, [None], 4, vocab))  # warm-up (kernel build, allocator)
-    run(engine, requests(8, [b.name for b in banks], 4, vocab))
+    for reg in registries.values():
+        engine.set_adapter_provider(reg)
+        run(engine, requests(8, [b.name for b in banks], 4, vocab))
     # base and DynMoLE runs alternate (--repeats times each), each system's best kept: this VM's
     # load comes and goes, and a ratio of two runs minutes apart can be off by a third
-    base_dt, base_n = run(engine, requests(32, [None], args.tokens, vocab, seed=1))
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run(engine, requests(32, [b.name for b in banks], 8, vocab, seed=2))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    dyn_dt, dyn_n = run(engine, requests(32, [b.name for b in banks], args.tokens, vocab, seed=1))
-    for _ in range(args.repeats - 1):
-        b_dt, _ = run(engine, requests(32, [None], args.tokens, vocab, seed=1))
-        d_dt, _ = run(engine, requests(32, [b.name for b in banks], args.tokens, vocab, seed=1))
-        base_dt, dyn_dt = min(base_dt, b_dt), min(dyn_dt, d_dt)
-    base_tps, dyn_tps = base_n / base_dt, dyn_n / dyn_dt
+    base_dt, dyn_dt, dyn_n = math.inf, {}, 0
+    for rep in range(args.repeats):
+        b_dt, base_n = run(engine, requests(32, [None], args.tokens, vocab, seed=1))
+        base_dt = min(base_dt, b_dt)
+        for d, reg in registries.items():
+            engine.set_adapter_provider(reg)
+            if args.profile and rep == 0:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    run(engine, requests(32, [b.name for b in banks], 8, vocab, seed=2))
+                print(f"pool {d}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            d_dt, dyn_n = run(engine, requests(32, [b.name for b in banks], args.tokens, vocab, seed=1))
+            dyn_dt[d] = min(dyn_dt.get(d, math.inf), d_dt)
+    base_tps = base_n / base_dt
     rows.append(("32 req, base model", base_tps, "-", "-"))
-    print(f"[partial] base {base_tps:.1f} tok/s, 8 DynMoLE banks {dyn_n / dyn_dt:.1f} tok/s, hot load {hot_load:.2f} s",
-          flush=True)
-    rows.append((f"32 req over 8 DynMoLE banks (6 experts, r=16, gate/up/down; pool {args.pool_dtype})", dyn_tps,
-                 f"{dyn_tps / base_tps:.2f}x base", ">= 0.75x base"))
+    for i, d in enumerate(dtypes):
+        tps = dyn_n / dyn_dt[d]
+        print(f"[partial] base {base_tps:.1f} tok/s, 8 DynMoLE banks in a {d} pool {tps:.1f} tok/s", flush=True)
+        note = " (default)" if d == "float16" else (" (exact)" if d == "float32" else "")
+        rows.append((f"32 req over 8 DynMoLE banks (6 experts, r=16, gate/up/down; pool {d}{note})", tps,
+                     f"{tps / base_tps:.2f}x base", ">= 0.75x base"))
+    engine.set_adapter_provider(registry)
     probe = StatsProbe(registry)
     engine.set_adapter_provider(probe)
     run(engine, requests(32, [b.name for b in banks], 8, vocab, seed=3))
     probe.flush()
     dyn_stats = dict(probe.totals)
     bank_mb = registry.list()[0]["bytes"] / 2**20
+    for d in dtypes[1:]:  # free the other pools before the MixLoRA part
+        for b in banks:
+            registries[d].unload_sync(b.name)
 
     # --- 2. 16 requests over 4 MixLoRA banks vs transformers + mixlora --------------------------------
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -237,7 +258,7 @@ def main() -> None:
     print("| workload | tokens/s | ratio | target |\n|---|---|---|---|")
     for name, tps, ratio, target in rows:
         print(f"| {name} | {tps:.1f} | {ratio} | {target} |")
-    print(f"\nHot load of one DynMoLE bank ({bank_mb:.0f} MB in a {args.pool_dtype} pool, our format, from disk -> pool): {hot_load * 1000:.0f} ms; "
+    print(f"\nHot load of one DynMoLE bank ({bank_mb:.0f} MB in a {dtypes[0]} pool, our format, from disk -> pool): {hot_load * 1000:.0f} ms; "
           f"pack + install of an in-memory bank: {add_mem * 1000:.0f} ms")
     print("\n| banks | decisions | experts per decision | broadcast rate | mean normalised entropy |\n|---|---|---|---|---|")
     for label, stats in (("8 DynMoLE (per linear)", dyn_stats), ("4 MixLoRA (per block)", mix_stats)):

@@ -31,8 +31,9 @@ class Settings(BaseSettings):
         description="folder under which banks may be loaded at run time (repeatable; env: comma-separated); --banks is always allowed")
 
     bank_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="storage dtype of the expert weights in the bank pool (auto: the model's dtype); "
-        "bfloat16 on a float32 CPU model halves their memory and the bytes each step reads")
+        "auto", description="storage dtype of the expert weights in the bank pool (auto: float16 for a float32 "
+        "model on the CPU, which halves their memory and the bytes each step reads; otherwise the model's dtype); "
+        "float32 keeps them exact")
 
     first_run_bank: bool = Field(
         False, description="train the small commonsense DynMoLE bank in the background if it is not cached yet, "

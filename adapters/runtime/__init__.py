@@ -7,10 +7,11 @@
 from .layout import BankLayout, build_layout
 from .pool import PackedBank, PoolState, SlotPool
 from .registry import (BankAdminError, BankHandle, BankLoadError, BankNotFound, BankPathRefused, BankRegistry,
-                       BankVersion)
+                       BankVersion, serving_bank_dtype)
 from .step import BankStep, StepBank
 
 __all__ = [
     "BankAdminError", "BankHandle", "BankLayout", "BankLoadError", "BankNotFound", "BankPathRefused",
     "BankRegistry", "BankStep", "BankVersion", "PackedBank", "PoolState", "SlotPool", "StepBank", "build_layout",
+    "serving_bank_dtype",
 ]

@@ -119,12 +119,26 @@ class BankHandle:
         return (self.bank or self.factor).version
 
 
+def serving_bank_dtype(model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The pool's storage dtype for ``serve --bank-dtype auto``: the model's dtype, except float16 for
+    a float32 model on the CPU. There a decode step with many banks is bound by the bytes of expert
+    weights it reads (8 DynMoLE banks of 6 experts read ~580 MB per step in float32, more than the
+    135M-parameter base model); float16 halves them (0.74x -> 0.82x the base model's tokens/s,
+    BENCHMARKS.md "Expert banks") and keeps 11 significant bits: the equivalence tests hold at 1e-3 in
+    log-probability with it (tests/runtime/test_equivalence.py runs them in both dtypes). Compute
+    and accumulation stay fp32; ``--bank-dtype float32`` keeps the weights exact."""
+    if torch.device(device).type == "cpu" and model_dtype == torch.float32:
+        return torch.float16
+    return model_dtype
+
+
 class BankRegistry:
     """Banks by name, their versions, and the device slot pool they run from.
 
     model_config: the served model's config (its fingerprint is checked on every load).
-    dtype: the pool's storage dtype (default: the model's dtype, float32 here; bfloat16 halves
-        the memory and the bandwidth of routed LoRA calls on CPU).
+    dtype: the pool's storage dtype (float32 by default here; the server's default is
+        ``serving_bank_dtype``: float16 for a float32 CPU model, which halves the memory and the
+        bandwidth of routed LoRA calls).
     pool_memory_bytes: budget of the device pool (None: unbounded).
     allowed_roots: folders client-supplied paths must resolve into.
     """

@@ -87,7 +87,7 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     registry, with ``--banks`` loaded."""
     import torch
 
-    from adapters.runtime.registry import BankAdminError, BankRegistry
+    from adapters.runtime.registry import BankAdminError, BankRegistry, serving_bank_dtype
     from server.cli import UserError
     from server.engine.async_engine import AsyncEngine
     from server.engine.config import EngineConfig, EngineConfigError
@@ -106,7 +106,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     except EngineConfigError as exc:
         raise UserError(str(exc)) from None
     llm = LLMEngine(config)
-    bank_dtype = llm.model.dtype if settings.bank_dtype == "auto" else getattr(torch, settings.bank_dtype)
+    bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device) if settings.bank_dtype == "auto"
+                  else getattr(torch, settings.bank_dtype))
     registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
                             allowed_roots=settings.bank_root)
     if settings.banks is not None:

@@ -1,8 +1,10 @@
-"""Banks stored in a bfloat16 pool on a float32 model (``--bank-dtype bfloat16``)."""
+"""Banks stored in a half-precision pool on a float32 model (``--bank-dtype``; float16 is the CPU default)."""
 
 from __future__ import annotations
 
 import torch
+
+import pytest
 
 from adapters.runtime import BankRegistry
 from server.model import load_model
@@ -10,7 +12,8 @@ from tests.adapters.bank_builders import fingerprint_of, write_mixlora, write_pl
 from tests.runtime.helpers import flat_logits
 
 
-def test_bf16_pool_matches_fp32_pool_within_bf16_rounding(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_half_pool_matches_fp32_pool_within_rounding(tmp_path, tiny_model_dir, dtype, bound):
     model = load_model(tiny_model_dir)
     fp = fingerprint_of(tiny_model_dir)
     write_plugin_moe(tmp_path / "dyn", fp, kind="dynmole", r=4, alpha=8, num_experts=4)
@@ -19,20 +22,20 @@ def test_bf16_pool_matches_fp32_pool_within_bf16_rounding(tmp_path, tiny_model_d
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in (5, 9, 3)]
     banks = ["dyn", "mix", None]
     outs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        reg = BankRegistry(model.config, dtype=dtype, allowed_roots=[tmp_path])
+    for dt in (torch.float32, dtype):
+        reg = BankRegistry(model.config, dtype=dt, allowed_roots=[tmp_path])
         reg.load_sync("dyn", tmp_path / "dyn")
         reg.load_sync("mix", tmp_path / "mix")
-        assert next(iter(reg.pool.state.lora_a.values())).dtype == dtype
-        outs[dtype] = flat_logits(model, reg, prompts, banks)
+        assert next(iter(reg.pool.state.lora_a.values())).dtype == dt
+        outs[dt] = flat_logits(model, reg, prompts, banks)
     base = flat_logits(model, BankRegistry(model.config), prompts, [None] * 3)
-    for bank, a, b, ref in zip(banks, outs[torch.float32], outs[torch.bfloat16], base):
+    for bank, a, b, ref in zip(banks, outs[torch.float32], outs[dtype], base):
         if bank is None:
             assert torch.equal(a, b)
             continue
         delta = (a - ref).abs().max().item()
         assert delta > 1e-3  # the bank does change the logits ...
-        assert (a - b).abs().max().item() < 0.05 * delta  # ... and bf16 storage barely changes that change
+        assert (a - b).abs().max().item() < bound * delta  # ... and half storage barely changes that change
 
 
 def test_serve_bank_dtype_flag(tiny_model_dir):
@@ -41,5 +44,7 @@ def test_serve_bank_dtype_flag(tiny_model_dir):
 
     _, registry = build_engine(Settings(model=str(tiny_model_dir), bank_dtype="bfloat16", kv_cache_memory=16 << 20))
     assert registry.pool.dtype == torch.bfloat16
-    _, registry = build_engine(Settings(model=str(tiny_model_dir), kv_cache_memory=16 << 20))
+    _, registry = build_engine(Settings(model=str(tiny_model_dir), bank_dtype="float32", kv_cache_memory=16 << 20))
     assert registry.pool.dtype == torch.float32
+    _, registry = build_engine(Settings(model=str(tiny_model_dir), kv_cache_memory=16 << 20))
+    assert registry.pool.dtype == torch.float16  # auto on a float32 CPU model

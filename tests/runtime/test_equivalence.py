@@ -1,4 +1,5 @@
-"""Our execution of each bank kind equals an independent reference (fp32, max |difference|)."""
+"""Our execution of each bank kind equals an independent reference (fp32, max |difference|), with the
+pool's weights in float32 and in the server's default pool dtype on the CPU (float16)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapters.runtime import BankRegistry
+from adapters.runtime import BankRegistry, serving_bank_dtype
 from server.model import load_model
 from tests.adapters.bank_builders import fingerprint_of, write_mixlora, write_peft_lora, write_plugin_moe
 from tests.runtime.helpers import flat_logits, greedy_request, make_engine
 
 LENGTHS = (7, 1, 12)
 TOL = 1e-3
+POOL_DTYPES = pytest.mark.parametrize("pool_dtype", sorted({torch.float32, serving_bank_dtype(torch.float32, "cpu")},
+                                                            key=str), ids=str)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,8 @@ def _prompts(vocab: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=gen) for n in LENGTHS]
 
 
-def _registry(model, root) -> BankRegistry:
-    return BankRegistry(model.config, allowed_roots=[root])
+def _registry(model, root, dtype=torch.float32) -> BankRegistry:
+    return BankRegistry(model.config, allowed_roots=[root], dtype=dtype)
 
 
 def _mixlora_reference(model_dir, folder):
@@ -62,11 +65,12 @@ def _max_logprob_diff(model, registry, bank, hf_model) -> float:
     return worst
 
 
+@POOL_DTYPES
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), ("gate_proj", "down_proj")])
-def test_mixlora_matches_the_mixlora_package(tmp_path, tiny_model_dir, ours, targets):
+def test_mixlora_matches_the_mixlora_package(tmp_path, tiny_model_dir, ours, targets, pool_dtype):
     folder = tmp_path / "mix"
     write_mixlora(folder, fingerprint_of(tiny_model_dir), r=4, alpha=8, num_experts=4, top_k=2, targets=targets)
-    registry = _registry(ours, tmp_path)
+    registry = _registry(ours, tmp_path, pool_dtype)
     registry.load_sync("mix", folder)
 
     hf = _mixlora_reference(tiny_model_dir, folder)
@@ -89,12 +93,13 @@ def test_mixlora_with_ffn_bias_matches_the_mixlora_package(tmp_path, default_mod
     assert _max_logprob_diff(model, registry, "mix", hf) <= TOL
 
 
-def test_mixlora_through_the_engine(tmp_path, tiny_model_dir):
+@POOL_DTYPES
+def test_mixlora_through_the_engine(tmp_path, tiny_model_dir, pool_dtype):
     """The same next-token log-probabilities through LLMEngine (top 20) as our model's full forward."""
     folder = tmp_path / "mix"
     write_mixlora(folder, fingerprint_of(tiny_model_dir), num_experts=4, top_k=2)
     engine = make_engine(tiny_model_dir, None)
-    registry = BankRegistry(engine.model_config, allowed_roots=[tmp_path])
+    registry = BankRegistry(engine.model_config, allowed_roots=[tmp_path], dtype=pool_dtype)
     registry.load_sync("mix", folder)
     engine.set_adapter_provider(registry)
     prompts = _prompts(engine.model_config.vocab_size, seed=1)
@@ -138,7 +143,8 @@ def _dynmole_reference(hf, written: dict, cfg: dict, scaling: float):
             getattr(layer.mlp, t).register_forward_hook(hook_for(f"dynmole.layers.{i}.mlp.{t}"))
 
 
-def test_dynmole_matches_a_reference_from_the_algorithm(tmp_path, tiny_model_dir, ours):
+@POOL_DTYPES
+def test_dynmole_matches_a_reference_from_the_algorithm(tmp_path, tiny_model_dir, ours, pool_dtype):
     cfg = {"num_experts": 6, "entropy_index": 1.1, "entropy_eps": 1e-5, "top_p": 0.75, "keep_top_k": 2,
            "entropy_threshold": 0.8}
     folder = tmp_path / "dyn"
@@ -147,7 +153,7 @@ def test_dynmole_matches_a_reference_from_the_algorithm(tmp_path, tiny_model_dir
     # soften the routers so that some tokens broadcast and others route sparsely
     written = {k: v * 0.5 if k.endswith("moe_gate.weight") else v for k, v in written.items()}
     torch.save(written, folder / "adapter_model.bin")
-    registry = _registry(ours, tmp_path)
+    registry = _registry(ours, tmp_path, pool_dtype)
     registry.load_sync("dyn", folder)
     hf = _hf(tiny_model_dir)
     _dynmole_reference(hf, written, cfg, 8 / 4)
@@ -166,13 +172,14 @@ def test_dynmole_matches_a_reference_from_the_algorithm(tmp_path, tiny_model_dir
     assert 0 < stats.broadcast < stats.decisions
 
 
-def test_peft_lora_matches_peft(tmp_path, tiny_model_dir, ours):
+@POOL_DTYPES
+def test_peft_lora_matches_peft(tmp_path, tiny_model_dir, ours, pool_dtype):
     from peft import PeftModel
 
     folder = tmp_path / "lora"
     write_peft_lora(folder, fingerprint_of(tiny_model_dir), r=8, alpha=16,
                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-    registry = _registry(ours, tmp_path)
+    registry = _registry(ours, tmp_path, pool_dtype)
     registry.load_sync("lora", folder)
     peft_model = PeftModel.from_pretrained(_hf(tiny_model_dir), str(folder)).eval()
     prompts = _prompts(ours.config.vocab_size)

@@ -1,0 +1,82 @@
+"""One decode step's routed LoRA on the CPU, kernel side: the 60 ``route_lora`` calls of a 32-token
+step over 8 DynMoLE banks (6 experts, r=16, gate+up and down in each of SmolLM2-135M's 30 layers),
+with the caches flushed first, as in the engine where the base model's weights stream through
+between two layers. Each pool dtype has its own pool; the dtypes alternate, best of the repeats.
+
+    python benchmarks/route_lora_step.py [--dtypes float32,float16,bfloat16] [--repeats 7] [--x-scale 0.2]
+
+``--x-scale`` scales the random inputs against the random routers: 0.2 gives near-uniform routing
+(~5.9 experts per decision, as the random banks of benchmarks/banks.py), 1 peaked (~2.1).
+Prints ms per step, the expert bytes read per step and the rate (bytes / time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from kernels.routed_lora.cpu_ops import RouteLoraSites, RouteLoraStats, RouteLoraStep, load_library  # noqa: E402
+from server.engine.routing_stats import ENTROPY_BUCKETS  # noqa: E402
+
+LAYERS, H, I, S, R, T, N = 30, 576, 1536, 48, 16, 32, 6
+
+
+def pool(dtype: torch.dtype, seed: int = 0) -> list[tuple[RouteLoraSites, RouteLoraSites]]:
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for layer in range(LAYERS):
+        def site(i, o):
+            return (torch.randn(S, i, generator=gen) * 2 / math.sqrt(i),
+                    (torch.randn(S, R, i, generator=gen) / math.sqrt(i)).to(dtype),
+                    (torch.randn(S, R, o, generator=gen) * 0.01).to(dtype))
+        g, u, d = site(H, I), site(H, I), site(I, H)
+        scale = torch.full((S,), 2.0)
+        layers.append((RouteLoraSites([g[0], u[0]], [g[1], u[1]], [g[2], u[2]], scale, [0, I], [2 * layer, 2 * layer + 1]),
+                       RouteLoraSites([d[0]], [d[1]], [d[2]], scale, [0], [2 * LAYERS + layer])))
+    return layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--x-scale", type=float, default=0.2)
+    args = ap.parse_args()
+    if load_library() is None:
+        sys.exit("the C++ kernel is unavailable")
+    torch.set_num_threads(args.threads)
+    pools = {name: pool(getattr(torch, name)) for name in args.dtypes.split(",")}
+    gen = torch.Generator().manual_seed(1)
+    xh, xi = torch.randn(T, H, generator=gen) * args.x_scale, torch.randn(T, I, generator=gen) * args.x_scale
+    out_gu, out_d = torch.zeros(T, 2 * I), torch.zeros(T, H)
+    stats = RouteLoraStats(3 * LAYERS, S, ENTROPY_BUCKETS)
+    step = RouteLoraStep((torch.arange(T) % 8) * N, N, top_p=0.75, keep_top_k=2.0, entropy_threshold=0.9, q=1.1,
+                         eps=1e-5, stats=stats)
+    flush = torch.empty(64 << 20)  # 256 MB, 8x the L3
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, layers in pools.items():
+            flush.add_(1)
+            t0 = time.perf_counter()
+            for gu, dn in layers:
+                step(xh, gu, out_gu)
+                step(xi, dn, out_d)
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
+    decisions = int(stats.acc[:, 0].sum())
+    print(f"threads={args.threads}, x-scale {args.x_scale}: {stats.sel.sum().item() / decisions:.2f} experts per decision\n")
+    print("| pool dtype | ms per step (60 calls) | expert bytes per step | rate |\n|---|---|---|---|")
+    for name, layers in pools.items():
+        nbytes = sum(t.numel() * t.element_size() for gu, dn in layers for s in (gu, dn) for t in (*s.keep[1], *s.keep[2]))
+        print(f"| {name} | {best[name] * 1000:.1f} | {nbytes / 1e6:.0f} MB | {nbytes / best[name] / 1e9:.1f} GB/s |")
+
+
+if __name__ == "__main__":
+    main()
