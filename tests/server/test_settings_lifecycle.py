@@ -55,6 +55,39 @@ def test_admission_drain():
     asyncio.run(main())
 
 
+def test_a_stop_signal_delivered_twice_drains_once_and_a_later_one_forces_exit(monkeypatch):
+    import logging
+    import signal
+    import types
+
+    import uvicorn
+
+    from server.api import lifecycle
+
+    server = lifecycle.DrainingServer(uvicorn.Config(app=None), app=None, grace_period=30)
+    drains = []
+    server._loop = types.SimpleNamespace(call_soon_threadsafe=lambda fn: drains.append(fn))
+    clock = [100.0]
+    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: clock[0])
+    server.handle_exit(signal.SIGTERM, None)
+    clock[0] += 0.2  # the group kill and make's forwarded copy: one request
+    server.handle_exit(signal.SIGTERM, None)
+    assert len(drains) == 1 and not server.force_exit and not server.should_exit
+    clock[0] += 5  # a deliberate second signal: exit now, without the lifespan's cancellation traceback
+    server.handle_exit(signal.SIGINT, None)
+    assert server.force_exit and server.should_exit and len(drains) == 1
+    try:
+        raise asyncio.CancelledError()
+    except asyncio.CancelledError:
+        import sys as _sys
+        record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in 'lifespan' protocol",
+                                   None, _sys.exc_info())
+    quiet = lifecycle._QuietForcedExit(server)  # serve() installs it on uvicorn's error logger
+    assert not quiet.filter(record)
+    other = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "something else", None, None)
+    assert quiet.filter(other)
+
+
 def test_disconnect_mid_stream_aborts_and_frees_blocks(serve):
     s = serve(engine_kw={"step_s": 0.01})
     with httpx.Client(base_url=s.url, timeout=30) as c:
