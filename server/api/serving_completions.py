@@ -1,4 +1,9 @@
-"""``POST /v1/completions``: one text or token-id prompt, straight to the engine."""
+"""``POST /v1/completions``: one text or token-id prompt, straight to the engine.
+
+``echo``: the prompt comes back before the completion, and with ``logprobs`` = k its tokens' log-
+probabilities too (the first token's is null: nothing precedes it), each with its k most likely
+alternatives; ``max_tokens: 0`` with ``echo`` scores the prompt and generates nothing (what
+loglikelihood evaluation, e.g. lm-evaluation-harness's OpenAI completions model, sends)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogprob
+from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogprob, Usage
 
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
@@ -20,22 +25,72 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create(self, req: CompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
         bank = self.resolve_bank(req.model)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1):
             raise APIError(400, f"best_of must be 1, got {req.best_of}", param="best_of")
         prompt_ids = await self.run_blocking(self._prompt_ids, req.prompt)
-        params = self.sampling_params(req, len(prompt_ids), req.max_tokens, req.logprobs, "prompt")
+        score_only = req.echo and req.max_tokens == 0  # the engine makes one token, which is dropped
+        params = self.sampling_params(req, len(prompt_ids), 1 if score_only else req.max_tokens, req.logprobs,
+                                      "prompt")
+        params.prompt_logprobs = req.echo and req.logprobs is not None
         gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank)
         model = req.model or self.ctx.model_name
         first, events = await self.start(http, gen)
+        echo = None
+        if req.echo:
+            text = req.prompt if isinstance(req.prompt, str) else (
+                req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
+                else await self.run_blocking(self.tokenizer.decode, prompt_ids))
+            echo = (text, self._prompt_logprobs(prompt_ids, first) if params.prompt_logprobs else None)
+        if score_only:
+            first, events = await self._drop_generated(gen, first, events)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(gen, model, first, events, include_usage),
+            return StreamingResponse(self._stream(gen, model, first, events, include_usage, echo),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self.until_disconnect(http, gen.request_id, self._full(gen, model, first, events))
+        return await self.until_disconnect(http, gen.request_id, self._full(gen, model, first, events, echo))
+
+    def _prompt_logprobs(self, prompt_ids: list[int], first: GenerationEvent) -> CompletionLogprobs:
+        """The echoed prompt's logprobs object: one entry per prompt token, the first without a value."""
+        out = CompletionLogprobs()
+        values = first.prompt_logprobs or []
+        tops = first.prompt_top or []
+        offset = 0
+        for i, tid in enumerate(prompt_ids):
+            token = self.token_text(tid)
+            out.tokens.append(token)
+            out.text_offset.append(offset)
+            offset += len(token)
+            if i == 0 or i - 1 >= len(values):
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(values[i - 1])
+            top = {self.token_text(t): v for t, v in (tops[i - 1] if i - 1 < len(tops) else ())}
+            top.setdefault(token, values[i - 1])
+            out.top_logprobs.append(top)
+        return out
+
+    @staticmethod
+    async def _drop_generated(gen: GenerationRequest, first: GenerationEvent, events: AsyncIterator[GenerationEvent]
+                              ) -> tuple[GenerationEvent, AsyncIterator[GenerationEvent]]:
+        """``echo`` with ``max_tokens: 0``: wait for the one token the engine made and answer without it."""
+        event = first
+        try:
+            while not event.finished:
+                event = await events.__anext__()
+        finally:
+            await events.aclose()
+        done = GenerationEvent(request_id=gen.request_id, finished=True,
+                               finish_reason="length" if event.finish_reason in ("length", "stop") else event.finish_reason,
+                               error=event.error, usage=Usage(len(gen.prompt_token_ids), 0))
+
+        async def nothing() -> AsyncIterator[GenerationEvent]:
+            for _ in ():
+                yield _
+
+        return done, nothing()
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -65,10 +120,15 @@ class OpenAIServingCompletion(OpenAIServing):
         return out
 
     async def _full(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                    events: AsyncIterator[GenerationEvent]) -> CompletionResponse:
+                    events: AsyncIterator[GenerationEvent], echo: tuple | None = None) -> CompletionResponse:
         texts, n_tokens, event = [], 0, first
         logprobs = CompletionLogprobs() if gen.params.logprobs is not None else None
         offset = 0
+        if echo is not None:
+            texts.append(echo[0])
+            if logprobs is not None and echo[1] is not None:
+                logprobs = echo[1].model_copy(deep=True)
+                offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1]) if logprobs.tokens else 0
         try:
             while True:
                 texts.append(event.text)
@@ -91,8 +151,15 @@ class OpenAIServingCompletion(OpenAIServing):
         )
 
     def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
+                events: AsyncIterator[GenerationEvent], include_usage: bool, echo: tuple | None = None
+                ) -> AsyncIterator[str]:
         offset = 0  # text_offset of the next token, carried across chunks
+        preamble = preamble_lp = None
+        if echo is not None:  # the prompt first, in a chunk of its own
+            preamble = {"text": echo[0]}
+            if echo[1] is not None and gen.params.logprobs is not None:
+                preamble_lp = echo[1].model_dump()
+                offset = echo[1].text_offset[-1] + len(echo[1].tokens[-1]) if echo[1].tokens else 0
 
         def logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
             nonlocal offset
@@ -101,4 +168,5 @@ class OpenAIServingCompletion(OpenAIServing):
             return part.model_dump()
 
         return self.stream_sse(gen, model, first, events, include_usage, obj="text_completion",
-                               choice=lambda text, final: {"text": text}, logprobs=logprobs)
+                               choice=lambda text, final: {"text": text}, logprobs=logprobs, preamble=preamble,
+                               preamble_logprobs=preamble_lp)

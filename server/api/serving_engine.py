@@ -191,12 +191,13 @@ class OpenAIServing:
                          events: AsyncIterator[GenerationEvent], include_usage: bool, *, obj: str,
                          choice: Callable[[str, bool], dict[str, Any]],
                          logprobs: Callable[[list[Any]], Any], preamble: dict[str, Any] | None = None,
-                         ) -> AsyncIterator[str]:
+                         preamble_logprobs: Any = None) -> AsyncIterator[str]:
         """Server-sent events of one request, ending with ``data: [DONE]`` (chat and completions).
 
         ``choice(text, final)`` gives the endpoint's content fields of a chunk's choice (chat: a
         ``delta``, completions: ``text``); ``logprobs(token_logprobs)`` its logprobs object;
-        ``preamble`` the fields of a first content-less choice (chat's assistant role).
+        ``preamble`` the fields of a first choice before the generated ones (chat's assistant role,
+        completions' echoed prompt), with ``preamble_logprobs`` as its logprobs.
         """
         created = int(time.time())
         want_logprobs = gen.params.logprobs is not None
@@ -213,7 +214,7 @@ class OpenAIServing:
         n_tokens, event = 0, first
         try:
             if preamble is not None:
-                yield chunk(preamble)
+                yield chunk(preamble, lp=preamble_logprobs)
             while True:
                 n_tokens += len(event.token_ids)
                 lp = logprobs(event.logprobs) if want_logprobs and event.logprobs else None

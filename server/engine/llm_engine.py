@@ -212,6 +212,8 @@ class LLMEngine:
                     event = self.outputs.on_token(seq, out.token_ids[j], out.logprobs[j])
                     if seq.params.prompt_logprobs and seq.num_output_tokens == 1:
                         event.prompt_logprobs = list(seq.prompt_logprobs)
+                        if seq.params.logprobs:
+                            event.prompt_top = list(seq.prompt_top)
                 except Exception as exc:  # noqa: BLE001 - one request's failure is that request's
                     log.exception("output processing failed for %s", seq.request_id)
                     event = GenerationEvent(request_id=seq.request_id)

@@ -77,14 +77,24 @@ class ModelRunner:
 
     @staticmethod
     def _record_prompt_logprobs(logits: torch.Tensor, num_sampling: int, prompt_rows) -> torch.Tensor:
-        """Append each prompt row's log p(next prompt token) to its sequence; the sampling rows' logits."""
+        """Append each prompt row's log p(next prompt token) to its sequence (and, for a sequence that
+        asked for k > 0 logprobs, the row's k most likely tokens); the sampling rows' logits."""
         _, targets, owners = prompt_rows
         extra = logits[num_sampling:].float()
         tgt = torch.tensor(targets, dtype=torch.long, device=extra.device)
-        lp = (extra.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(extra, dim=-1)).tolist()
+        lse = torch.logsumexp(extra, dim=-1)
+        lp = (extra.gather(1, tgt[:, None]).squeeze(1) - lse).tolist()
+        k = max(seq.params.logprobs or 0 for seq, _ in owners)
+        top_ids = top_lp = None
+        if k:
+            top_v, top_i = extra.topk(min(k, extra.shape[1]), dim=-1)
+            top_lp, top_ids = (top_v - lse[:, None]).tolist(), top_i.tolist()
         at = 0
         for seq, n in owners:
             seq.prompt_logprobs.extend(lp[at:at + n])
+            kk = seq.params.logprobs or 0
+            if kk and top_ids is not None:
+                seq.prompt_top.extend(list(zip(ids[:kk], vals[:kk])) for ids, vals in zip(top_ids[at:at + n], top_lp[at:at + n]))
             at += n
         return logits[:num_sampling]
 

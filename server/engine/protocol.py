@@ -65,6 +65,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus k top alternatives
     prompt_logprobs: bool = False  # log p(prompt token i+1 | tokens <= i) for every prompt token after the first
+    # (with ``logprobs`` = k > 0, also the k most likely tokens at each of those positions)
     include_stop_str_in_output: bool = False
 
     def validate(self) -> None:
@@ -132,6 +133,7 @@ class GenerationEvent:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[float] | None = None  # on the first event when requested: len(prompt) - 1 values
+    prompt_top: list[list[tuple[int, float]]] | None = None  # with them, when logprobs = k > 0: k (id, logprob) each
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None

@@ -43,6 +43,7 @@ class Sequence:
     pending_text: str = ""
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)  # filled chunk by chunk when requested
+    prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # and the top k, when logprobs = k > 0
     # timing
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -69,3 +69,26 @@ def test_prompt_logprobs_survive_preemption(tiny_model_dir):
         got = out[r.request_id][0].prompt_logprobs
         assert len(got) == len(p) - 1
         torch.testing.assert_close(torch.tensor(got), torch.tensor(_reference(engine.model, p)), atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_top_logprobs_with_k_alternatives(tiny_model_dir):
+    """With ``logprobs`` = k, each scored prompt position also gets its k most likely tokens (what an
+    echo request's top_logprobs show, and what loglikelihood evaluation uses to tell greedy)."""
+    engine = make_engine(tiny_model_dir, None, max_num_batched_tokens=32)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, engine.model_config.vocab_size, (n,), generator=gen).tolist() for n in (45, 6)]
+    ks = [3, 0]
+    reqs = [GenerationRequest(f"k{i}", p, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=True, logprobs=k))
+            for i, (p, k) in enumerate(zip(prompts, ks))]
+    out = engine.generate(reqs)
+    p, first = prompts[0], out["k0"][0]
+    assert len(first.prompt_top) == len(p) - 1 and all(len(t) == 3 for t in first.prompt_top)
+    cache = SequenceKVCache(engine.model.config)
+    step = cache.step([0], [len(p)])
+    with torch.inference_mode(), step_context(StepContext(positions=step.positions(), attention=step,
+                                                          logits_indices=torch.arange(len(p)))):
+        logp = torch.log_softmax(engine.model(torch.tensor(p)).float(), -1)
+    ref_v, ref_i = logp[:-1].topk(3, dim=-1)
+    assert [[tid for tid, _ in t] for t in first.prompt_top] == ref_i.tolist()
+    torch.testing.assert_close(torch.tensor([[v for _, v in t] for t in first.prompt_top]), ref_v, atol=1e-4, rtol=1e-4)
+    assert out["k1"][0].prompt_top is None and len(out["k1"][0].prompt_logprobs) == len(prompts[1]) - 1

@@ -59,7 +59,7 @@ def test_chat_client_errors(served, body, status, words, param):
     ({"prompt": ""}, 400, ["empty"]),
     ({"prompt": ["a", "b"]}, 400, ["one prompt"]),
     ({"prompt": [1, 2, -3]}, 400, ["out of range"]),
-    ({"prompt": "x", "echo": True}, 400, ["echo"]),
+    ({"prompt": "x", "max_tokens": 0}, 400, ["max_tokens"]),  # 0 only with echo (scoring the prompt)
     ({"prompt": "x", "best_of": 3}, 400, ["best_of"]),
     ({"prompt": "x", "logprobs": 30}, 400, ["logprobs"]),
     ({"prompt": {"a": 1}}, 422, ["prompt"]),

@@ -86,6 +86,58 @@ def test_openai_completions_with_logprobs(live):
     assert "".join(lp.tokens) == r.choices[0].text
 
 
+def _reference_logprobs(engine, ids):
+    import torch
+
+    from server.model import SequenceKVCache, StepContext, step_context
+
+    model = engine.engine.model
+    cache = SequenceKVCache(model.config)
+    step = cache.step([0], [len(ids)])
+    with torch.inference_mode(), step_context(StepContext(positions=step.positions(), attention=step,
+                                                          logits_indices=torch.arange(len(ids)))):
+        return torch.log_softmax(model(torch.tensor(ids)).float(), -1)
+
+
+def test_echo_scores_a_prompt_as_loglikelihood_evaluation_asks(live):
+    """lm-evaluation-harness's OpenAI completions loglikelihood: token ids, echo, max_tokens 0, logprobs 1."""
+    ids = live["engine"].engine.tokenizer("The capital of France is Paris")["input_ids"]
+    r = live["client"].completions.create(model=live["model"], prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                          temperature=0)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids) and choice.finish_reason == "length"
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == choice.text
+    ref = _reference_logprobs(live["engine"], ids)
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(ref[i - 1, ids[i]])) < 1e-3
+        top = lp.top_logprobs[i]  # the most likely token (+ the prompt's own): what tells a greedy continuation
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(float(ref[i - 1].max()), abs=1e-3)
+
+
+def test_echo_with_generation_text_and_stream(live):
+    prompt = "Once upon a time"
+    r = live["client"].completions.create(model=live["model"], prompt=prompt, max_tokens=3, echo=True, logprobs=2,
+                                          temperature=0)
+    plain = live["client"].completions.create(model=live["model"], prompt=prompt, max_tokens=3, temperature=0)
+    choice = r.choices[0]
+    assert choice.text == prompt + plain.choices[0].text
+    n_prompt = r.usage.prompt_tokens
+    assert len(choice.logprobs.tokens) == n_prompt + r.usage.completion_tokens
+    assert choice.logprobs.token_logprobs[0] is None and all(v <= 0 for v in choice.logprobs.token_logprobs[1:])
+    offsets = choice.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    chunks = list(live["client"].completions.create(model=live["model"], prompt=prompt, max_tokens=3, echo=True,
+                                                     logprobs=2, temperature=0, stream=True))
+    assert chunks[0].choices[0].text == prompt and len(chunks[0].choices[0].logprobs.tokens) == n_prompt
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    scored = list(live["client"].completions.create(model=live["model"], prompt=prompt, max_tokens=0, echo=True,
+                                                    stream=True))
+    assert "".join(c.choices[0].text for c in scored) == prompt and scored[-1].choices[0].finish_reason == "length"
+
+
 def test_openai_models_and_bank_by_name(live):
     admin = httpx.Client(base_url=live["url"], headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     r = admin.post("/v1/banks", json={"name": "demo", "path": str(live["root"] / "demo")})
