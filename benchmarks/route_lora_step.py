@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from kernels.routed_lora.cpu_ops import RouteLoraSites, RouteLoraStats, RouteLoraStep, load_library  # noqa: E402
 from server.engine.routing_stats import ENTROPY_BUCKETS  # noqa: E402
 
-LAYERS, H, I, S, R, T, N = 30, 576, 1536, 48, 16, 32, 6
+LAYERS, H, FFN, S, R, T, N = 30, 576, 1536, 48, 16, 32, 6
 
 
 def pool(dtype: torch.dtype, seed: int = 0) -> list[tuple[RouteLoraSites, RouteLoraSites]]:
@@ -36,9 +36,9 @@ def pool(dtype: torch.dtype, seed: int = 0) -> list[tuple[RouteLoraSites, RouteL
             return (torch.randn(S, i, generator=gen) * 2 / math.sqrt(i),
                     (torch.randn(S, R, i, generator=gen) / math.sqrt(i)).to(dtype),
                     (torch.randn(S, R, o, generator=gen) * 0.01).to(dtype))
-        g, u, d = site(H, I), site(H, I), site(I, H)
+        g, u, d = site(H, FFN), site(H, FFN), site(FFN, H)
         scale = torch.full((S,), 2.0)
-        layers.append((RouteLoraSites([g[0], u[0]], [g[1], u[1]], [g[2], u[2]], scale, [0, I], [2 * layer, 2 * layer + 1]),
+        layers.append((RouteLoraSites([g[0], u[0]], [g[1], u[1]], [g[2], u[2]], scale, [0, FFN], [2 * layer, 2 * layer + 1]),
                        RouteLoraSites([d[0]], [d[1]], [d[2]], scale, [0], [2 * LAYERS + layer])))
     return layers
 
@@ -55,8 +55,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pools = {name: pool(getattr(torch, name)) for name in args.dtypes.split(",")}
     gen = torch.Generator().manual_seed(1)
-    xh, xi = torch.randn(T, H, generator=gen) * args.x_scale, torch.randn(T, I, generator=gen) * args.x_scale
-    out_gu, out_d = torch.zeros(T, 2 * I), torch.zeros(T, H)
+    xh, xi = torch.randn(T, H, generator=gen) * args.x_scale, torch.randn(T, FFN, generator=gen) * args.x_scale
+    out_gu, out_d = torch.zeros(T, 2 * FFN), torch.zeros(T, H)
     stats = RouteLoraStats(3 * LAYERS, S, ENTROPY_BUCKETS)
     step = RouteLoraStep((torch.arange(T) % 8) * N, N, top_p=0.75, keep_top_k=2.0, entropy_threshold=0.9, q=1.1,
                          eps=1e-5, stats=stats)

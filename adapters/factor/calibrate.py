@@ -106,7 +106,7 @@ def calibration_sequences(tokenizer, paths: list[str | Path], seq_len: int, *, s
         path = Path(path)
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".json", ".jsonl"):
-            records = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+            records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
             docs += [str(r["text"]) if "text" in r else
                      "\n\n".join(str(r[k]) for k in ("instruction", "input", "output") if r.get(k))
                      for r in records if isinstance(r, dict)]

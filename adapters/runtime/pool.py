@@ -167,7 +167,7 @@ class SlotPool:
         rank = max(st.rank, packed.rank)
         new_sites = [s for s in packed.linears if s not in st.lora_a]
         new_routed = [s for s, (_, _, r) in packed.linears.items() if r is not None and s not in st.router]
-        new_blocks = [l for l in packed.blocks if l not in st.block_router]
+        new_blocks = [b for b in packed.blocks if b not in st.block_router]
         if capacity == st.capacity and rank == st.rank and not (new_sites or new_routed or new_blocks):
             return
         dev, dt = self.device, self.dtype

@@ -223,7 +223,7 @@ class TrainingAdapterStep:
             idx = torch.nonzero(weights[:, e] > 0).squeeze(-1)
             if idx.numel() == 0:
                 continue
-            xe, xe_lora = x.index_select(0, idx), x_lora.index_select(0, idx)
+            xe_lora = x_lora.index_select(0, idx)
             gate, up = gate_up.index_select(0, idx).split(inter, dim=-1)
             if "gate_proj" in mods:
                 gate = gate + self._delta_one(mods["gate_proj"], e, xe_lora)

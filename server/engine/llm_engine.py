@@ -24,7 +24,7 @@ from .output_processor import OutputProcessor
 from .protocol import (AdapterProvider, GenerationEvent, GenerationRequest, InvalidRequest, RequestStats,
                        StatsSink, StepStats, UnknownBank)
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 

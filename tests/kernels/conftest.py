@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 # Triton kernels run under the interpreter on CPU-only machines.  Triton reads this when a kernel is
 # decorated, and kernels.routed_lora imports its Triton module lazily, so setting it here suffices.

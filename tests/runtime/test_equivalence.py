@@ -3,8 +3,6 @@ pool's weights in float32 and in the server's default pool dtype on the CPU (flo
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
