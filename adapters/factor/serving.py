@@ -95,7 +95,8 @@ def load_factor_weights(bank: ExpertBank, model) -> FactorWeights:
     return FactorWeights(bank.name, layers)
 
 
-def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = None, lora=None) -> Tensor:
+def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = None, lora=None,
+               on_route=None) -> Tensor:
     """The FFN output [T, H] of a batch x [T, H] where the tokens ``factor_rows`` (int64 [F]; None =
     all) use the factor layer and every other token the dense FFN of ``mlp`` (a ``server.model.llama.MLP``).
 
@@ -105,6 +106,7 @@ def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = 
     FFN's tensors; for factor tokens the delta on gate|up is added to each chosen expert's slice,
     and the down delta is taken on the sparse intermediate (zero on neurons of unchosen experts).
     At K = E this equals the dense FFN with the same LoRA. Factor tokens never run the dense FFN.
+    ``on_route``: called with the factor tokens' chosen experts [F, K] (int64), for the routing statistics.
     """
     t = x.shape[0]
     if factor_rows is not None and factor_rows.numel() == t:
@@ -115,10 +117,13 @@ def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = 
         fused = factor_ffn_cpu(x, layer.router, layer.w_gate_up, layer.w_down, layer.top_k, layer.scale,
                                layer.gate_up_bias) if x.device.type == "cpu" else None
         if fused is not None:  # routing and the chosen experts in one C++ call
-            out = fused[0]
+            out, chosen = fused
         else:
-            out = factor_ffn(x, layer.w_gate_up, layer.w_down, plan_from_slots(*layer.route(x)),
+            chosen, weights = layer.route(x)
+            out = factor_ffn(x, layer.w_gate_up, layer.w_down, plan_from_slots(chosen, weights),
                              gate_up_bias=layer.gate_up_bias)
+        if on_route is not None:
+            on_route(chosen)
         return out if layer.down_bias is None else out + layer.down_bias
 
     inter = mlp.intermediate_size
@@ -137,7 +142,10 @@ def factor_mlp(x: Tensor, mlp, layer: FactorLayer, factor_rows: Tensor | None = 
         delta = gate_up if factor_rows is None else gate_up.index_select(0, factor_rows)
         delta = delta.index_select(1, layer.gate_up_index)
     sparse_act = xf.new_zeros(xf.shape[0], inter) if lora is not None else None
-    plan = plan_from_slots(*layer.route(xf))
+    chosen, weights = layer.route(xf)
+    if on_route is not None:
+        on_route(chosen)
+    plan = plan_from_slots(chosen, weights)
     y_factor = factor_ffn(xf, layer.w_gate_up, layer.w_down, plan, gate_up_bias=layer.gate_up_bias,
                           gate_up_delta=delta, intermediate=sparse_act)
 

@@ -336,7 +336,7 @@ class BankRegistry:
         versions: list[BankVersion] = []
         seq_bank = []
         findex: dict[int, int] = {}
-        factors = []
+        factors, factor_names = [], []
         seq_factor = []
         for h in handles:
             f = None if h is None else h.factor
@@ -347,6 +347,7 @@ class BankRegistry:
                 if j is None:
                     j = findex[id(f)] = len(factors)
                     factors.append(f.factor)
+                    factor_names.append(f.name)
                 seq_factor.append(j)
             if h is None or h.bank is None:
                 seq_bank.append(-1)
@@ -371,7 +372,7 @@ class BankRegistry:
         if factors:
             token_factor = torch.repeat_interleave(torch.tensor(seq_factor, dtype=torch.long), counts).to(self.device)
         return BankStep(self.config, state, banks, token_bank, collect_stats=self.collect_stats, backend=self.backend,
-                        factors=factors, token_factor=token_factor)
+                        factors=factors, token_factor=token_factor, factor_names=factor_names)
 
     def pool_slots_used(self) -> int:
         return self.pool.slots_used

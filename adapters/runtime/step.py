@@ -187,9 +187,10 @@ class BankStep:
 
     def __init__(self, cfg: ModelConfig, state: PoolState, banks: list[StepBank], token_bank: Tensor, *,
                  collect_stats: bool = True, backend: str = "auto", factors: list | None = None,
-                 token_factor: Tensor | None = None):
+                 token_factor: Tensor | None = None, factor_names: list[str] | None = None):
         self.cfg = cfg
         self.factors = list(factors or [])
+        self.factor_names = list(factor_names or [w.name for w in self.factors])  # as the registry names them
         self.token_factor = token_factor if self.factors else None
         self._factor_rows: dict[tuple[int, ...], FactorRows] = {}
         self._present: set[int] | None = None
@@ -215,6 +216,7 @@ class BankStep:
         self._decide = self._decisions()  # (layer, targets) -> WholeLinear | _NOTHING | None (general path)
         self._group_steps: dict[tuple, RouteLoraStep] = {}  # (members, n) -> the step's route_lora group
         self._fast = _FastRecords()  # what the route_lora calls did (shared with sub-steps)
+        self._factor_routes: list[tuple[int, int, Tensor]] = []  # (factor index, layer, chosen experts [F, K])
 
     # -- per-step metadata, built on first use and cached --------------------------------------
 
@@ -634,7 +636,9 @@ class BankStep:
         out = None
         for i, r, sub in rows.groups:
             xs = x if r is None else x.index_select(0, r)
-            y = factor_mlp(xs, mlp, self.factors[i].layers[layer], None, sub if sub._has_ffn_sites(layer) else None)
+            record = (lambda chosen, i=i: self._factor_routes.append((i, layer, chosen))) if self.collect_stats else None
+            y = factor_mlp(xs, mlp, self.factors[i].layers[layer], None, sub if sub._has_ffn_sites(layer) else None,
+                           on_route=record)
             if r is None:
                 return y
             if out is None:
@@ -713,6 +717,7 @@ class BankStep:
         """Reduce the step's routing records (call once, after the forward)."""
         stats = RoutingStats(pool_slots_used=pool_slots_used, pool_slots_total=self.state.capacity)
         nb = len(self.banks)
+        self._factor_stats(stats)
         if nb == 0:
             return stats
         tokens = torch.bincount(self.token_bank[self.token_bank >= 0], minlength=nb).tolist()
@@ -770,6 +775,26 @@ class BankStep:
                 s = _merged(prev, s)
             stats.banks[name] = s
         return stats
+
+    def _factor_stats(self, stats: RoutingStats) -> None:
+        """Factor banks' routing: per factorised layer (target "mlp") each token picks its top-k of E
+        experts (no broadcast; entropy is not computed on that path)."""
+        by_bank: dict[int, list[tuple[int, Tensor]]] = {}
+        for i, layer, chosen in self._factor_routes:
+            by_bank.setdefault(i, []).append((layer, chosen))
+        for i, routes in by_bank.items():
+            w = self.factors[i]
+            k = routes[0][1].shape[1]
+            decisions = sum(c.shape[0] for _, c in routes)
+            epd = torch.zeros(k + 1, dtype=torch.long)
+            epd[k] = decisions
+            sel = {(layer, "mlp"): torch.bincount(c.reshape(-1), minlength=w.layers[layer].num_experts)
+                   for layer, c in routes}
+            s = BankRoutingStats(tokens=int((self.token_factor == i).sum()), decisions=decisions,
+                                 selections=sel, experts_per_decision=epd)
+            name = self.factor_names[i]
+            prev = stats.banks.get(name)
+            stats.banks[name] = s if prev is None else _merged(prev, s)
 
     def _add_fast(self, fast: _FastRecords, per_bank: list[BankRoutingStats], decisions: Tensor, bcast: Tensor,
                   epd: Tensor, ent_counts: Tensor, ent_sum: Tensor) -> None:

@@ -238,3 +238,49 @@ def test_api_resolves_combined_names_and_answers_400_for_refused_ones(served):
     api = from_exception(refused.value)
     assert (api.status, api.code, api.param) == (400, "bank_combination_refused", "model")
     assert "both replace the FFN" in api.message
+
+
+def test_factor_routing_statistics(served):
+    """A factor bank reports its routing like any routed bank: per factorised layer ("mlp"), each of its
+    tokens picks exactly K of E experts; the chosen experts are those of the router's top-k."""
+    engine, registry, banks = served
+    handles = [n and registry.acquire(n) for n in ("fac", "fac1", None, "fac")]
+    step = registry.build_step(handles, [3, 2, 4, 1])
+    prompts = [[5, 9, 13], [7, 8], [1, 2, 3, 4], [11]]
+    _logits(engine.model, prompts, step)
+    stats = step.routing_stats()
+    fac, fac1 = stats.banks["fac"], stats.banks["fac1"]
+    layers = engine.model_config.num_hidden_layers
+    assert fac.tokens == 4 and fac.decisions == 4 * layers and fac.broadcast == 0
+    assert torch.as_tensor(fac.experts_per_decision).tolist() == [0, 0, 4 * layers]  # always K = 2
+    assert set(fac.selections) == {(i, "mlp") for i in range(layers)}
+    assert all(int(v.sum()) == 4 * 2 for v in fac.selections.values())
+    assert fac1.tokens == 2 and fac1.decisions == 2 and set(fac1.selections) == {(1, "mlp")}  # layer 1 only
+    # the counts are the router's top-k of the tokens' FFN inputs: check layer 0 of "fac" by hooking its input
+    seen = {}
+    mlp0 = engine.model.layers[0].mlp
+    hook = mlp0.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0]))
+    try:
+        step2 = registry.build_step(handles, [3, 2, 4, 1])
+        _logits(engine.model, prompts, step2)
+    finally:
+        hook.remove()
+    x = seen["x"]
+    fac_rows = torch.tensor([0, 1, 2, 9])
+    router = banks["fac"].layers[0].block_router
+    top = (x[fac_rows].float() @ router.t()).topk(2, dim=-1).indices
+    assert torch.equal(step2.routing_stats().banks["fac"].selections[(0, "mlp")], torch.bincount(top.reshape(-1), minlength=4))
+    only = [registry.acquire("fac") for _ in range(2)]  # the whole batch on one factor bank: the one-call path
+    step3 = registry.build_step(only, [3, 2])
+    _logits(engine.model, prompts[:2], step3)
+    s3 = step3.routing_stats()
+    assert s3.banks["fac"].decisions == 5 * layers
+    assert all(int(v.sum()) == 5 * 2 for v in s3.banks["fac"].selections.values())
+    from server.metrics import ServerMetrics
+    from tests.server.test_metrics import samples, step as step_stats
+    m = ServerMetrics("base")
+    m.on_step(step_stats(routing=s3))
+    sel = {k: v for k, v in samples(m).items() if k[0] == "moleserve_expert_selections_total"}
+    assert sum(sel.values()) == 5 * 2 * layers and all(dict(k[1])["target"] == "mlp" for k in sel)
+    for h in handles + only:
+        registry.release(h)  # None: a no-op
