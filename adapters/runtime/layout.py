@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters import ExpertBank, RoutingConfig
+from adapters.errors import BankError
 from adapters.fingerprint import FFN_TARGETS
 
 from .pool import PackedBank, Site
@@ -55,6 +56,18 @@ def route_group(routing: RoutingConfig, n: int) -> tuple:
     return ("none", n)
 
 
+def _stored(w: torch.Tensor, dtype: torch.dtype, bank: str, what: str) -> torch.Tensor:
+    """``w`` in the pool's dtype; a finite weight that the dtype cannot hold (float16 tops out at 65504)
+    is refused rather than turned into inf."""
+    out = w.to(dtype).contiguous()
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(w.dtype).max and not torch.isfinite(out).all():
+        big = float(w.abs().max())
+        raise BankError(f"{what} holds a weight of magnitude {big:.3g}, beyond the {str(dtype).removeprefix('torch.')} "
+                        f"expert pool's range ({torch.finfo(dtype).max:.0f}); serve it with --bank-dtype float32",
+                        bank=bank)
+    return out
+
+
 def build_layout(bank: ExpertBank, *, dtype: torch.dtype) -> BankLayout:
     """Pack ``bank`` (validated, fp32 on the host) for a pool of ``dtype``.
 
@@ -70,8 +83,8 @@ def build_layout(bank: ExpertBank, *, dtype: torch.dtype) -> BankLayout:
     for layer, la in enumerate(bank.layers):
         for target, ex in la.linears.items():
             site = (layer, target)
-            a = ex.lora_a.to(dtype).contiguous()
-            b = ex.lora_b.transpose(1, 2).to(dtype).contiguous()
+            a = _stored(ex.lora_a, dtype, bank.name, f"layer {layer} {target} lora_a")
+            b = _stored(ex.lora_b.transpose(1, 2), dtype, bank.name, f"layer {layer} {target} lora_b")
             router = ex.router.float().contiguous() if ex.router is not None else None
             linears[site] = (a, b, router)
             n = ex.num_experts()

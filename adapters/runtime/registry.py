@@ -232,7 +232,10 @@ class BankRegistry:
     def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>") -> dict:
         """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this)."""
         name = name or bank.name
-        layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
+        try:
+            layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
+        except BankError as exc:  # a weight the pool's dtype cannot hold
+            raise BankLoadError(str(exc)) from None
         factor = host = None
         if bank.kind == "factor":  # packed from the model's FFN weights, never in the slot pool
             if self.model is not None:

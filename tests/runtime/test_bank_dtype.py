@@ -48,3 +48,21 @@ def test_serve_bank_dtype_flag(tiny_model_dir):
     assert registry.pool.dtype == torch.float32
     _, registry = build_engine(Settings(model=str(tiny_model_dir), kv_cache_memory=16 << 20))
     assert registry.pool.dtype == torch.float16  # auto on a float32 CPU model
+
+
+def test_a_weight_beyond_float16_is_refused_by_a_float16_pool_not_turned_into_inf(tmp_path, tiny_model_dir):
+    from adapters.runtime.registry import BankLoadError
+    from adapters import load_bank
+
+    model = load_model(tiny_model_dir)
+    fp = fingerprint_of(tiny_model_dir)
+    write_plugin_moe(tmp_path / "big", fp, kind="dynmole", r=4, alpha=8, num_experts=4)
+    bank = load_bank(tmp_path / "big", base=fp, name="big")
+    bank.layers[1].linears["up_proj"].lora_b[2, 0, 0] = 1e5  # finite, valid, but no float16 holds it
+    reg = BankRegistry(model.config, dtype=torch.float16)
+    with pytest.raises(BankLoadError, match=r"bank 'big': layer 1 up_proj lora_b .*1e\+05.*float16.*--bank-dtype float32"):
+        reg.add(bank)
+    assert reg.list() == [] and reg.pool.slots_used == 0  # nothing half-loaded
+    exact = BankRegistry(model.config, dtype=torch.float32)
+    exact.add(bank)
+    assert exact.list()[0]["name"] == "big"
