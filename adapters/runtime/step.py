@@ -65,12 +65,13 @@ class _FastRecords:
 class WholeLinear:
     """A (layer, targets) that one ``route_lora`` call serves: its sites are one DynMoLE (Tsallis)
     group of the step's banks ``members`` (indices into the step's bank list) with n experts, and
-    nothing else. Depends only on the banks' layouts and the pool state, so it is kept across steps."""
+    nothing else; or only plain LoRA (``plain``: every member bank has one unrouted expert there). Depends only on the banks' layouts and the pool state, so it is kept across steps."""
 
     sites: tuple
     members: tuple[int, ...]
     n: int
     args: RouteLoraSites
+    plain: bool = False  # plain LoRA sites (n = 1, no router): each member token's one slot, weight 1
 
 
 @dataclass
@@ -472,7 +473,7 @@ class BankStep:
         """The (layer, targets) -> path table of this step's banks, shared by every step with the same
         bank layouts in the same order while the pool state lives (a new state starts afresh)."""
         cache = self.state.cache
-        key = ("decisions", tuple(id(b.layout) for b in self.banks), self.backend, self._cpu_plans)
+        key = ("decisions", tuple(id(b.layout) for b in self.banks), self.backend, self._cpu_plans, FAST_PATH)
         hit = cache.get(key)
         if hit is not None and all(ref() is b.layout for ref, b in zip(hit[0], self.banks)):
             return hit[1]
@@ -491,11 +492,20 @@ class BankStep:
             return None
         specs = [self._site_spec(site) for site in sites]
         spec = specs[0]
-        if (spec is None or any(sp is not spec for sp in specs) or spec.static_plan is not None
-                or len(spec.groups) != 1 or spec.plain_slot is not None):
+        if spec is None or any(sp is not spec for sp in specs):
+            return None
+        st = self.state
+        members = tuple(i for i, b in enumerate(self.banks) if sites[0] in b.layout.sites)
+        if spec.static_plan is not None and not spec.groups:  # plain LoRA only (PEFT LoRA, MixLoRA's attention)
+            args = st.cache.get(("route_lora_plain", sites))
+            if args is None:
+                args = st.cache[("route_lora_plain", sites)] = RouteLoraSites(
+                    None, [st.lora_a[s] for s in sites], [st.lora_b[s] for s in sites], st.scaling,
+                    [c0 for _, c0, _ in self._target_columns(targets)])
+            return WholeLinear(sites, members, 1, args, plain=True) if args.ok else None
+        if spec.static_plan is not None or len(spec.groups) != 1 or spec.plain_slot is not None:
             return None
         g = spec.groups[0]
-        st = self.state
         routers = [st.router.get(site) for site in sites]
         if g.key[0] != "dynmole" or g.key[2] != "tsallis" or any(r is None for r in routers):
             return None
@@ -509,7 +519,6 @@ class BankStep:
                 [c0 for _, c0, _ in self._target_columns(targets)], [rows[s] for s in sites])
         if not args.ok:
             return None
-        members = tuple(i for i, b in enumerate(self.banks) if sites[0] in b.layout.sites)
         return WholeLinear(sites, members, g.key[1], args)
 
     def _whole_linear(self, d: WholeLinear, x: Tensor, out: Tensor) -> bool:
@@ -517,7 +526,7 @@ class BankStep:
         (nothing done) when the call does not apply (autograd, shapes): the general path runs."""
         if x.requires_grad and torch.is_grad_enabled():
             return False
-        gkey = (d.members, d.n)
+        gkey = (d.members, d.n, d.plain)
         step = self._group_steps.get(gkey)
         if step is None:
             step = self._group_steps[gkey] = self._route_lora_step(d)
@@ -537,6 +546,8 @@ class BankStep:
             inside = torch.zeros(nb + 1, dtype=torch.bool)
             inside[list(members)] = True
             offsets = torch.where(inside[self.token_bank], self.token_offset, -1)
+        if d.plain:
+            return RouteLoraStep(offsets, 1, top_p=1.0, keep_top_k=1.0, entropy_threshold=1.0, q=1.0, eps=0.0)
         cfgs = [self.banks[i].layout.routing for i in members]
         prm = {}
         for name, attr in (("top_p", "top_p"), ("keep_top_k", "keep_top_k"),
@@ -810,7 +821,8 @@ class BankStep:
         rows = self.state.cache["stat_rows"]
         by_group: dict[tuple, list] = {}
         for d in fast.used:
-            by_group.setdefault((d.members, d.n), []).extend(d.sites)
+            if not d.plain:  # plain LoRA makes no routing decisions
+                by_group.setdefault((d.members, d.n), []).extend(d.sites)
         blocks: dict[int, list] = {}
         for (members, n), sites in by_group.items():
             sel = st.sel.index_select(0, torch.tensor([rows[site] for site in sites]))

@@ -565,7 +565,7 @@ int route_plan(const float* x, int64_t xs, int64_t T, int64_t d_in, int64_t M, c
 // routing group (its rows' bank offsets and DynMoLE parameters) and where its statistics go.
 struct RLSites {
     int64_t M, d_in, S, r, wtype;  // wtype: 0 fp32, 1 bf16, 2 fp16 weights
-    const int64_t* routers;        // M addresses of [S, d_in] fp32 routers
+    const int64_t* routers;        // M addresses of [S, d_in] fp32 routers; null: plain LoRA (n = 1, weight 1)
     const int64_t* A;              // M addresses of lora_a [S, r, d_in]
     const int64_t* B;              // M addresses of lora_b stored [S, r, d_out]
     const int64_t* d_out;          // [M]
@@ -601,7 +601,8 @@ struct RLStep {
     float* ent;
 };
 
-// A whole DynMoLE-routed linear of the sites `s` in one call and one parallel region: per row, the
+// A whole DynMoLE-routed (or plain LoRA: RLSites::routers null) linear of the sites `s` in one call and one
+// parallel region: per row, the
 // router dot products of its own bank's n experts only (logits[m, t, j] = routers[m][offset[t] + j] . x[t]),
 // dynamic_route's routing, then (one thread) the plans and the statistics, then every site's segmented
 // shrink (slot ranges per thread) and expand (column ranges per thread), added straight into
@@ -613,7 +614,8 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
     if (d_in % 8 || s->wtype < 0 || s->wtype > 2) return 4;
     for (int64_t m = 0; m < M; ++m)
         if (s->d_out[m] % 8) return 4;
-    if (n > 64 || n < 1) return 3;
+    const bool plain = s->routers == nullptr;
+    if (n > 64 || n < 1 || (plain && n != 1)) return 3;
     for (int64_t t = 0; t < T; ++t)
         if (st->offset[t] + n > S) return 2;
     const int64_t tn = T * n, blk = 3 * tn + 3 * S + 3;
@@ -652,8 +654,9 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
             float* lr = lg + i * n;
             float* wr = wv + i * n;
             const int64_t off = st->offset[t];
-            if (off < 0) {
+            if (off < 0 || plain) {  // plain LoRA: the row's one slot, weight 1
                 for (int64_t e = 0; e < n; ++e) lr[e] = wr[e] = 0.f;
+                if (off >= 0) wr[0] = 1.f;
                 en[i] = sh[i] = 0.f;
                 bc[i] = 0;
                 continue;

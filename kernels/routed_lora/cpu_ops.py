@@ -148,31 +148,33 @@ def route_plan_cpu(x: Tensor, routers: tuple[Tensor, ...], offset: Tensor, num_e
 
 class RouteLoraSites:
     """The constant arguments of ``route_lora`` for M sites sharing an input: their pooled routers
-    [S, d_in] fp32, lora_a [S, r, d_in] and lora_b stored [S, r, d_out] (fp32, bf16 or fp16), scaling [S]
-    fp32, each site's first column in the output and its row in the step's selection counts
-    (``RouteLoraStats``). Built once per pool state and cached (adapters.runtime.step)."""
+    [S, d_in] fp32 (None: plain LoRA sites, each row's one slot with weight 1), lora_a [S, r, d_in]
+    and lora_b stored [S, r, d_out] (fp32, bf16 or fp16), scaling [S] fp32, each site's first column
+    in the output and its row in the step's selection counts (``RouteLoraStats``). Built once per
+    pool state and cached (adapters.runtime.step)."""
 
     def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int], stat_rows: list[int] | None = None):
-        self.m = len(routers)
-        self.num_slots, self.d_in = routers[0].shape
-        self.rank = lora_a[0].shape[1]
+        self.m = len(lora_a)
+        self.plain = routers is None
+        self.num_slots, self.rank, self.d_in = lora_a[0].shape
         self.wtype = WTYPES.get(lora_a[0].dtype, -1)
         self.d_out = [b.shape[2] for b in lora_b_rows]
         addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
-        self._tables = (addr(routers), addr(lora_a), addr(lora_b_rows), torch.tensor(self.d_out, dtype=torch.int64),
-                        torch.tensor(cols, dtype=torch.int64),
+        self._tables = (None if self.plain else addr(routers), addr(lora_a), addr(lora_b_rows),
+                        torch.tensor(self.d_out, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64),
                         torch.tensor(stat_rows if stat_rows is not None else [0] * self.m, dtype=torch.int64))
         self.keep = (routers, lora_a, lora_b_rows, scaling)  # the addresses above stay valid
-        self.ok = (all(r.dtype == torch.float32 and r.is_contiguous() and r.shape == routers[0].shape for r in routers)
+        self.ok = ((self.plain or all(r.dtype == torch.float32 and r.is_contiguous()
+                                      and r.shape == (self.num_slots, self.d_in) for r in routers))
                    and all(a.dtype in WTYPES and a.dtype == b.dtype and a.is_contiguous()
                            and b.is_contiguous() and a.shape[2] == self.d_in and a.shape[1] == self.rank
                            and b.shape[1] == self.rank and a.shape[0] == b.shape[0] == self.num_slots
                            for a, b in zip(lora_a, lora_b_rows))
                    and scaling.dtype == torch.float32 and scaling.is_contiguous() and scaling.numel() == self.num_slots)
         t = self._tables
-        self.struct = _RLSites(self.m, self.d_in, self.num_slots, self.rank, self.wtype, t[0].data_ptr(),
-                               t[1].data_ptr(), t[2].data_ptr(), t[3].data_ptr(), t[4].data_ptr(), t[5].data_ptr(),
-                               scaling.data_ptr())
+        self.struct = _RLSites(self.m, self.d_in, self.num_slots, self.rank, self.wtype,
+                               None if self.plain else t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr(),
+                               t[3].data_ptr(), t[4].data_ptr(), t[5].data_ptr(), scaling.data_ptr())
         self.addr = ctypes.addressof(self.struct)
 
 

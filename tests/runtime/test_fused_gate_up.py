@@ -169,3 +169,43 @@ def test_fast_path_without_statistics(setup):
     stats = step.routing_stats().banks["a"]
     assert stats.tokens == 3 and stats.decisions == 0 and not stats.selections
     reg.release(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_plain_lora_sites_in_one_call_equal_the_general_path(setup, dtype, monkeypatch):
+    """Sites where every bank of the step is a plain LoRA (PEFT LoRA, MixLoRA's attention) also run as one
+    C++ call: each token's one slot, weight 1; base tokens untouched; no routing statistics."""
+    cfg, banks = setup
+    lora2 = _bank(fingerprint_of_cfg(cfg), "lora2", 5, 1, RoutingConfig("none"), kind="lora")
+    names = ["lora", None, "lora2", "lora", "lora2", None]
+
+    def steps():
+        reg = BankRegistry(cfg, dtype=dtype)
+        for b in (banks[4], lora2):
+            reg.add(b)
+        return reg.build_step([n and reg.acquire(n) for n in names], [1] * len(names))
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [(layer, targets, torch.randn(len(names), d_in, generator=gen), torch.randn(len(names), d_out, generator=gen))
+             for layer in range(cfg.num_hidden_layers)
+             for targets, d_in, d_out in ((("gate_proj", "up_proj"), cfg.hidden_size, 2 * cfg.intermediate_size),
+                                          (("down_proj",), cfg.intermediate_size, cfg.hidden_size))]
+
+    def outputs(step):
+        outs = []
+        for layer, targets, x, base in cases:
+            out = base.clone()
+            step.linear(layer, targets, x, out)
+            outs.append(out)
+        return outs
+
+    fast = steps()
+    got = outputs(fast)
+    monkeypatch.setattr("adapters.runtime.step.FAST_PATH", False)
+    general = steps()
+    for a, b, (_, _, _, base) in zip(got, outputs(general), cases):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a[[1, 5]], base[[1, 5]]) and (a - base).abs().max() > 1e-3
+    assert fast._fast.used and all(d.plain for d in fast._fast.used) and not general._fast.used
+    stats = fast.routing_stats().banks
+    assert stats["lora"].tokens == 2 and stats["lora"].decisions == 0 and not stats["lora"].selections
