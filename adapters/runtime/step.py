@@ -65,7 +65,8 @@ class _FastRecords:
 class WholeLinear:
     """A (layer, targets) that one ``route_lora`` call serves: its sites are one DynMoLE (Tsallis)
     group of the step's banks ``members`` (indices into the step's bank list) with n experts, and
-    nothing else; or only plain LoRA (``plain``: every member bank has one unrouted expert there). Depends only on the banks' layouts and the pool state, so it is kept across steps."""
+    nothing else; or only plain LoRA (``plain``: every member bank has one unrouted expert there).
+    Depends only on the banks' layouts and the pool state, so it is kept across steps."""
 
     sites: tuple
     members: tuple[int, ...]

@@ -231,22 +231,6 @@ class RouteLoraStep:
         return True
 
 
-def route_lora_cpu(x: Tensor, sites: RouteLoraSites, offset: Tensor, num_experts: int, out: Tensor, *, top_p,
-                   keep_top_k, entropy_threshold, q, eps: float, stats: RouteLoraStats | None = None
-                   ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """A whole DynMoLE-routed linear of M sites sharing x in one C++ call: ``route_plan_cpu``'s
-    routing and plans, then each site's segmented shrink/expand added into its columns of ``out``
-    [T, >= cols + d_out] fp32 (rows contiguous). Returns (logits, weights [M, T, n], entropy [M, T]),
-    or None (nothing done) when the library or the shapes do not allow it. The step's hot path
-    builds one ``RouteLoraStep`` per step instead (no outputs, statistics accumulated in C++)."""
-    t, m, n = x.shape[0], sites.m, num_experts
-    fb = torch.empty(m * (2 * t * n + t), dtype=torch.float32)
-    outputs = fb[:m * t * n].view(m, t, n), fb[m * t * n:2 * m * t * n].view(m, t, n), fb[2 * m * t * n:].view(m, t)
-    step = RouteLoraStep(offset, n, top_p=top_p, keep_top_k=keep_top_k, entropy_threshold=entropy_threshold, q=q,
-                         eps=eps, stats=stats, outputs=outputs)
-    return outputs if step(x, sites, out) else None
-
-
 def dynamic_route_cpu(logits: Tensor, top_p, keep_top_k, entropy_threshold, q, eps: float
                       ) -> tuple[Tensor, Tensor] | None:
     """``kernels.routing.dynamic_route`` in one C++ call (fp32 CPU logits [T, n], n <= 64, no autograd);
