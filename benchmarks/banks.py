@@ -205,6 +205,16 @@ def main() -> None:
         note = " (default)" if d == "float16" else (" (exact)" if d == "float32" else "")
         rows.append((f"32 req over 8 DynMoLE banks (6 experts, r=16, gate/up/down; pool {d}{note})", tps,
                      f"{tps / base_tps:.2f}x base", ">= 0.75x base"))
+    # prefill: one step over the 32 prompts (512 tokens), max_tokens 1, alternating as above
+    pre_base, pre_dyn = math.inf, {}
+    for rep in range(args.repeats):
+        engine.set_adapter_provider(registry)
+        pre_base = min(pre_base, run(engine, requests(32, [None], 1, vocab, seed=10 + rep))[0])
+        for d, reg in registries.items():
+            engine.set_adapter_provider(reg)
+            pre_dyn[d] = min(pre_dyn.get(d, math.inf), run(engine, requests(32, [b.name for b in banks], 1, vocab,
+                                                                             seed=10 + rep))[0])
+    prefill = [("base model", pre_base)] + [(f"8 DynMoLE banks, pool {d}", pre_dyn[d]) for d in dtypes]
     engine.set_adapter_provider(registry)
     probe = StatsProbe(registry)
     engine.set_adapter_provider(probe)
@@ -258,6 +268,8 @@ def main() -> None:
     print("| workload | tokens/s | ratio | target |\n|---|---|---|---|")
     for name, tps, ratio, target in rows:
         print(f"| {name} | {tps:.1f} | {ratio} | {target} |")
+    print(f"\nPrefill of 32 prompts x {PROMPT_LEN} tokens in one step (max_tokens 1): "
+          + ", ".join(f"{name} {dt * 1000:.0f} ms ({dt / pre_base:.2f}x)" for name, dt in prefill))
     print(f"\nHot load of one DynMoLE bank ({bank_mb:.0f} MB in a {dtypes[0]} pool, our format, from disk -> pool): {hot_load * 1000:.0f} ms; "
           f"pack + install of an in-memory bank: {add_mem * 1000:.0f} ms")
     print("\n| banks | decisions | experts per decision | broadcast rate | mean normalised entropy |\n|---|---|---|---|---|")
