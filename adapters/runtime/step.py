@@ -537,35 +537,19 @@ class BankStep:
         return True
 
     def _route_lora_step(self, d: WholeLinear) -> RouteLoraStep:
-        """The step's rows for ``d``'s group: each row's bank slot offset (-1 outside the group) and the
-        members' DynMoLE parameters (one value, or one per row where the members differ)."""
-        members, dev = d.members, self.token_bank.device
-        nb = len(self.banks)
-        if len(members) == nb:
-            offsets = self.token_offset
-        else:
-            inside = torch.zeros(nb + 1, dtype=torch.bool)
-            inside[list(members)] = True
-            offsets = torch.where(inside[self.token_bank], self.token_offset, -1)
+        """The step's rows for ``d``'s group, from the site's spec: each row's bank slot offset (-1
+        outside the group) and the members' DynMoLE parameters (``_row_params``); plain sites: each
+        plain row's one slot."""
+        spec = self._site_spec(d.sites[0])
         if d.plain:
-            return RouteLoraStep(offsets, 1, top_p=1.0, keep_top_k=1.0, entropy_threshold=1.0, q=1.0, eps=0.0)
-        cfgs = [self.banks[i].layout.routing for i in members]
-        prm = {}
-        for name, attr in (("top_p", "top_p"), ("keep_top_k", "keep_top_k"),
-                           ("entropy_threshold", "entropy_threshold"), ("q", "entropy_index")):
-            values = [float(getattr(c, attr)) for c in cfgs]
-            if len(set(values)) == 1:
-                prm[name] = values[0]
-            else:  # one value per row, read from a table over the step's banks (+ 0 for the others)
-                table = torch.zeros(nb + 1, dtype=torch.float32, device=dev)
-                table[list(members)] = torch.tensor(values, dtype=torch.float32, device=dev)
-                prm[name] = table[self.token_bank]
+            return RouteLoraStep(spec.plain_slot, 1, top_p=1.0, keep_top_k=1.0, entropy_threshold=1.0, q=1.0, eps=0.0)
+        offsets, prm = self._row_params(spec.groups[0])
         stats = None
         if self.collect_stats:
             if self._fast.stats is None:
                 self._fast.stats = RouteLoraStats(len(self.state.router), self.state.capacity, ENTROPY_BUCKETS)
             stats = self._fast.stats
-        return RouteLoraStep(offsets, d.n, eps=cfgs[0].entropy_eps, stats=stats, **prm)
+        return RouteLoraStep(offsets, d.n, stats=stats, **prm)
 
     def _record(self, g: RouteGroup, sites: tuple, logits: Tensor, w: Tensor, ent: Tensor) -> None:
         """Routing statistics records of a fused call's [M, T, ...] outputs (the group's rows only)."""
