@@ -111,27 +111,26 @@ class CountVectors(Collector):
         for tail, counts in rows.items():
             c = torch.as_tensor(counts).reshape(-1)
             by_len.setdefault(c.numel(), []).append((tail, c))
-        with self._lock:
-            for items in by_len.values():
-                key = (head, tuple(t for t, _ in items))
-                mat = torch.stack([c for _, c in items]).to(torch.int64)
-                acc = self._blocks.get(key)
-                self._blocks[key] = mat if acc is None else acc.add_(mat)
+        for items in by_len.values():
+            self._accumulate((head, tuple(t for t, _ in items)), torch.stack([c for _, c in items]))
 
     def add_block(self, head: tuple[str, ...], sites: tuple, counts: Any) -> None:
         """A whole block at once: ``counts`` [len(sites), n] (a tensor), row i for the tail labels
         ``sites[i]`` (each a tuple of values, turned into strings here, once per distinct block)."""
-        import torch
-
         tails = self._tails.get(sites)
         if tails is None:
             tails = self._tails[sites] = tuple(tuple(str(v) for v in site) for site in sites)
             if len(self._tails) > 4096:
                 self._tails.clear()
-        key = (head, tails)
+        self._accumulate((head, tails), counts)
+
+    def _accumulate(self, key: tuple, counts: Any) -> None:
+        import torch
+
+        mat = counts.to(torch.int64, copy=True)
         with self._lock:
             acc = self._blocks.get(key)
-            self._blocks[key] = counts.to(torch.int64, copy=True) if acc is None else acc.add_(counts)
+            self._blocks[key] = mat if acc is None else acc.add_(mat)
 
     def collect(self):
         family = CounterMetricFamily(self.name, self.documentation, labels=(*self.labelnames, self.index_label))
