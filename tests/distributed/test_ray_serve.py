@@ -48,13 +48,13 @@ def cluster(tiny_model_dir, banks_dir):
 
     # every node can hold one engine replica; the head also runs Serve's controller, proxy and ingress
     engine = {"moleserve_engine": 1}
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, resources=engine))
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, resources=engine, include_dashboard=False))
     workers = [c.add_node(num_cpus=1, resources=engine) for _ in range(2)]
     c.wait_for_nodes(timeout=120)
     ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}},
              include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     app = build_app({**_settings(tiny_model_dir, banks_dir), "num_replicas": 2, "num_cpus": 0,
                      "replica_resources": engine, "request_retries": 20})
     serve.run(app, name="moleserve", route_prefix="/", blocking=False)
@@ -155,9 +155,10 @@ def test_removing_a_node_loses_no_request_that_had_not_started(cluster):
     with client(url) as http:
         replica = http.post("/v1/completions", json=body).headers[HEADER]
     # the worker node that holds alpha's replica (if alpha lives on the head, use the other bank)
-    actors = {a.name: a.node_id for a in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")])
-              if a.name and "EngineReplica" in a.name}
-    node_of = {name.rsplit("#", 1)[-1]: node for name, node in actors.items()}
+    from ray._private.state import actors  # the GCS's table (ray.util.state needs the dashboard)
+
+    node_of = {a["Name"].rsplit("#", 1)[-1]: a["Address"]["NodeID"] for a in actors().values()
+               if a["State"] == "ALIVE" and "EngineReplica" in (a.get("Name") or "")}
     victim_node = node_of[replica.rsplit("#", 1)[-1]]
     victim = next((w for w in cluster["workers"] if w.node_id == victim_node), None)
     if victim is None:  # alpha's replica is on the head: take a worker that holds the other replica
