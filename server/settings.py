@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
     kv_cache_memory: float | None = Field(None, gt=0, description="KV-cache size: bytes (> 1) or a fraction of free memory (default: 0.8 CUDA, 0.1 CPU)")
     max_num_batched_tokens: int = Field(512, ge=1, description="most tokens (decode + prefill chunks) in one engine step")
+    long_prefill_token_threshold: int | None = Field(
+        None, ge=0, description="most prompt tokens one sequence prefills per step while others share the engine "
+        "(decode tokens go first, waiting requests are admitted with the rest); 0: no cap; "
+        "default: a quarter of --max-num-batched-tokens")
 
     # Limits and backpressure
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine runs at once")

@@ -65,7 +65,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(cfg.eos_token_ids)
         self.cache = KVCache(cfg, num_blocks, bs, device, dtype)
         self.block_manager = BlockManager(num_blocks, bs)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.resolved_long_prefill_token_threshold())
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
         self.sequences: dict[str, Sequence] = {}
