@@ -71,6 +71,15 @@ class BankCombinationRefused(InvalidRequest):
     param = "model"
 
 
+class BankOutOfService(UnknownBank):
+    """The bank failed while running and was taken out of service until an admin reloads it (503)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "bank_failed"
+    param = "model"
+
+
 class BankPathRefused(BankAdminError):
     """A path outside the allowed roots (400), or one that does not exist (404)."""
 
@@ -93,6 +102,7 @@ class BankVersion:
     host_bank: ExpertBank | None = None  # kind factor, no model attached yet: the bank to pack later
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
+    failed: str | None = None  # why the engine took it out of service (see ``BankRegistry.fail``)
 
 
 @dataclass(eq=False)
@@ -158,6 +168,7 @@ class BankRegistry:
         self.pool = SlotPool(model_config, device=self.device, dtype=dtype)
         self._lock = threading.RLock()
         self._current: dict[str, BankVersion] = {}
+        self._failed: dict[str, BankVersion] = {}  # taken out of service by a fault; listed until reloaded
         self._live: list[BankVersion] = []  # every version holding memory (current or pinned)
         self._counter = itertools.count(1)
         self.over_budget = False
@@ -165,12 +176,13 @@ class BankRegistry:
     # -- admin -----------------------------------------------------------------------------------
 
     def list(self) -> list[dict]:
+        """Loaded banks (``state: ready``), then banks taken out of service (``state: failed``)."""
         with self._lock:
-            return [self._describe(v) for v in self._current.values()]
+            return [self._describe(v) for v in (*self._current.values(), *self._failed.values())]
 
     def get(self, name: str) -> dict:
         with self._lock:
-            v = self._current.get(name)
+            v = self._current.get(name) or self._failed.get(name)
             if v is None:
                 raise BankNotFound(f"bank {name!r} is not loaded")
             return self._describe(v)
@@ -182,7 +194,8 @@ class BankRegistry:
                 "resident": v.factor is not None if factor else v.offset is not None,
                 "in_flight": sum(x.refs for x in self._live if x.name == v.name),
                 "bytes": v.factor.nbytes() if factor and v.factor is not None else v.layout.nbytes,
-                "loaded_at": v.loaded_at}
+                "loaded_at": v.loaded_at, "state": "failed" if v.failed else "ready",
+                **({"error": v.failed} if v.failed else {})}
 
     def attach_model(self, model) -> None:
         """Give the registry the served model (a ``server.model.LlamaModel``): factor banks pack
@@ -249,6 +262,7 @@ class BankRegistry:
                 self._place(v, pinned=set(), over_budget_ok=False)
             old = self._current.get(name)
             self._current[name] = v
+            self._failed.pop(name, None)  # a reload puts a failed bank back in service
             self._live.append(v)
             if old is not None:
                 self._retire(old)
@@ -259,6 +273,8 @@ class BankRegistry:
         with self._lock:
             v = self._current.pop(name, None)
             if v is None:
+                if self._failed.pop(name, None) is not None:
+                    return
                 raise BankNotFound(f"bank {name!r} is not loaded")
             self._retire(v)
 
@@ -281,6 +297,24 @@ class BankRegistry:
 
     # -- engine side (AdapterProvider) ------------------------------------------------------------
 
+    def fail(self, handle: BankHandle, reason: str) -> None:
+        """The engine saw ``handle``'s bank fail inside a step: take its versions out of service.
+        New requests naming them get ``BankOutOfService`` (503); ``list()`` shows them as failed
+        with ``reason``; loading the name again (or unloading it) clears the state."""
+        with self._lock:
+            for v in handle.versions:
+                if v.failed is not None:
+                    continue
+                v.failed = reason
+                if self._current.get(v.name) is v:
+                    del self._current[v.name]
+                    self._failed[v.name] = v
+                    self._retire(v)
+
+    def failure(self, handle: BankHandle) -> str | None:
+        """Why ``handle``'s bank was taken out of service, or None while it is in service."""
+        return next((v.failed for v in handle.versions if v.failed), None)
+
     def acquire(self, bank: str) -> BankHandle:
         """Pin the current version of ``bank``, or of both parts of ``factor+other``: a factor
         bank's FFN with another bank's LoRA experts on top. Refused (``BankCombinationRefused``,
@@ -294,6 +328,9 @@ class BankRegistry:
             versions = []
             for part in parts:
                 v = self._current.get(part)
+                if v is None and part in self._failed:
+                    raise BankOutOfService(f"bank {part!r} failed while running and is out of service "
+                                           f"({self._failed[part].failed}); an admin may reload it")
                 if v is None:
                     raise UnknownBank(f"bank {part!r} is not loaded")
                 versions.append(v)

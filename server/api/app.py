@@ -28,6 +28,7 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, Completion
 from .serving_chat import OpenAIServingChat
 from .serving_completions import OpenAIServingCompletion
 from .serving_engine import ServingContext
+from .tokenizer_pool import TokenizerPool
 
 log = logging.getLogger("moleserve.api")
 
@@ -46,8 +47,11 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
                      or engine.model_config.max_position_embeddings)
     metrics = metrics or ServerMetrics(model_name, max_lora=getattr(engine, "max_banks", 0) or 0)
     admission = Admission()
+    tokenizers = TokenizerPool(engine.tokenizer, workers=settings.tokenizer_workers)
     ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
-                         metrics=metrics, banks=banks, retry_after=settings.retry_after)
+                         metrics=metrics, banks=banks, retry_after=settings.retry_after, tokenizers=tokenizers,
+                         max_tokens_default=settings.max_tokens_default, max_tokens_limit=settings.max_tokens_limit,
+                         max_messages=settings.max_messages)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,8 +64,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
             yield
         finally:
             await engine.stop()
-            chat._executor.shutdown(wait=False)
-            completions._executor.shutdown(wait=False)
+            tokenizers.shutdown()
 
     app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible inference with mixture-of-LoRA-experts banks.")
@@ -107,6 +110,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         """The base model first, then every loaded bank."""
         cards = [ModelCard(id=model_name, created=_STARTED, root=model_name, max_model_len=max_model_len)]
         for b in bank_routes.bank_infos(banks):
+            if b.extra.get("state") == "failed":  # out of service until reloaded (GET /v1/banks shows why)
+                continue
             cards.append(ModelCard(id=b.name, created=_STARTED, root=model_name, parent=model_name,
                                    max_model_len=max_model_len, kind=b.kind, num_experts=b.num_experts))
         return ModelList(data=cards)
