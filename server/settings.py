@@ -60,6 +60,20 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's max_position_embeddings)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted; beyond it: 413")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+    max_tokens_default: int | None = Field(
+        4096, ge=1, description="max_tokens of a request that omits it (never past the context window; "
+        "unset: the rest of the context window)")
+    max_tokens_limit: int | None = Field(None, ge=1, description="largest max_tokens a request may ask for; beyond it: "
+                                         "400 (unset: the context window)")
+    max_messages: int = Field(2048, ge=1, description="most messages in one chat request; beyond it: 400, "
+                              "checked before the chat template runs")
+    tokenizer_workers: int = Field(2, ge=1, le=64, description="threads that render chat templates and tokenize "
+                                   "(each with its own tokenizer copy), so one large body does not delay the others")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers; "
+                                  "then the connection is closed (slow-header clients cannot hold sockets)")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request's body; then 408")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    max_connections: int = Field(1024, ge=1, description="open connections (and requests) at once; beyond it: 503")
     grace_period: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may run before they are aborted")
 
     @field_validator("bank_root", mode="before")
@@ -69,7 +83,8 @@ class Settings(BaseSettings):
             return [p for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", mode="before")
+    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", "max_tokens_default",
+                     "max_tokens_limit", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

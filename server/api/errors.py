@@ -74,6 +74,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return "the request body is not valid JSON", None, 400
+    for e in errors:
+        if e.get("type") == "unicode_surrogate":  # a value no text can hold: a bad value, as OpenAI says 400
+            param = (e.get("ctx") or {}).get("param", "body")
+            return f"{param}: {e.get('msg')}", param, 400
     parts, param = [], None
     for e in errors[:5]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
