@@ -127,7 +127,10 @@ def serve_app(app: Any, settings: Any) -> int:
 
     from server.api.lifecycle import DrainingServer
 
+    from server.api.http_protocol import protocol_with
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, lifespan="on", http=protocol_with(settings.header_timeout),
+                            timeout_keep_alive=settings.keep_alive_timeout, limit_concurrency=settings.max_connections)
     DrainingServer(config, app, settings.grace_period).run()
     return 0

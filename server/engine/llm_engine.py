@@ -109,10 +109,12 @@ class LLMEngine:
             raise InvalidRequest("the prompt is empty")
         if n >= self.max_model_len:
             raise InvalidRequest(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
-                                 f"tokens, which must also hold at least one generated token")
+                                 f"tokens, which must also hold at least one generated token", param="prompt",
+                                 code="context_length_exceeded")
         if n + request.params.max_tokens > self.max_model_len:
             raise InvalidRequest(f"the prompt ({n} tokens) plus max_tokens ({request.params.max_tokens}) "
-                                 f"exceeds this model's context of {self.max_model_len} tokens")
+                                 f"exceeds this model's context of {self.max_model_len} tokens", param="max_tokens",
+                                 code="context_length_exceeded")
         vocab = self.model_config.vocab_size
         if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
