@@ -75,7 +75,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     app.openapi = lambda: _openapi_with_events(app)
     app.state.settings, app.state.engine, app.state.banks = settings, engine, banks
     app.state.metrics, app.state.admission, app.state.retry_after = metrics, admission, settings.retry_after
-    app.state.model_name, app.state.max_model_len = model_name, max_model_len
+    app.state.model_name, app.state.max_model_len, app.state.tokenizers = model_name, max_model_len, tokenizers
     install_error_handlers(app)
     api_key, admin_key = Settings.secret(settings.api_key), Settings.secret(settings.admin_key)
     gate = AuthGate(api_key, admin_key, bank_routes.PATHS, ALWAYS_OPEN if not settings.metrics_auth else ALWAYS_OPEN[:2])
