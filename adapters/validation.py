@@ -30,6 +30,8 @@ def check_name(name: object) -> str:
 
 
 def check_kind(kind: object) -> str:
+    if not isinstance(kind, str):
+        raise BankError(f"kind must be a string, got {type(kind).__name__}")
     if kind in RESERVED_KINDS:
         raise BankError(f"kind {kind!r} ({RESERVED_KINDS[kind]}) is reserved and not supported by this version")
     if kind not in KINDS:

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         "model on the CPU, which halves their memory and the bytes each step reads; otherwise the model's dtype); "
         "float32 keeps them exact")
 
+    bank_memory: float | None = Field(
+        None, gt=0, description="memory all loaded banks may hold together: bytes (> 1) or a fraction of the "
+        "machine's memory (default: 0.25 of it); a load past it is refused with 409 naming the budget")
+    bank_load_workers: int = Field(4, ge=1, le=64, description="bank loads that may run at once; beyond them: 503")
+    bank_load_timeout: float = Field(120.0, gt=0, description="seconds a bank load may take before it is given up (504)")
+
     first_run_bank: bool = Field(
         False, description="train the small commonsense DynMoLE bank in the background if it is not cached yet, "
         "and load it as 'commonsense-dynmole' when ready (the server answers meanwhile)")

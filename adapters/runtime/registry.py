@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from adapters import BankError, BaseFingerprint, ExpertBank, load_bank, resolve_bank_path
+from adapters.errors import BankBudgetExceeded
 from server.engine.protocol import InvalidRequest, UnknownBank
 from server.model import ModelConfig
 
@@ -78,6 +79,20 @@ class BankOutOfService(UnknownBank):
     type = "service_unavailable"
     code = "bank_failed"
     param = "model"
+
+
+class BankOverBudget(BankAdminError):
+    """Loading would take the loaded banks past the bank memory budget (``--bank-memory``)."""
+
+    status = 409
+    type = "conflict_error"
+
+
+class BankLoadUnavailable(BankAdminError):
+    """Every load worker is busy (503), or the load did not finish in time (504)."""
+
+    status = 503
+    type = "service_unavailable"
 
 
 class BankPathRefused(BankAdminError):
@@ -150,18 +165,28 @@ class BankRegistry:
         ``serving_bank_dtype``: float16 for a float32 CPU model, which halves the memory and the
         bandwidth of routed LoRA calls).
     pool_memory_bytes: budget of the device pool (None: unbounded).
+    memory_bytes: budget of every loaded bank version together, in bytes of their packed weights
+        (None: unbounded); a load past it is refused (409) naming the budget, before the weights
+        of our format are read (their declared sizes count).
+    load_workers, load_timeout: ``load`` runs at most ``load_workers`` loads at once, each on its
+        own daemon thread, and gives up on one after ``load_timeout`` seconds (the stuck thread
+        can neither swap its bank in later nor keep the process from exiting).
     allowed_roots: folders client-supplied paths must resolve into.
     """
 
     def __init__(self, model_config: ModelConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, pool_memory_bytes: int | None = None,
-                 allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None):
+                 allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None,
+                 memory_bytes: int | None = None, load_workers: int = 4, load_timeout: float | None = 120.0):
         self.config = model_config
         self.model = model  # needed by factor banks (their experts are the model's FFN weights)
         self.fingerprint = BaseFingerprint.from_hf_config(model_config.raw)
         self.device = torch.device(device)
         self.dtype = dtype
         self.pool_memory_bytes = pool_memory_bytes
+        self.memory_bytes = memory_bytes  # host bytes all loaded versions may hold (None: unbounded)
+        self.load_timeout = load_timeout
+        self._load_slots = threading.BoundedSemaphore(load_workers)
         self.allowed_roots: list[Path] = [Path(r) for r in allowed_roots]
         self.collect_stats = collect_stats
         self.backend = backend
@@ -217,13 +242,43 @@ class BankRegistry:
                 self.allowed_roots.append(Path(root))
 
     async def load(self, name: str, path: str | Path) -> dict:
-        """Load (or replace) ``name`` from ``path`` without blocking the event loop."""
-        return await asyncio.to_thread(self.load_sync, name, path)
+        """Load (or replace) ``name`` from ``path`` off the event loop, on a bounded set of daemon
+        threads, within ``load_timeout`` seconds."""
+        if not self._load_slots.acquire(blocking=False):
+            raise BankLoadUnavailable("every bank load worker is busy (a load may be stuck on its files); retry later")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        given_up = threading.Event()
+
+        def settle(result, exc) -> None:
+            if not done.done():
+                done.set_exception(exc) if exc is not None else done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, exc = self.load_sync(name, path, given_up=given_up), None
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
+                result, exc = None, e
+            finally:
+                self._load_slots.release()
+            try:
+                loop.call_soon_threadsafe(settle, result, exc)
+            except RuntimeError:  # the loop is gone (shutdown): nobody waits for this load
+                pass
+
+        threading.Thread(target=work, name=f"bank-load-{name}", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), self.load_timeout)
+        except TimeoutError:
+            given_up.set()
+            err = BankLoadUnavailable(f"loading bank {name!r} did not finish within {self.load_timeout:g} seconds")
+            err.status, err.type = 504, "timeout_error"
+            raise err from None
 
     async def unload(self, name: str) -> None:
         self.unload_sync(name)
 
-    def load_sync(self, name: str, path: str | Path) -> dict:
+    def load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None = None) -> dict:
         """Resolve ``path`` inside the allowed roots, load any supported format, validate, pack,
         then swap in. On any error the registry is left exactly as it was."""
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -237,13 +292,29 @@ class BankRegistry:
                 err.status, err.type = 404, "not_found_error"
             raise err from None
         try:
-            bank = load_bank(real, base=self.fingerprint, name=name)
+            bank = load_bank(real, base=self.fingerprint, name=name, max_bytes=self._room_for(name))
+        except BankBudgetExceeded as exc:
+            raise BankOverBudget(str(exc)) from None
         except BankError as exc:
             raise BankLoadError(str(exc)) from None
-        return self.add(bank, source=str(real))
+        return self.add(bank, source=str(real), given_up=given_up)
 
-    def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>") -> dict:
-        """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this)."""
+    def _room_for(self, name: str) -> int | None:
+        """Bytes a new version of ``name`` may take: the budget less every other live version (the
+        version it replaces stays while requests pin it, so it counts too)."""
+        if self.memory_bytes is None:
+            return None
+        with self._lock:
+            return max(self.memory_bytes - sum(self._bytes(v) for v in self._live), 0)
+
+    @staticmethod
+    def _bytes(v: BankVersion) -> int:
+        return v.factor.nbytes() if v.factor is not None else v.layout.nbytes
+
+    def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>",
+            given_up: threading.Event | None = None) -> dict:
+        """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this).
+        ``given_up``: set when the caller stopped waiting; the bank is then not swapped in."""
         name = name or bank.name
         try:
             layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
@@ -256,6 +327,13 @@ class BankRegistry:
             else:
                 host = bank
         with self._lock:
+            if given_up is not None and given_up.is_set():
+                raise BankLoadUnavailable(f"loading bank {name!r} was given up (timeout); it was not swapped in")
+            size = factor.nbytes() if factor is not None else layout.nbytes
+            room = self._room_for(name)
+            if room is not None and size > room:
+                raise BankOverBudget(f"bank {name!r} needs {size} bytes; loaded banks leave {room} of the "
+                                     f"{self.memory_bytes} byte bank memory budget (--bank-memory); unload a bank first")
             v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version,
                             factor=factor, host_bank=host)
             if bank.kind != "factor":

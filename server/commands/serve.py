@@ -110,7 +110,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device) if settings.bank_dtype == "auto"
                   else getattr(torch, settings.bank_dtype))
     registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
-                            allowed_roots=settings.bank_root)
+                            allowed_roots=settings.bank_root, memory_bytes=bank_memory_bytes(settings.bank_memory),
+                            load_workers=settings.bank_load_workers, load_timeout=settings.bank_load_timeout)
     if settings.banks is not None:
         try:
             loaded, errors = registry.load_dir(settings.banks)
@@ -120,6 +121,17 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
                  f" ({len(errors)} refused, see above)" if errors else "")
     llm.set_adapter_provider(registry)
     return AsyncEngine(config, engine=llm), registry
+
+
+def bank_memory_bytes(setting: float | None) -> int:
+    """``--bank-memory`` in bytes: bytes as given (> 1), else that fraction of the machine's
+    physical memory (default 0.25)."""
+    import os
+
+    if setting is not None and setting > 1:
+        return int(setting)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * (0.25 if setting is None else setting))
 
 
 def serve_app(app: Any, settings: Any) -> int:
