@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine.protocol import RequestStats, StepStats
@@ -151,6 +151,50 @@ class CountVectors(Collector):
         return [CounterMetricFamily(self.name, self.documentation, labels=(*self.labelnames, self.index_label))]
 
 
+class ResidencyCollector(Collector):
+    """The bank registry's residency counters (``adapters.runtime.residency.ResidencyStats``),
+    read from ``source()`` at scrape time: loads, evictions, hits and misses per tier, load latency,
+    banks resident per tier. Nothing is counted twice: the registry owns the numbers."""
+
+    def __init__(self):
+        self.source = None  # callable -> ResidencyStats, set by ``ServerMetrics.watch_residency``
+
+    def collect(self):
+        stats = self.source() if self.source is not None else None
+        if stats is None:
+            return
+        loads = CounterMetricFamily("moleserve_bank_loads", "Bank loads by trigger (on_demand, admin) and result.",
+                                    labels=("trigger", "result"))
+        for (trigger, result), n in sorted(stats.loads.items()):
+            loads.add_metric([trigger, result], float(n))
+        yield loads
+        for name, doc, counts in (
+                ("moleserve_bank_evictions", "Banks evicted from a tier (host: to disk; pool: to host memory).",
+                 stats.evictions),
+                ("moleserve_bank_hits", "Requests whose bank was in the tier (host memory, expert pool).", stats.hits),
+                ("moleserve_bank_misses", "Requests whose bank had to be brought into the tier.", stats.misses)):
+            family = CounterMetricFamily(name, doc, labels=("tier",))
+            for tier in ("host", "pool"):
+                family.add_metric([tier], float(counts.get(tier, 0)))
+            yield family
+        from adapters.runtime.residency import LOAD_BUCKETS  # noqa: PLC0415 - only with a registry
+
+        cumulative, buckets = 0, []
+        for edge, n in zip((*LOAD_BUCKETS, float("inf")), stats.load_buckets):
+            cumulative += n
+            buckets.append((_edge(edge), float(cumulative)))
+        yield HistogramMetricFamily("moleserve_bank_load_seconds", "Duration of bank loads (disk to host memory).",
+                                    buckets=buckets, sum_value=stats.load_sum)
+        resident = GaugeMetricFamily("moleserve_banks_resident", "Banks in each tier now (disk: evicted, known).",
+                                     labels=("tier",))
+        for tier in ("disk", "host", "pool"):
+            resident.add_metric([tier], float(stats.resident.get(tier, 0)))
+        yield resident
+
+    def describe(self):
+        return []
+
+
 def _edge(edge: float) -> str:
     return "+Inf" if edge == float("inf") else repr(float(edge))
 
@@ -211,7 +255,9 @@ class ServerMetrics:
         self.banks_loaded = Gauge("moleserve_banks_loaded", "Banks loaded now.", registry=r)
         self.preemptions = Counter("moleserve_preemptions", "Sequences preempted for lack of KV blocks.", registry=r)
         self.rejected = Counter("moleserve_rejected_requests", "Requests refused before the engine ran them.", ["reason"], registry=r)
-        for c in (self.inter_token, self.routing_entropy, self.experts_per_token, self.expert_selections):
+        self.residency = ResidencyCollector()
+        for c in (self.inter_token, self.routing_entropy, self.experts_per_token, self.expert_selections,
+                  self.residency):
             r.register(c)
         for g in (self.running, self.waiting, self.kv_usage):
             g.labels(model_name).set(0)
@@ -273,6 +319,17 @@ class ServerMetrics:
         if max_lora != self.max_lora:
             self.max_lora = max_lora
             self._set_lora_info(*self._lora_banks)
+
+    def watch_residency(self, source) -> None:
+        """Read the bank registry's residency counters (``source()`` -> ``ResidencyStats``) at every
+        scrape; ``moleserve_banks_loaded`` then is the number of banks resident in host memory."""
+        self.residency.source = source
+
+    def set_residency(self) -> None:
+        """At scrape time: ``moleserve_banks_loaded`` from the registry (loads and evictions on
+        demand change it between bank operations)."""
+        if self.residency.source is not None:
+            self.banks_loaded.set(self.residency.source().resident.get("host", 0))
 
     def set_cache_config(self, block_size: int, num_gpu_blocks: int, cache_dtype: str) -> None:
         """The KV cache's shape as vLLM's ``vllm:cache_config_info`` shows it (the endpoint picker's

@@ -41,6 +41,19 @@ class Settings(BaseSettings):
     bank_load_workers: int = Field(4, ge=1, le=64, description="bank loads that may run at once; beyond them: 503")
     bank_load_timeout: float = Field(120.0, gt=0, description="seconds a bank load may take before it is given up (504)")
 
+    load_banks_on_demand: bool = Field(
+        False, description="a request naming a bank that is not loaded loads the folder <root>/<name> from a "
+        "--bank-root or --banks folder (no such folder: 404; a bank that fails to load: a 4xx naming the file, "
+        "remembered for --bank-negative-ttl seconds or until the folder changes)")
+    max_loaded_banks: int | None = Field(
+        None, ge=1, description="banks host memory holds at once; loading one more evicts the least recently used "
+        "idle bank that is not pinned (--banks and admin-API banks are pinned); default: unbounded")
+    bank_pool_memory: float | None = Field(
+        None, gt=0, description="bytes of the device expert pool (> 1, or a fraction of --bank-memory); idle banks "
+        "leave it least recently used first (default: unbounded)")
+    bank_negative_ttl: float = Field(30.0, gt=0, description="seconds a bank name that was not found or failed to "
+                                     "load on demand is answered from memory")
+
     first_run_bank: bool = Field(
         False, description="train the small commonsense DynMoLE bank in the background if it is not cached yet, "
         "and load it as 'commonsense-dynmole' when ready (the server answers meanwhile)")

@@ -21,6 +21,7 @@ bank's (non-MixLoRA) LoRA experts on top; ``acquire`` pins both versions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import re
@@ -38,6 +39,7 @@ from server.model import ModelConfig
 
 from .layout import BankLayout, build_layout
 from .pool import SlotPool
+from .residency import NegativeCache, ResidencyStats, find_on_disk, valid_on_demand_name
 from .step import BankStep, StepBank
 
 log = logging.getLogger(__name__)
@@ -95,10 +97,24 @@ class BankLoadUnavailable(BankAdminError):
     type = "service_unavailable"
 
 
+class BankHostFull(BankLoadUnavailable):
+    """Host memory holds ``max_loaded`` banks and none can be evicted now (503). ``waitable``: some
+    of them only have requests in flight (not pinned), so room comes when those finish."""
+
+    waitable = False
+
+
 class BankPathRefused(BankAdminError):
     """A path outside the allowed roots (400), or one that does not exist (404)."""
 
     status = 400
+
+
+class BankNotOnDisk(BankNotFound):
+    """A request named a bank that is neither loaded nor a folder ``<root>/<name>`` (404)."""
+
+    code = "model_not_found"
+    param = "model"
 
 
 @dataclass(eq=False)
@@ -118,6 +134,7 @@ class BankVersion:
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
     failed: str | None = None  # why the engine took it out of service (see ``BankRegistry.fail``)
+    pinned: bool = True  # never evicted from host memory (loaded at start or by the admin API)
 
 
 @dataclass(eq=False)
@@ -172,12 +189,21 @@ class BankRegistry:
         own daemon thread, and gives up on one after ``load_timeout`` seconds (the stuck thread
         can neither swap its bank in later nor keep the process from exiting).
     allowed_roots: folders client-supplied paths must resolve into.
+    max_loaded: banks host memory holds at once (None: unbounded). Loading one more evicts the
+        least recently used bank that is not pinned and has no request in flight (back to disk:
+        its next request loads it again); when every loaded bank is pinned or busy the load is
+        refused (503). Banks loaded at start or by the admin API are pinned unless told otherwise.
+    on_demand: a request naming a bank that is not loaded loads ``<root>/<name>`` from the first
+        allowed root that has it (``ensure``); concurrent requests share one load.
+    negative_ttl: seconds a name that was not found, or whose files failed to load, is answered
+        from memory (sooner when the folder changes; see ``residency.NegativeCache``).
     """
 
     def __init__(self, model_config: ModelConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, pool_memory_bytes: int | None = None,
                  allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None,
-                 memory_bytes: int | None = None, load_workers: int = 4, load_timeout: float | None = 120.0):
+                 memory_bytes: int | None = None, load_workers: int = 4, load_timeout: float | None = 120.0,
+                 max_loaded: int | None = None, on_demand: bool = False, negative_ttl: float = 30.0):
         self.config = model_config
         self.model = model  # needed by factor banks (their experts are the model's FFN weights)
         self.fingerprint = BaseFingerprint.from_hf_config(model_config.raw)
@@ -197,13 +223,26 @@ class BankRegistry:
         self._live: list[BankVersion] = []  # every version holding memory (current or pinned)
         self._counter = itertools.count(1)
         self.over_budget = False
+        self.max_loaded = max_loaded
+        self.on_demand = on_demand
+        self.stats = ResidencyStats()
+        self._misses = NegativeCache(negative_ttl)
+        self._loading: dict[str, asyncio.Future] = {}  # on-demand loads in progress, shared by their requests
+        self._on_disk: collections.OrderedDict[str, dict] = collections.OrderedDict()  # evicted: last description
 
     # -- admin -----------------------------------------------------------------------------------
 
     def list(self) -> list[dict]:
-        """Loaded banks (``state: ready``), then banks taken out of service (``state: failed``)."""
+        """Loaded banks (``state: ready``), then banks taken out of service (``state: failed``).
+        ``tier`` says where a loaded bank is: ``pool`` (in the device expert pool) or ``host``."""
         with self._lock:
             return [self._describe(v) for v in (*self._current.values(), *self._failed.values())]
+
+    def list_on_disk(self) -> list[dict]:
+        """Banks evicted from host memory (``tier: disk``) as they were last described; their
+        next request loads them again. At most the last 4096 evicted."""
+        with self._lock:
+            return [dict(d) for name, d in self._on_disk.items() if name not in self._current]
 
     def get(self, name: str) -> dict:
         with self._lock:
@@ -220,6 +259,8 @@ class BankRegistry:
                 "in_flight": sum(x.refs for x in self._live if x.name == v.name),
                 "bytes": v.factor.nbytes() if factor and v.factor is not None else v.layout.nbytes,
                 "loaded_at": v.loaded_at, "state": "failed" if v.failed else "ready",
+                "tier": ("pool" if (v.factor is not None if factor else v.offset is not None) else "host"),
+                "pinned": v.pinned,
                 **({"error": v.failed} if v.failed else {})}
 
     def attach_model(self, model) -> None:
@@ -241,9 +282,9 @@ class BankRegistry:
             if Path(root) not in self.allowed_roots:
                 self.allowed_roots.append(Path(root))
 
-    async def load(self, name: str, path: str | Path) -> dict:
+    async def load(self, name: str, path: str | Path, *, pinned: bool = True, trigger: str = "admin") -> dict:
         """Load (or replace) ``name`` from ``path`` off the event loop, on a bounded set of daemon
-        threads, within ``load_timeout`` seconds."""
+        threads, within ``load_timeout`` seconds. ``pinned``: never evicted from host memory."""
         if not self._load_slots.acquire(blocking=False):
             raise BankLoadUnavailable("every bank load worker is busy (a load may be stuck on its files); retry later")
         loop = asyncio.get_running_loop()
@@ -256,7 +297,7 @@ class BankRegistry:
 
         def work() -> None:
             try:
-                result, exc = self.load_sync(name, path, given_up=given_up), None
+                result, exc = self.load_sync(name, path, given_up=given_up, pinned=pinned, trigger=trigger), None
             except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
                 result, exc = None, e
             finally:
@@ -278,9 +319,24 @@ class BankRegistry:
     async def unload(self, name: str) -> None:
         self.unload_sync(name)
 
-    def load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None = None) -> dict:
+    def load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None = None,
+                  pinned: bool = True, trigger: str = "admin") -> dict:
         """Resolve ``path`` inside the allowed roots, load any supported format, validate, pack,
-        then swap in. On any error the registry is left exactly as it was."""
+        then swap in. On any error the registry is left exactly as it was. ``trigger`` (``admin``
+        or ``on_demand``) labels the load in the residency statistics."""
+        start = time.perf_counter()
+        try:
+            info = self._load_sync(name, path, given_up=given_up, pinned=pinned)
+        except BaseException:
+            with self._lock:
+                self.stats.loads[(trigger, "error")] += 1
+            raise
+        with self._lock:
+            self.stats.loads[(trigger, "ok")] += 1
+            self.stats.observe_load(time.perf_counter() - start)
+        return info
+
+    def _load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None, pinned: bool) -> dict:
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise BankAdminError(f"bank name {name!r} is invalid: 1-128 characters from A-Z a-z 0-9 . _ -, "
                                  "starting with a letter or digit")
@@ -292,29 +348,33 @@ class BankRegistry:
                 err.status, err.type = 404, "not_found_error"
             raise err from None
         try:
-            bank = load_bank(real, base=self.fingerprint, name=name, max_bytes=self._room_for(name))
+            bank = load_bank(real, base=self.fingerprint, name=name,
+                             max_bytes=self._room_for(name, reclaim=self.max_loaded is not None))
         except BankBudgetExceeded as exc:
             raise BankOverBudget(str(exc)) from None
         except BankError as exc:
             raise BankLoadError(str(exc)) from None
-        return self.add(bank, source=str(real), given_up=given_up)
+        return self.add(bank, source=str(real), given_up=given_up, pinned=pinned)
 
-    def _room_for(self, name: str) -> int | None:
+    def _room_for(self, name: str, reclaim: bool = False) -> int | None:
         """Bytes a new version of ``name`` may take: the budget less every other live version (the
-        version it replaces stays while requests pin it, so it counts too)."""
+        version it replaces stays while requests pin it, so it counts too). ``reclaim``: banks
+        that eviction may take out of host memory count as free."""
         if self.memory_bytes is None:
             return None
         with self._lock:
-            return max(self.memory_bytes - sum(self._bytes(v) for v in self._live), 0)
+            free = {id(v) for v in self._evictable(name)} if reclaim else set()
+            return max(self.memory_bytes - sum(self._bytes(v) for v in self._live if id(v) not in free), 0)
 
     @staticmethod
     def _bytes(v: BankVersion) -> int:
         return v.factor.nbytes() if v.factor is not None else v.layout.nbytes
 
     def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>",
-            given_up: threading.Event | None = None) -> dict:
+            given_up: threading.Event | None = None, pinned: bool = True) -> dict:
         """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this).
-        ``given_up``: set when the caller stopped waiting; the bank is then not swapped in."""
+        ``given_up``: set when the caller stopped waiting; the bank is then not swapped in.
+        Past ``max_loaded`` (or the memory budget) idle unpinned banks are evicted first."""
         name = name or bank.name
         try:
             layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
@@ -330,17 +390,23 @@ class BankRegistry:
             if given_up is not None and given_up.is_set():
                 raise BankLoadUnavailable(f"loading bank {name!r} was given up (timeout); it was not swapped in")
             size = factor.nbytes() if factor is not None else layout.nbytes
+            self._make_host_room(name)
             room = self._room_for(name)
+            while room is not None and size > room and self._evictable(name):
+                self._evict_host(min(self._evictable(name), key=lambda x: x.last_used))
+                room = self._room_for(name)
             if room is not None and size > room:
                 raise BankOverBudget(f"bank {name!r} needs {size} bytes; loaded banks leave {room} of the "
                                      f"{self.memory_bytes} byte bank memory budget (--bank-memory); unload a bank first")
             v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version,
-                            factor=factor, host_bank=host)
+                            factor=factor, host_bank=host, pinned=pinned)
             if bank.kind != "factor":
                 self._place(v, pinned=set(), over_budget_ok=False)
             old = self._current.get(name)
             self._current[name] = v
             self._failed.pop(name, None)  # a reload puts a failed bank back in service
+            self._on_disk.pop(name, None)
+            self._misses.forget(name)
             self._live.append(v)
             if old is not None:
                 self._retire(old)
@@ -426,8 +492,12 @@ class BankRegistry:
                 if v.layout.kind == "factor" and v.factor is None:
                     raise UnknownBank(f"factor bank {v.name!r} is not ready: the registry has no model to pack "
                                       "its experts from (attach_model)")
+            now = time.monotonic()
             for v in versions:
                 v.refs += 1
+                v.last_used = now
+                if v.layout.kind != "factor":
+                    (self.stats.hits if v.offset is not None else self.stats.misses)["pool"] += 1
             if kinds[0] == "factor":
                 return BankHandle(versions[1] if len(versions) == 2 else None, factor=versions[0])
             return BankHandle(versions[0])
@@ -500,13 +570,149 @@ class BankRegistry:
         memory budget: as many as one step can run (``step_limit``, one bank per sequence); with a
         budget: how many copies of the largest loaded bank it holds (at least 1, as the pool grows
         past the budget for one step's banks)."""
+        limit = step_limit if self.max_loaded is None else max(1, min(step_limit, self.max_loaded))
         if self.pool_memory_bytes is None:
-            return step_limit
+            return limit
         with self._lock:
             sizes = [v.layout.nbytes for v in self._current.values() if v.layout.kind != "factor"]
         if not sizes:
-            return step_limit
-        return max(1, min(step_limit, self.pool_memory_bytes // max(max(sizes), 1)))
+            return limit
+        return max(1, min(limit, self.pool_memory_bytes // max(max(sizes), 1)))
+
+    def residency_stats(self) -> ResidencyStats:
+        """A snapshot of the residency counters, with the banks in each tier now."""
+        with self._lock:
+            snap = self.stats.copy()
+            pool = sum(1 for v in self._current.values()
+                       if (v.factor is not None if v.layout.kind == "factor" else v.offset is not None))
+            snap.resident = {"host": len(self._current), "pool": pool,
+                             "disk": sum(1 for n in self._on_disk if n not in self._current)}
+            return snap
+
+    # -- on demand ---------------------------------------------------------------------------------
+
+    def may_load(self, model: str) -> bool:
+        """Whether ``ensure`` may load ``model``'s banks (on-demand loading on, or evicted ones)."""
+        if self.on_demand:
+            return True
+        with self._lock:
+            return all(p in self._current or p in self._on_disk for p in model.split("+"))
+
+    async def ensure(self, model: str) -> None:
+        """Make the banks ``model`` names (``a`` or ``factor+b``) loaded before a request acquires
+        them. A loaded bank counts a host hit. One that is not counts a miss and, with
+        ``on_demand`` (or when it was evicted from host memory), is loaded from ``<root>/<name>``
+        (an evicted bank: from where it was loaded) on a load worker; concurrent callers await the
+        same load, and the engine keeps stepping meanwhile. Raises ``BankNotOnDisk`` (404) for no
+        such folder, the load's error (``BankLoadError`` 400 naming the file and the reason, 409,
+        503, 504) otherwise. Names not found and loads that failed on their files are remembered
+        (``negative_ttl``, or until the folder changes) and answered without touching the disk.
+        Without ``on_demand`` an unknown name is left for ``acquire`` to refuse."""
+        for part in model.split("+"):
+            with self._lock:
+                loaded = part in self._current or part in self._failed
+                (self.stats.hits if loaded else self.stats.misses)["host"] += 1
+                evicted = self._on_disk.get(part)
+            if loaded or not (self.on_demand or evicted is not None) or not part:
+                continue
+            await self._load_on_demand(part, evicted)
+
+    async def _load_on_demand(self, name: str, evicted: dict | None) -> None:
+        roots = list(self.allowed_roots)
+        if not valid_on_demand_name(name):
+            raise BankNotOnDisk(f"the model {name!r} does not exist: not a bank name (one folder name, "
+                                "no separators or '..')")
+        cached = self._misses.get(name, roots)
+        if cached is not None:
+            raise _fresh(cached)
+        task = self._loading.get(name)
+        if task is None:
+            folder = Path(evicted["source"]) if evicted is not None else find_on_disk(name, roots)
+            if folder is None or not folder.is_dir():
+                folder = find_on_disk(name, roots) if evicted is not None else None
+            if folder is None:
+                err = BankNotOnDisk(f"the model {name!r} does not exist: it is not loaded and no folder of that "
+                                    "name is under the bank roots")
+                self._misses.put(name, err, roots)
+                raise _fresh(err)
+            task = asyncio.ensure_future(self._load_from(name, folder, pinned=False))
+            self._loading[name] = task
+            task.add_done_callback(lambda t: (self._loading.pop(name, None), t.cancelled() or t.exception()))
+        await asyncio.shield(task)
+
+    def _host_full(self, name: str) -> BankHostFull | None:
+        """Why ``name`` cannot enter host memory now (None: it can, evicting if need be)."""
+        with self._lock:
+            try:
+                if self.max_loaded is not None and sum(1 for n in self._current if n != name) >= self.max_loaded \
+                        and not self._evictable(name):
+                    self._make_host_room(name)  # raises BankHostFull, evicts nothing (nothing is evictable)
+            except BankHostFull as exc:
+                return exc
+        return None
+
+    async def _load_from(self, name: str, folder: Path, *, pinned: bool) -> None:
+        """Load an on-demand bank. While host memory is full of banks that only have requests in
+        flight, wait (up to ``load_timeout``) for one to go idle rather than refuse."""
+        deadline = time.monotonic() + (self.load_timeout or 120.0)
+        while True:
+            full = self._host_full(name)
+            if full is not None:
+                if not full.waitable or time.monotonic() >= deadline:
+                    full.param = "model"
+                    raise full
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                return await self._load_once(name, folder, pinned=pinned)
+            except BankHostFull as exc:  # filled up by another load meanwhile
+                if not exc.waitable or time.monotonic() >= deadline:
+                    raise
+
+    async def _load_once(self, name: str, folder: Path, *, pinned: bool) -> None:
+        try:
+            await self.load(name, folder, pinned=pinned, trigger="on_demand")
+        except (BankLoadError, BankPathRefused) as exc:  # the files' fault: not retried until they change
+            exc.param = "model"
+            self._misses.put(name, exc, list(self.allowed_roots), folder=folder)
+            raise
+        except BankAdminError as exc:
+            exc.param = "model"
+            raise
+
+    def _evictable(self, name: str | None = None) -> list[BankVersion]:
+        """Loaded banks eviction may take out of host memory: not pinned, no request in flight on
+        any of their versions (a hot-replaced bank's old version counts), not ``name``."""
+        busy = {x.name for x in self._live if x.refs > 0}
+        return [v for n, v in self._current.items() if n != name and not v.pinned and n not in busy]
+
+    def _make_host_room(self, name: str) -> None:
+        """Evict idle unpinned banks (least recently used first) until a bank ``name`` fits under
+        ``max_loaded``; refuse (503) when every other loaded bank is pinned or busy."""
+        if self.max_loaded is None:
+            return
+        while sum(1 for n in self._current if n != name) >= self.max_loaded:
+            idle = self._evictable(name)
+            if not idle:
+                err = BankHostFull(
+                    f"host memory holds {self.max_loaded} banks (--max-loaded-banks), all pinned or with requests in "
+                    f"flight; bank {name!r} cannot be loaded now, retry later")
+                err.waitable = any(not v.pinned for n, v in self._current.items() if n != name)
+                raise err
+            self._evict_host(min(idle, key=lambda x: x.last_used))
+
+    def _evict_host(self, v: BankVersion) -> None:
+        """Back to disk: forget ``v`` (its next request loads it again from its source)."""
+        info = self._describe(v)
+        del self._current[v.name]
+        self._retire(v)
+        info.update(tier="disk", resident=False, in_flight=0)
+        self._on_disk.pop(v.name, None)
+        self._on_disk[v.name] = info
+        while len(self._on_disk) > 4096:
+            self._on_disk.popitem(last=False)
+        self.stats.evictions["host"] += 1
+        log.info("bank %s (version %d) evicted from host memory", v.name, v.version)
 
     # -- residency --------------------------------------------------------------------------------
 
@@ -550,6 +756,7 @@ class BankRegistry:
                 victim = min(idle, key=lambda x: x.last_used)
                 pool.free(victim.offset)
                 victim.offset = None
+                self.stats.evictions["pool"] += 1
                 log.info("bank %s (version %d) evicted from the device pool", victim.name, victim.version)
                 continue
             if not compacted and pool.capacity - pool.slots_used >= n:  # enough slots, but in holes
@@ -565,6 +772,16 @@ class BankRegistry:
             log.warning("expert pool over its memory budget: the banks of one step do not fit")
             v.offset = pool.install(packed, end, end + n)
             return
+
+
+def _fresh(exc: Exception) -> Exception:
+    """A new exception like the cached ``exc`` (raising one instance again and again would grow
+    its traceback)."""
+    new = type(exc)(str(exc))
+    for attr in ("status", "type", "code", "param"):
+        if attr in vars(exc):
+            setattr(new, attr, vars(exc)[attr])
+    return new
 
 
 def _pack_factor(bank: ExpertBank, model):

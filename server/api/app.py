@@ -64,6 +64,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
             await engine.start()
         if banks is not None:
             metrics.banks_loaded.set(len(banks.list()))
+        if callable(getattr(banks, "residency_stats", None)):
+            metrics.watch_residency(banks.residency_stats)
         _report_capacity(engine, metrics)
         try:
             yield
@@ -108,6 +110,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         if load is not None:
             metrics.set_load(*load)
         _report_capacity(engine, metrics)
+        metrics.set_residency()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     v1 = APIRouter(dependencies=[guard], responses={401: {"model": ErrorResponse}})

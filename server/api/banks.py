@@ -1,8 +1,8 @@
 """Bank administration over HTTP, against the ``BankAdmin`` interface the bank registry implements.
 
 Routes (only when an admin key is set; otherwise they do not exist):
-    GET    /v1/banks                    the loaded banks
-    POST   /v1/banks {name, path}       load, or replace a loaded bank of that name
+    GET    /v1/banks                    the loaded banks (tier pool or host), then those evicted to disk
+    POST   /v1/banks {name, path[, pinned]}  load, or replace a loaded bank of that name
     DELETE /v1/banks/{name}             unload
     POST   /v1/load_lora_adapter   {lora_name, lora_path}   vLLM's names, so its tooling works
     POST   /v1/unload_lora_adapter {lora_name}
@@ -99,12 +99,15 @@ def build_router(admin_guard) -> APIRouter:
 
     @router.get("/v1/banks", response_model=BankList)
     async def list_banks(request: Request) -> BankList:
-        return BankList(data=[bank_card(b) for b in bank_infos(registry(request))])
+        banks = registry(request)
+        on_disk = getattr(banks, "list_on_disk", None)  # evicted to disk (tier "disk"), loaded again on request
+        return BankList(data=[bank_card(b) for b in (*bank_infos(banks), *(on_disk() if on_disk else ()))])
 
     @router.post("/v1/banks", response_model=BankCard,
                  responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
     async def load_bank(body: LoadBankRequest, request: Request) -> BankCard:
-        info = await timed(request, "load", lambda: registry(request).load(body.name, body.path))
+        unpinned = {} if body.pinned else {"pinned": False}
+        info = await timed(request, "load", lambda: registry(request).load(body.name, body.path, **unpinned))
         return bank_card(info)
 
     @router.delete("/v1/banks/{name}", responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})

@@ -231,6 +231,8 @@ PATH = dict(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")  # a NUL byte 
 class LoadBankRequest(_Request):
     name: str = Field(..., min_length=1, max_length=128)
     path: str = Field(..., **PATH)
+    pinned: bool = Field(True, description="never evicted from host memory (false: an idle bank may be evicted "
+                         "under --max-loaded-banks and is loaded again from its path on its next request)")
 
 
 class LoadLoRAAdapterRequest(_Request):

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from server.engine.protocol import MAX_LOGPROBS, EngineError, GenerationEvent, GenerationRequest, SamplingParams, Usage
+from server.engine.protocol import (MAX_LOGPROBS, EngineError, GenerationEvent, GenerationRequest, SamplingParams,
+                                   UnknownBank, Usage)
 
 from .banks import bank_infos
 from .errors import APIError, error_body, from_exception
@@ -76,6 +77,9 @@ class OpenAIServing:
             return model
         # "factorbank+bank": both must be loaded; whether they combine is the registry's call (400)
         if "+" in model and all(part in names for part in model.split("+")):
+            return model
+        may_load = getattr(self.ctx.banks, "may_load", None)
+        if may_load is not None and may_load(model):  # loaded on demand before submit (``ensure_banks``)
             return model
         raise APIError(404, f"the model {model!r} does not exist (the base model is {self.ctx.model_name!r}; "
                             "GET /v1/models lists the banks)", param="model", code="model_not_found")
@@ -149,9 +153,7 @@ class OpenAIServing:
         iterator = None
         try:
             try:
-                iterator = engine.submit(gen)
-                if inspect.isawaitable(iterator):
-                    iterator = await iterator
+                iterator = await self._submit(gen)
             except EngineError as exc:
                 if exc.status == 429:
                     self.ctx.metrics.on_rejected("overloaded")
@@ -175,6 +177,30 @@ class OpenAIServing:
                 except Exception:  # noqa: BLE001 - closing a finished iterator must not mask the real error
                     pass
             admission.leave()
+
+    async def _submit(self, gen: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Submit ``gen`` once its bank is loaded (``ensure_banks``). A bank evicted between its
+        load and the submit (other loads needed the room) is loaded again, twice at most."""
+        for attempt in range(3):
+            await self.ensure_banks(gen.bank)
+            try:
+                iterator = self.ctx.engine.submit(gen)
+                return await iterator if inspect.isawaitable(iterator) else iterator
+            except UnknownBank as exc:
+                if type(exc) is not UnknownBank or attempt == 2 or getattr(self.ctx.banks, "ensure", None) is None:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def ensure_banks(self, bank: str | None) -> None:
+        """Load the banks ``bank`` names on demand (the registry's ``ensure``; errors are 4xx/5xx
+        bank errors naming the bank, its file and the reason)."""
+        ensure = getattr(self.ctx.banks, "ensure", None)
+        if bank is None or ensure is None:
+            return
+        try:
+            await ensure(bank)
+        except Exception as exc:  # noqa: BLE001 - bank errors carry their status; others are 500s
+            raise from_exception(exc, self.ctx.retry_after) from None
 
     async def abort(self, request_id: str) -> None:
         result = self.ctx.engine.abort(request_id)

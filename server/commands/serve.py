@@ -111,7 +111,9 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
                   else getattr(torch, settings.bank_dtype))
     registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
                             allowed_roots=settings.bank_root, memory_bytes=bank_memory_bytes(settings.bank_memory),
-                            load_workers=settings.bank_load_workers, load_timeout=settings.bank_load_timeout)
+                            load_workers=settings.bank_load_workers, load_timeout=settings.bank_load_timeout,
+                            pool_memory_bytes=pool_memory_bytes(settings), max_loaded=settings.max_loaded_banks,
+                            on_demand=settings.load_banks_on_demand, negative_ttl=settings.bank_negative_ttl)
     if settings.banks is not None:
         try:
             loaded, errors = registry.load_dir(settings.banks)
@@ -132,6 +134,14 @@ def bank_memory_bytes(setting: float | None) -> int:
         return int(setting)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(total * (0.25 if setting is None else setting))
+
+
+def pool_memory_bytes(settings: Any) -> int | None:
+    """``--bank-pool-memory`` in bytes: as given (> 1), else that fraction of ``--bank-memory``."""
+    setting = settings.bank_pool_memory
+    if setting is None:
+        return None
+    return int(setting) if setting > 1 else int(setting * bank_memory_bytes(settings.bank_memory))
 
 
 def serve_app(app: Any, settings: Any) -> int:
