@@ -97,6 +97,10 @@ class BankLoadUnavailable(BankAdminError):
     type = "service_unavailable"
 
 
+class BankWorkersBusy(BankLoadUnavailable):
+    """Every load worker is busy (503); an on-demand load waits for one instead (up to its deadline)."""
+
+
 class BankHostFull(BankLoadUnavailable):
     """Host memory holds ``max_loaded`` banks and none can be evicted now (503). ``waitable``: some
     of them only have requests in flight (not pinned), so room comes when those finish."""
@@ -286,7 +290,7 @@ class BankRegistry:
         """Load (or replace) ``name`` from ``path`` off the event loop, on a bounded set of daemon
         threads, within ``load_timeout`` seconds. ``pinned``: never evicted from host memory."""
         if not self._load_slots.acquire(blocking=False):
-            raise BankLoadUnavailable("every bank load worker is busy (a load may be stuck on its files); retry later")
+            raise BankWorkersBusy("every bank load worker is busy (a load may be stuck on its files); retry later")
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         given_up = threading.Event()
@@ -653,7 +657,7 @@ class BankRegistry:
 
     async def _load_from(self, name: str, folder: Path, *, pinned: bool) -> None:
         """Load an on-demand bank. While host memory is full of banks that only have requests in
-        flight, wait (up to ``load_timeout``) for one to go idle rather than refuse."""
+        flight, or every load worker is busy, wait (up to ``load_timeout``) rather than refuse."""
         deadline = time.monotonic() + (self.load_timeout or 120.0)
         while True:
             full = self._host_full(name)
@@ -665,9 +669,10 @@ class BankRegistry:
                 continue
             try:
                 return await self._load_once(name, folder, pinned=pinned)
-            except BankHostFull as exc:  # filled up by another load meanwhile
-                if not exc.waitable or time.monotonic() >= deadline:
+            except (BankHostFull, BankWorkersBusy) as exc:  # room taken by other loads meanwhile, or no worker free
+                if not getattr(exc, "waitable", True) or time.monotonic() >= deadline:
                     raise
+                await asyncio.sleep(0.02)
 
     async def _load_once(self, name: str, folder: Path, *, pinned: bool) -> None:
         try:
