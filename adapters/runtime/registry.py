@@ -38,6 +38,7 @@ from server.engine.protocol import InvalidRequest, UnknownBank
 from server.model import ModelConfig
 
 from .layout import BankLayout, build_layout
+from .convert_cache import ConvertedCache, is_ecosystem_checkpoint
 from .pool import SlotPool
 from .residency import NegativeCache, ResidencyStats, find_on_disk, valid_on_demand_name
 from .step import BankStep, StepBank
@@ -199,6 +200,8 @@ class BankRegistry:
         refused (503). Banks loaded at start or by the admin API are pinned unless told otherwise.
     on_demand: a request naming a bank that is not loaded loads ``<root>/<name>`` from the first
         allowed root that has it (``ensure``); concurrent requests share one load.
+    convert_cache: folder where ecosystem checkpoints are kept once converted (None: convert on
+        every load); see ``convert_cache.ConvertedCache``.
     negative_ttl: seconds a name that was not found, or whose files failed to load, is answered
         from memory (sooner when the folder changes; see ``residency.NegativeCache``).
     """
@@ -207,7 +210,8 @@ class BankRegistry:
                  dtype: torch.dtype = torch.float32, pool_memory_bytes: int | None = None,
                  allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None,
                  memory_bytes: int | None = None, load_workers: int = 4, load_timeout: float | None = 120.0,
-                 max_loaded: int | None = None, on_demand: bool = False, negative_ttl: float = 30.0):
+                 max_loaded: int | None = None, on_demand: bool = False, negative_ttl: float = 30.0,
+                 convert_cache: str | Path | None = None):
         self.config = model_config
         self.model = model  # needed by factor banks (their experts are the model's FFN weights)
         self.fingerprint = BaseFingerprint.from_hf_config(model_config.raw)
@@ -228,6 +232,7 @@ class BankRegistry:
         self._counter = itertools.count(1)
         self.over_budget = False
         self.max_loaded = max_loaded
+        self.converted = ConvertedCache(convert_cache) if convert_cache is not None else None
         self.on_demand = on_demand
         self.stats = ResidencyStats()
         self._misses = NegativeCache(negative_ttl)
@@ -352,8 +357,13 @@ class BankRegistry:
                 err.status, err.type = 404, "not_found_error"
             raise err from None
         try:
-            bank = load_bank(real, base=self.fingerprint, name=name,
-                             max_bytes=self._room_for(name, reclaim=self.max_loaded is not None))
+            max_bytes = self._room_for(name, reclaim=self.max_loaded is not None)
+            cached = self.converted is not None and is_ecosystem_checkpoint(real)
+            bank = self.converted.get(real, self.fingerprint, name, max_bytes) if cached else None
+            if bank is None:
+                bank = load_bank(real, base=self.fingerprint, name=name, max_bytes=max_bytes)
+                if cached:
+                    self.converted.put(real, self.fingerprint, bank)
         except BankBudgetExceeded as exc:
             raise BankOverBudget(str(exc)) from None
         except BankError as exc:

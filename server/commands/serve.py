@@ -94,6 +94,7 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     from server.engine.llm_engine import LLMEngine
 
     from .common import resolve_model_path
+    from server.model.embedded import cache_dir
 
     mem = settings.kv_cache_memory
     try:
@@ -113,7 +114,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
                             allowed_roots=settings.bank_root, memory_bytes=bank_memory_bytes(settings.bank_memory),
                             load_workers=settings.bank_load_workers, load_timeout=settings.bank_load_timeout,
                             pool_memory_bytes=pool_memory_bytes(settings), max_loaded=settings.max_loaded_banks,
-                            on_demand=settings.load_banks_on_demand, negative_ttl=settings.bank_negative_ttl)
+                            on_demand=settings.load_banks_on_demand, negative_ttl=settings.bank_negative_ttl,
+                            convert_cache=cache_dir() / "converted-banks")
     if settings.banks is not None:
         try:
             loaded, errors = registry.load_dir(settings.banks)

@@ -213,3 +213,25 @@ def test_ten_thousand_distinct_names_leak_neither_memory_nor_file_handles(root, 
     assert elapsed < 20, elapsed  # a few stats per name (tracemalloc slows it several times)
     assert reg.residency_stats().loads[("on_demand", "error")] == 1  # the broken bank: read once
     assert _names(reg) == []
+
+
+def test_ecosystem_checkpoints_are_converted_once(root, tiny_model_dir, tmp_path, monkeypatch):
+    from tests.adapters.bank_builders import write_peft_lora
+
+    write_peft_lora(root / "peft", fingerprint_of(tiny_model_dir), targets=("q_proj", "down_proj"))
+    calls = []
+    real = registry_module.load_bank
+    monkeypatch.setattr(registry_module, "load_bank", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+    reg = _registry(tiny_model_dir, [root], convert_cache=tmp_path / "converted", max_loaded=1)
+    asyncio.run(reg.ensure("peft"))
+    first = reg._current["peft"].layout.packed
+    asyncio.run(reg.ensure("b0"))  # evicts the converted bank
+    asyncio.run(reg.ensure("peft"))  # back from the cache: no second conversion, the same weights
+    again = reg._current["peft"].layout.packed
+    assert [c[0].name for c in calls] == ["peft", "b0"]
+    for site, (a, b, _) in first.linears.items():
+        assert torch.equal(a, again.linears[site][0]) and torch.equal(b, again.linears[site][1])
+    os.utime(root / "peft" / "adapter_config.json", ns=(1, 1))  # rewritten in place (mtime): converted again
+    asyncio.run(reg.ensure("b0"))
+    asyncio.run(reg.ensure("peft"))
+    assert [c[0].name for c in calls] == ["peft", "b0", "b0", "peft"]
