@@ -109,6 +109,9 @@ class GenerationRequest:
     params: SamplingParams
     bank: str | None = None  # a bank's name; None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
+    # images in the prompt (server.multimodal.ImageInput), in prompt order; each occupies its
+    # placeholder span of prompt_token_ids
+    images: list[Any] = field(default_factory=list)
 
 
 @dataclass
