@@ -58,14 +58,27 @@ class Settings(BaseSettings):
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
     grace_period: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may run before they are aborted")
 
-    @field_validator("bank_root", mode="before")
+    # Images (chat content parts of type image_url; server/multimodal/media.py)
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts http(s) image URLs may be fetched from (repeatable; env: comma-separated; default: none, "
+        "remote images are refused)")
+    allowed_local_media_path: Path | None = Field(
+        None, description="folder file:// image URLs may read from (default: none, file:// is refused)")
+    max_image_bytes: int = Field(20_000_000, ge=1024, description="largest encoded image accepted")
+    max_image_pixels: int = Field(7680 * 4320, ge=1, description="largest image (width x height, read from its header "
+                                  "before decoding) accepted: the guard against decompression bombs")
+    media_fetch_timeout: float = Field(10.0, gt=0, description="seconds an http(s) image may take to download")
+
+    @field_validator("bank_root", "allowed_media_domains", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [p for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", mode="before")
+    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", "allowed_local_media_path",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -88,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif get_origin(annotation) is list:
-            parser.add_argument(flag, dest=name, action="append", metavar="DIR", default=argparse.SUPPRESS,
+            parser.add_argument(flag, dest=name, action="append", metavar="HOST" if "domains" in name else "DIR",
+                                default=argparse.SUPPRESS,
                                 help=help_text)
         else:
             choices = get_args(annotation) if get_origin(annotation) is Literal else None
