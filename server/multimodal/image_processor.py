@@ -54,7 +54,9 @@ class ImageProcessor:
     aspect: str = "pad"
 
     @classmethod
-    def from_folder(cls, tower_dir: str | Path, aspect: str = "pad") -> "ImageProcessor":
+    def from_folder(cls, tower_dir: str | Path, aspect: str = "pad", *, aspect_ratio: str | None = None) -> "ImageProcessor":
+        """``aspect_ratio``: the config's ``image_aspect_ratio`` under its own name (wins over ``aspect``)."""
+        aspect = aspect_ratio or aspect
         path = Path(tower_dir) / CONFIG_FILE
         try:
             raw = json.loads(path.read_text())
