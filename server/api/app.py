@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from server.metrics import ServerMetrics
+from server.multimodal.media import MediaPolicy
 from server.settings import Settings
 
 from . import banks as bank_routes
@@ -47,7 +48,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     metrics = metrics or ServerMetrics(model_name, max_lora=getattr(engine, "max_banks", 0) or 0)
     admission = Admission()
     ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
-                         metrics=metrics, banks=banks, retry_after=settings.retry_after)
+                         metrics=metrics, banks=banks, retry_after=settings.retry_after,
+                         media=MediaPolicy.from_settings(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,6 +63,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         finally:
             await engine.stop()
             chat._executor.shutdown(wait=False)
+            chat.images.shutdown()
             completions._executor.shutdown(wait=False)
 
     app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan,
