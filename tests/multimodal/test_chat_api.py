@@ -174,6 +174,17 @@ def test_byte_limit_and_images_outside_user_messages(serve_mm):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]"
 
 
+def test_body_limit_makes_room_for_images(serve_mm):
+    big = png(7, size=(700, 700))  # ~1.5 MB, ~2 MB as base64: over the 1 MiB default body limit
+    assert len(big) > 1 << 20
+    with httpx.Client(base_url=serve_mm().url, timeout=30) as c:
+        assert c.post(CHAT, json=ask(image_part(data_url(big)), QUESTION)).status_code == 200
+    with httpx.Client(base_url=serve_mm(mm_spec=None).url, timeout=30) as c:  # a text model keeps the default
+        assert c.post(CHAT, json=ask(image_part(data_url(big)), QUESTION)).status_code == 413
+    with httpx.Client(base_url=serve_mm(max_request_bytes=1 << 20).url, timeout=30) as c:  # set: it holds
+        assert c.post(CHAT, json=ask(image_part(data_url(big)), QUESTION)).status_code == 413
+
+
 def test_text_only_model_and_tower_only_base(serve_mm):
     with httpx.Client(base_url=serve_mm(mm_spec=None).url, timeout=30) as c:
         r = c.post(CHAT, json=ask(image_part(data_url(png())), QUESTION))
