@@ -22,3 +22,18 @@ def parrot_model(parrot_dir):
     from server.model.parrot import load_model_with_vision
 
     return load_model_with_vision(parrot_dir)
+
+
+@pytest.fixture(scope="session")
+def parrot_tokenizer(parrot_dir):
+    from server.engine.llm_engine import load_tokenizer
+
+    return load_tokenizer(parrot_dir)
+
+
+@pytest.fixture(scope="session")
+def tower_only_model(tiny_model_dir, tower_dir):
+    """The tiny Llama with a CLIP tower and no projector (image requests need a parrot bank)."""
+    from server.model.parrot import load_model_with_vision
+
+    return load_model_with_vision(tiny_model_dir, vision_tower=tower_dir)
