@@ -110,7 +110,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device) if settings.bank_dtype == "auto"
                   else getattr(torch, settings.bank_dtype))
     registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
-                            allowed_roots=settings.bank_root)
+                            allowed_roots=settings.bank_root,
+                            tower=getattr(llm, "tower_spec", None))  # parrot banks need the served tower
     if settings.banks is not None:
         try:
             loaded, errors = registry.load_dir(settings.banks)
