@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from server.metrics import ServerMetrics
+from server.multimodal.media import MediaPolicy
 from server.settings import Settings
 
 from . import banks as bank_routes
@@ -47,7 +48,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     metrics = metrics or ServerMetrics(model_name, max_lora=getattr(engine, "max_banks", 0) or 0)
     admission = Admission()
     ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
-                         metrics=metrics, banks=banks, retry_after=settings.retry_after)
+                         metrics=metrics, banks=banks, retry_after=settings.retry_after,
+                         media=MediaPolicy.from_settings(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,6 +63,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         finally:
             await engine.stop()
             chat._executor.shutdown(wait=False)
+            chat.images.shutdown()
             completions._executor.shutdown(wait=False)
 
     app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan,
@@ -69,7 +72,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     app.state.metrics, app.state.admission, app.state.retry_after = metrics, admission, settings.retry_after
     app.state.model_name, app.state.max_model_len = model_name, max_model_len
     install_error_handlers(app)
-    app.add_middleware(LimitsMiddleware, admission=admission, max_bytes=settings.max_request_bytes,
+    app.add_middleware(LimitsMiddleware, admission=admission, max_bytes=_body_limit(settings, engine),
                        retry_after=settings.retry_after, metrics=metrics)
 
     api_key, admin_key = Settings.secret(settings.api_key), Settings.secret(settings.admin_key)
@@ -123,6 +126,22 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     if admin_key:
         app.include_router(bank_routes.build_router(admin_key_guard(admin_key)))
     return app
+
+
+def _body_limit(settings: Settings, engine: Any) -> int:
+    """``--max-request-bytes``; when it is not set and the model takes images, the default plus room
+    for its images as base64 ``data:`` URLs (4/3 of ``--max-image-bytes`` each), so that an image the
+    media limits accept is not refused as a too-large body first."""
+    limit = settings.max_request_bytes
+    if "max_request_bytes" in settings.model_fields_set:
+        return limit
+    try:
+        spec = getattr(engine, "multimodal_spec", None)
+    except Exception:  # noqa: BLE001 - an engine not built yet takes no images
+        spec = None
+    if spec is None:
+        return limit
+    return limit + spec.max_images * -(-settings.max_image_bytes * 4 // 3)
 
 
 def _engine_load(engine: Any) -> tuple[int, int, float] | None:

@@ -38,6 +38,7 @@ class ServingContext:
     metrics: Any  # server.metrics.ServerMetrics
     banks: Any = None  # server.api.banks.BankAdmin or None
     retry_after: int = 1
+    media: Any = None  # server.multimodal.media.MediaPolicy: where chat images may come from, how large
 
 
 class OpenAIServing:
