@@ -54,6 +54,11 @@ class TowerSpec:
     select_layer: int | None = None
     select_feature: str | None = None
 
+    @classmethod
+    def of(cls, tower) -> "TowerSpec":
+        """From a ``server.model.vision.VisionTower`` (or anything with its four attributes)."""
+        return cls(tower.hidden_size, tower.num_tokens, tower.select_layer, tower.select_feature)
+
 
 @dataclass(frozen=True)
 class ParrotBankConfig:

@@ -109,9 +109,11 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     llm = LLMEngine(config)
     bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device) if settings.bank_dtype == "auto"
                   else getattr(torch, settings.bank_dtype))
+    from adapters.parrot.bank import TowerSpec
+
+    vision = getattr(llm, "vision", None)  # parrot banks load only on a base with a vision tower they fit
     registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
-                            allowed_roots=settings.bank_root,
-                            tower=getattr(llm, "tower_spec", None))  # parrot banks need the served tower
+                            allowed_roots=settings.bank_root, tower=TowerSpec.of(vision.tower) if vision else None)
     if settings.banks is not None:
         try:
             loaded, errors = registry.load_dir(settings.banks)
