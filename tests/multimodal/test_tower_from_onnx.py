@@ -48,9 +48,9 @@ def test_cli_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
 def test_converted_folder_serves_as_a_vision_tower(converted):
     """The folder loads as the engine's tower (server/model/vision.py) and the API's processor feeds it:
     [3, 224, 224] in, CLS + 16 x 16 = 257 features of 384 out, the penultimate layer equal to transformers'."""
+    import torch
     from PIL import Image
     from transformers import Dinov2Model
-    import torch
 
     from server.model.tower_from_onnx import sample_photo
     from server.model.vision import load_vision_tower
