@@ -419,6 +419,19 @@ class BankRegistry:
     def pool_slots_used(self) -> int:
         return self.pool.slots_used
 
+    def max_resident(self, step_limit: int) -> int:
+        """How many banks can be resident in the device pool at once (vLLM's ``max_loras``). No
+        memory budget: as many as one step can run (``step_limit``, one bank per sequence); with a
+        budget: how many copies of the largest loaded bank it holds (at least 1, as the pool grows
+        past the budget for one step's banks)."""
+        if self.pool_memory_bytes is None:
+            return step_limit
+        with self._lock:
+            sizes = [v.layout.nbytes for v in self._current.values() if v.layout.kind != "factor"]
+        if not sizes:
+            return step_limit
+        return max(1, min(step_limit, self.pool_memory_bytes // max(max(sizes), 1)))
+
     # -- residency --------------------------------------------------------------------------------
 
     def _retire(self, v: BankVersion) -> None:

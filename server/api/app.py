@@ -58,6 +58,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
             await engine.start()
         if banks is not None:
             metrics.banks_loaded.set(len(banks.list()))
+        _report_capacity(engine, metrics)
         try:
             yield
         finally:
@@ -101,6 +102,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         load = _engine_load(engine)
         if load is not None:
             metrics.set_load(*load)
+        _report_capacity(engine, metrics)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     v1 = APIRouter(dependencies=[guard], responses={401: {"model": ErrorResponse}})
@@ -151,6 +153,17 @@ def _engine_load(engine: Any) -> tuple[int, int, float] | None:
         return engine.num_running, engine.num_waiting, (total - engine.kv_blocks_free) / total if total else 0.0
     except Exception:  # noqa: BLE001 - a scrape must not fail on a stopping engine
         return None
+
+
+def _report_capacity(engine: Any, metrics: ServerMetrics) -> None:
+    """What the endpoint picker reads besides load: the KV cache's shape (``vllm:cache_config_info``)
+    and how many banks can be resident at once (``max_lora``), from an engine that exposes them."""
+    try:
+        metrics.set_max_lora(int(engine.max_banks))
+        metrics.set_cache_config(engine.kv_block_size, engine.kv_blocks_total, engine.kv_cache_dtype)
+        metrics.set_bank_activity(*engine.bank_activity())
+    except Exception:  # noqa: BLE001 - a test double without them, a stopping engine, a queue changing under us
+        pass
 
 
 class LimitsMiddleware:
