@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one install path for `make`, CI and the container images.
 #
-#   scripts/install.sh [EXTRAS]      EXTRAS: "" (runtime only, the default), "test" (with the ray extra), "ray"
+#   scripts/install.sh [EXTRAS]      EXTRAS: "" (runtime only, the default), "test" (with the ray and vision extras), "ray"
 #
 # Environment:
 #   VENV=.venv            where to create the virtual environment; VENV= (empty) installs into the
