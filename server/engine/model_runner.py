@@ -132,6 +132,11 @@ class ModelRunner:
         sampling = [seqs[i] for i in sample_idx]
         if not sampling:
             return [], None
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):  # one host sync per step; a NaN row must never sample a token
+            for i in (~finite).nonzero().flatten().tolist():
+                where = f" with bank {sampling[i].bank!r}" if sampling[i].bank else ""
+                sampling[i].fault = f"the model produced NaN or infinite logits for this request{where}"
         sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling], [s.generator for s in sampling],
                                      self.device, eos_token_ids=self.eos_token_ids)
