@@ -74,6 +74,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.visual = self._visual_embedder()
+        self.multimodal_spec = self._multimodal_spec()  # what the API layer builds image prompts with
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids, visual=self.visual)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
         self.sequences: dict[str, Sequence] = {}
@@ -93,31 +94,31 @@ class LLMEngine:
                               EncoderCache(self.config.encoder_cache_memory))
 
     # --- properties the server reads -------------------------------------------------------------
-    @property
-    def multimodal_spec(self) -> Any:
-        """What the served model takes (``server.multimodal.MultiModalSpec``), None for a text-only model."""
+    def _multimodal_spec(self) -> Any:
+        """What the served model takes (``server.multimodal.MultiModalSpec``), None for a text-only model:
+        placeholders per image, images per prompt, the placeholder id (any vocabulary id: those rows'
+        embeddings are replaced), the tower folder's processor (Parrot's pad-to-square unless the
+        checkpoint says ``square``); whether image requests must name a parrot bank."""
         if self.visual is None:
             return None
-        spec = getattr(self, "_mm_spec", None)
-        if spec is None:
-            from server.multimodal import MultiModalSpec  # noqa: PLC0415
+        from server.model.errors import ModelLoadError  # noqa: PLC0415
+        from server.multimodal import MultiModalSpec  # noqa: PLC0415
+        from server.multimodal.image_processor import ImageProcessor, ImageProcessorError  # noqa: PLC0415
 
-            tok = self.tokenizer
-            placeholder = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
-                                if isinstance(t, int) and 0 <= t < self.model_config.vocab_size), 0)
-            spec = self._mm_spec = MultiModalSpec(
-                tokens_per_image=self.visual.tokens_per_image, max_images=self.visual.max_images,
-                placeholder_token_id=placeholder, processor=self._image_processor(),
-                needs_bank=self.vision.adapter is None)
-        return spec
-
-    def _image_processor(self) -> Any:
-        """The tower's processor (server/multimodal/image_processor.py, the API layer's), None until it lands."""
+        tower = self.vision.tower
         try:
-            from server.multimodal.image_processor import ImageProcessor  # noqa: PLC0415
-        except ImportError:
-            return None
-        return ImageProcessor.from_folder(self.vision.tower.folder, aspect_ratio=self.vision.config.image_aspect_ratio)
+            processor = ImageProcessor.from_folder(tower.folder, aspect_ratio=self.vision.config.image_aspect_ratio)
+        except ImageProcessorError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if processor.output_size != (tower.image_size, tower.image_size):
+            raise ModelLoadError(f"{tower.folder}: the processor makes {processor.output_size} images; the tower "
+                                 f"expects {tower.image_size}x{tower.image_size}")
+        tok = self.tokenizer
+        placeholder = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                            if isinstance(t, int) and 0 <= t < self.model_config.vocab_size), 0)
+        return MultiModalSpec(tokens_per_image=self.visual.tokens_per_image, max_images=self.visual.max_images,
+                              placeholder_token_id=placeholder, processor=processor,
+                              needs_bank=self.vision.adapter is None)
 
     @property
     def model_config(self) -> ModelConfig:

@@ -14,6 +14,7 @@ Layers after the selected one are removed at load time: they never contribute to
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,16 +114,11 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
     return inner.encoder.layers if hasattr(inner.encoder, "layers") else inner.encoder.layer
 
 
-def _tower_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of ``state`` under the model's own keys: a whole CLIP / SigLIP checkpoint (and
-    checkpoints written before transformers 5) nest the vision model under ``vision_model.``, which
-    current vision-model classes do not; other tensors (a text tower) are dropped."""
-    out = {}
-    for key, t in state.items():
-        name = key if key in expected else key.removeprefix("vision_model.")
-        if name in expected:
-            out[name] = t
-    return out
+def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole CLIP / SigLIP checkpoint (and vision-model checkpoints written before transformers 5,
+    the release's copy among them) nest the tower under ``vision_model.``; current vision-model
+    classes do not. One naming, so that the checkpoint's copy replaces the folder's tensor by tensor."""
+    return {k.removeprefix("vision_model."): t for k, t in state.items()}
 
 
 def load_vision_tower(folder: str | Path, *, select_layer: int = -2, select_feature: str = "cls_patch",
@@ -162,29 +158,33 @@ def load_vision_tower(folder: str | Path, *, select_layer: int = -2, select_feat
     if image_size % int(config.patch_size):
         raise ModelLoadError(f"{folder}: input size {image_size} is not a multiple of patch_size {config.patch_size}")
 
-    with torch.device("meta"):
-        model = getattr(transformers, kind.model_class)(config)
-    layers = _encoder_layers(model)
-    del layers[keep:]  # hidden_states[select_layer] only depends on the layers before it
-    model = model.to_empty(device="cpu")
-    expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")) or not overrides:
-        state = _tower_keys(read_checkpoint(folder), expected)
-    state.update(_tower_keys(overrides or {}, expected))
-    for name, target in expected.items():
-        t = state.get(name)
-        if t is None:
-            raise ModelLoadError(f"{folder}: missing vision tower tensor {name}")
-        if tuple(t.shape) != tuple(target.shape):
-            raise ModelLoadError(f"{folder}: vision tower tensor {name} has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(target.shape)}")
-        if not t.is_floating_point() and target.is_floating_point():
-            raise ModelLoadError(f"{folder}: vision tower tensor {name} has dtype {t.dtype}, expected floating point")
-    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=False)
-    for buf_name, buf in model.named_buffers():  # non-persistent buffers (position ids) were left empty
-        if buf_name not in expected and buf_name.endswith("position_ids"):
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+        state = _unprefixed(read_checkpoint(folder))
+    state.update(_unprefixed(overrides or {}))
+    # transformers maps the checkpoint's names (which differ between its versions) onto the model's;
+    # its progress bar and load report stay quiet: problems are reported below, in one line
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = getattr(transformers, kind.model_class).from_pretrained(
+            None, config=config, state_dict=state, output_loading_info=True, ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    layer_re = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+    missing = sorted(k for k in info["missing_keys"] if not ((m := layer_re.search(k)) and int(m.group(1)) >= keep))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{folder}: missing vision tower tensor {missing[0]}{more}")
+    if info["mismatched_keys"]:
+        name, got, want = sorted(info["mismatched_keys"])[0]
+        raise ModelLoadError(f"{folder}: vision tower tensor {name} has shape {tuple(got)}, expected {tuple(want)}")
+    del _encoder_layers(model)[keep:]  # hidden_states[select_layer] only depends on the layers before it
     for name, t in model.named_parameters():
         if not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
             raise ModelLoadError(f"{folder}: vision tower parameter {name} holds NaN or inf")

@@ -67,10 +67,14 @@ def reference(parrot_dir, tower_dir, pixel_values, before, after, steps):
 def test_engine_matches_the_released_forward(parrot_dir, tower_dir, parrot_model, chunk):
     engine = make_engine(parrot_dir, parrot_model, max_num_batched_tokens=chunk)
     before, after = chat_pieces(engine.tokenizer, "What is in the picture?")
-    pv = pad_and_process(random_image(3), tower_dir)
+    image = random_image(3)  # 50 x 30: padded to a square first
+    pv = pad_and_process(image, tower_dir)  # the reference's pre-processing (transformers' CLIP processor)
+    spec = engine.multimodal_spec
     n = TOKENS_PER_IMAGE
-    assert engine.multimodal_spec.tokens_per_image == n
-    req = image_request("r", before, after, pv, "h3", n, engine.multimodal_spec.placeholder_token_id,
+    assert spec.tokens_per_image == n
+    served_pv = spec.processor(image)  # what the API layer will send (parrot-media's processor)
+    assert served_pv.shape == pv.shape and torch.allclose(served_pv, pv, atol=1e-5)
+    req = image_request("r", before, after, served_pv, "h3", n, spec.placeholder_token_id,
                         max_tokens=6, logprobs=5, prompt_logprobs=True)
     if chunk < 512:  # the image span starts inside one chunk and ends in another
         assert req.images[0].offset % chunk and (req.images[0].offset + n) // chunk > req.images[0].offset // chunk
