@@ -65,9 +65,18 @@ class LoadedImage:
 
 
 def load_image(url: str, policy: MediaPolicy) -> LoadedImage:
-    """Fetch (per ``policy``) and decode the image an ``image_url.url`` names."""
+    """Fetch (per ``policy``) and decode the image an ``image_url.url`` names; any failure is a ``MediaError``."""
     if not isinstance(url, str) or not url:
         raise MediaError("the image URL is empty")
+    try:
+        return _load(url, policy)
+    except MediaError:
+        raise
+    except (ValueError, OSError, UnicodeError) as exc:  # a malformed URL or path urllib/pathlib refuse
+        raise MediaError(f"the image URL cannot be used: {_reason(exc)}") from None
+
+
+def _load(url: str, policy: MediaPolicy) -> LoadedImage:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return decode_image(_data_url_bytes(url, policy), policy)

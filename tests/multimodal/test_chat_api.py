@@ -110,6 +110,19 @@ def test_image_prompt_is_rendered_and_spanned_as_released(serve_mm, tokenizer):
     assert r.json()["usage"]["prompt_tokens"] == len(want)  # the image's positions count
 
 
+def test_image_url_as_a_plain_string_and_image_last(serve_mm, tokenizer):
+    s = serve_mm()
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        r = c.post(CHAT, json=ask(QUESTION, {"type": "image_url", "image_url": data_url(png())}))
+    assert r.status_code == 200, r.text
+    req = s.engine.submitted[-1]
+    (image,) = req.images
+    assert req.prompt_token_ids[image.offset:image.offset + TOKENS] == [PLACEHOLDER] * TOKENS
+    # text then image: no newline is added between them
+    text = tokenizer.decode(req.prompt_token_ids[:image.offset])
+    assert text.endswith("What is it?")
+
+
 def test_text_only_requests_unchanged(serve_mm, tokenizer):
     s = serve_mm()
     with httpx.Client(base_url=s.url, timeout=30) as c:

@@ -107,6 +107,14 @@ def test_malformed_urls(url, message):
         load_image(url, POLICY)
 
 
+@pytest.mark.parametrize("url", ["file://[", "file:///\udc80", "http://[::1", "https://a:99999999/x", "data:",
+                                 "data:image/png;base64,====", "file://" + "a" * 5000, "\x00", "http://"])
+def test_hostile_urls_are_media_errors(url, tmp_path):
+    policy = MediaPolicy(allowed_domains=("a",), allowed_local_path=tmp_path, fetch_timeout=0.5)
+    with pytest.raises(MediaError):
+        load_image(url, policy)
+
+
 # -- limits --------------------------------------------------------------------------------------
 
 
