@@ -93,22 +93,33 @@ def train_banks(work: Path, data: Path, tower: Path, args) -> dict:
               "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
               "--cutoff", "256", "--seed", "0", "--no-progress"]
     times = {}
+    runs.mkdir(exist_ok=True)
     s1 = runs / "stage1"
     if not (s1 / "bank.json").is_file():
         times["stage 1"] = run(moleserve(*common, "--stage", "1", "--lr", str(args.lr1), "--max-steps",
                                          str(args.stage1_steps), "--out", str(s1)), "train stage 1")
+    # the two continuations from stage 1 are independent: they run side by side, one thread each
+    procs = {}
     for name, extra in [("parrot-moe", ["--stage", "2", "--experts", str(args.experts), "--moe-intermediate-size",
                                         str(args.moe_intermediate_size), "--lr", str(args.lr2)]),
                         ("parrot-projector", ["--stage", "1", "--lr", str(args.lr2)])]:
-        out = banks / name
+        out = runs / name
         if not (out / "bank.json").is_file():
-            times[name] = run(moleserve(*common, *extra, "--init", str(s1), "--max-steps", str(args.stage2_steps),
-                                        "--out", str(out), "--name", name), f"train {name}")
-        for junk in ("checkpoint.pt",):  # the served folder holds the bank; the checkpoint stays out of it
-            (out / junk).unlink(missing_ok=True)
+            cmd = moleserve(*common, *extra, "--init", str(s1), "--max-steps", str(args.stage2_steps), "--out",
+                            str(out), "--name", name, "--threads", "1")
+            log(f"train {name}: {' '.join(cmd)}")
+            procs[name] = (subprocess.Popen(cmd, cwd=ROOT), time.perf_counter())
+    for name, (proc, t0) in procs.items():
+        if proc.wait() != 0:
+            raise RuntimeError(f"training {name} failed")
+        times[name] = time.perf_counter() - t0
+    for name in ("parrot-moe", "parrot-projector"):  # the served folder: the bank only (no checkpoint)
+        (banks / name).mkdir(exist_ok=True)
+        for f in ("bank.json", "weights.safetensors"):
+            shutil.copy(runs / name / f, banks / name / f)
     summaries = {name: json.loads((path / "training.json").read_text())
-                 for name, path in [("stage 1", s1), ("parrot-moe", banks / "parrot-moe"),
-                                    ("parrot-projector", banks / "parrot-projector")]}
+                 for name, path in [("stage 1", s1), ("parrot-moe", runs / "parrot-moe"),
+                                    ("parrot-projector", runs / "parrot-projector")]}
     return {"banks": banks, "times": times, "summaries": summaries}
 
 
