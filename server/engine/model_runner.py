@@ -1,8 +1,9 @@
 """Runs one scheduled step: builds the flat batch and its metadata once, runs the model, samples.
 
 Per step (never per layer): input ids, positions, each token's cache slot, the block tables, the
-decode rows / prefill chunks for attention, the rows whose logits are wanted, and the adapter step
-(token -> bank) from the provider. The per-token work is tensor ops; Python loops only over the
+decode rows / prefill chunks for attention, the rows whose logits are wanted, the adapter step
+(token -> bank) from the provider, and the rows fed precomputed embeddings (images' placeholder
+spans, from the visual embedder). The per-token work is tensor ops; Python loops only over the
 scheduled sequences.
 """
 
