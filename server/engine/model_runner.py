@@ -1,8 +1,9 @@
 """Runs one scheduled step: builds the flat batch and its metadata once, runs the model, samples.
 
 Per step (never per layer): input ids, positions, each token's cache slot, the block tables, the
-decode rows / prefill chunks for attention, the rows whose logits are wanted, and the adapter step
-(token -> bank) from the provider. The per-token work is tensor ops; Python loops only over the
+decode rows / prefill chunks for attention, the rows whose logits are wanted, the adapter step
+(token -> bank) from the provider, and the rows fed precomputed embeddings (images' placeholder
+spans, from the visual embedder). The per-token work is tensor ops; Python loops only over the
 scheduled sequences.
 """
 
@@ -132,6 +133,11 @@ class ModelRunner:
         sampling = [seqs[i] for i in sample_idx]
         if not sampling:
             return [], None
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):  # one host sync per step; a NaN row must never sample a token
+            for i in (~finite).nonzero().flatten().tolist():
+                where = f" with bank {sampling[i].bank!r}" if sampling[i].bank else ""
+                sampling[i].fault = f"the model produced NaN or infinite logits for this request{where}"
         sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling], [s.generator for s in sampling],
                                      self.device, eos_token_ids=self.eos_token_ids)

@@ -49,6 +49,7 @@ class Sequence:
     # for a text prompt; mm_spans: their placeholder spans with the cache keys the prefix cache mixes in
     images: Any = None
     mm_spans: tuple = ()
+    fault: str | None = None  # set by the model runner when this step's logits were not finite: the engine ends it
     # timing
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -43,3 +43,24 @@ def test_cli_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
     bad.write_bytes(b"not onnx")
     assert main(["vision-tower", "--from-onnx", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+def test_converted_folder_serves_as_a_vision_tower(converted):
+    """The folder loads as the engine's tower (server/model/vision.py) and the API's processor feeds it:
+    [3, 224, 224] in, CLS + 16 x 16 = 257 features of 384 out, the penultimate layer equal to transformers'."""
+    import torch
+    from PIL import Image
+    from transformers import Dinov2Model
+
+    from server.model.tower_from_onnx import sample_photo
+    from server.model.vision import load_vision_tower
+
+    _, folder = converted
+    tower = load_vision_tower(folder, select_layer=-2, select_feature="cls_patch")
+    assert (tower.image_size, tower.num_tokens, tower.hidden_size) == (224, 257, 384)
+    pixels = ImageProcessor.from_folder(folder, aspect="pad")(Image.open(sample_photo()).convert("RGB"))
+    assert tuple(pixels.shape) == (3, tower.image_size, tower.image_size)
+    features = tower.features(pixels[None])
+    with torch.no_grad():
+        want = Dinov2Model.from_pretrained(folder).eval()(pixel_values=pixels[None], output_hidden_states=True)
+    torch.testing.assert_close(features, want.hidden_states[-2], atol=1e-4, rtol=0)
