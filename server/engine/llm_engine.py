@@ -94,7 +94,6 @@ class LLMEngine:
         return VisualEmbedder(self.vision, self.model.embed_tokens, VisualRouting.parse(self.config.visual_routing),
                               EncoderCache(self.config.encoder_cache_memory))
 
-    # --- properties the server reads -------------------------------------------------------------
     def _multimodal_spec(self) -> Any:
         """What the served model takes (``server.multimodal.MultiModalSpec``), None for a text-only model:
         placeholders per image, images per prompt, the placeholder id (any vocabulary id: those rows'
@@ -121,6 +120,7 @@ class LLMEngine:
                               placeholder_token_id=placeholder, processor=processor,
                               needs_bank=self.vision.adapter is None)
 
+    # --- properties the server reads -------------------------------------------------------------
     @property
     def model_config(self) -> ModelConfig:
         return self.model.config
@@ -262,10 +262,9 @@ class LLMEngine:
                     seq.first_scheduled_time = t0
             adapters = self._run_contained(list(batch.seqs), list(batch.num_tokens), events)
         self.num_steps += 1
+        visual_routes = self.visual.take_routing_stats() if self.visual is not None else None
         if self.stats_sink is not None:
-            routing = self._routing_stats(adapters)
-            if self.visual is not None:
-                routing = add_bank_stats(routing, self.visual.take_routing_stats())
+            routing = add_bank_stats(self._routing_stats(adapters), visual_routes)
             self._report(self.stats_sink.on_step, StepStats(
                 routing=routing,
                 time=time.time(), duration_s=time.monotonic() - t0,

@@ -96,7 +96,8 @@ def entropy_bucket_counts(entropy: Any) -> Any:
     return torch.bincount(idx, minlength=len(ENTROPY_BUCKETS) + 1)
 
 
-def add_bank_stats(routing: RoutingStats | None, extra: Mapping[str | None, BankRoutingStats]) -> RoutingStats | None:
+def add_bank_stats(routing: RoutingStats | None, extra: Mapping[str | None, BankRoutingStats] | None
+                   ) -> RoutingStats | None:
     """``routing`` with ``extra`` banks' stats added (the visual mixture's, reported outside the
     adapter step); a bank in both gets the sum. Key None: the served model's own (metrics label:
     the model's name)."""

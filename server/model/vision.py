@@ -60,7 +60,8 @@ def _input_size(folder: Path, raw: dict) -> int:
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
         p = _read_json(pre)
-        for key in ("crop_size", "size"):
+        keys = ("crop_size", "size") if p.get("do_center_crop", True) else ("size",)
+        for key in keys:
             v = p.get(key)
             if isinstance(v, int) and v > 0:
                 return v

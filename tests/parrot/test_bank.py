@@ -171,25 +171,36 @@ def test_handle_exposes_the_version_it_pinned(base, tiny_config, tiny_model_dir)
 
 
 def test_admin_routes(base, tiny_model_dir, tiny_config, tmp_path):
-    """Load, replace, list, refuse (no tower) and unload a parrot bank over HTTP; a request names it."""
+    """Load, replace, list, refuse (no tower; another tower) and unload a parrot bank over HTTP; a chat
+    request with an image names it in ``model``."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
     from server.api.app import create_app
     from server.engine.async_engine import AsyncEngine
     from server.settings import Settings
+    from tests.multimodal.builders import TOKENS_PER_IMAGE, TOWER, make_tower
     from tests.runtime.helpers import make_engine
     from tests.server.conftest import ServerThread
     from tests.server.test_errors import assert_error
 
-    import httpx
-
-    bank, _ = parrot_bank(base)
-    bank.save(tmp_path / "vis")
-    for tower in (None, TOWER):
-        llm = make_engine(tiny_model_dir, None)
-        reg = BankRegistry(tiny_config, allowed_roots=[tmp_path], tower=tower)
+    tower_dir = make_tower(tmp_path / "tower")
+    parrot_bank(base, mm=TOWER["hidden_size"], tokens=TOKENS_PER_IMAGE)[0].save(tmp_path / "vis")
+    parrot_bank(base, mm=TOWER["hidden_size"] + 8, tokens=TOKENS_PER_IMAGE, name="wide")[0].save(tmp_path / "wide")
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 40, 40)).save(buf, format="PNG")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    chat = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "Colour?"}]}], "max_tokens": 2}
+    for tower in (None, tower_dir):
+        llm = make_engine(tiny_model_dir, None, vision_tower=str(tower) if tower else None)
+        reg = BankRegistry(tiny_config, allowed_roots=[tmp_path], tower=TowerSpec.of(llm.vision.tower) if tower else None)
         llm.set_adapter_provider(reg)
         settings = Settings(admin_key="adm", bank_root=[tmp_path])
         app = create_app(settings, AsyncEngine(llm.config, engine=llm), reg)
-        with ServerThread(app) as st, httpx.Client(base_url=f"http://127.0.0.1:{st.port}", timeout=60,
+        with ServerThread(app) as st, httpx.Client(base_url=f"http://127.0.0.1:{st.port}", timeout=120,
                                                    headers={"Authorization": "Bearer adm"}) as c:
             r = c.post("/v1/banks", json={"name": "vis", "path": str(tmp_path / "vis")})
             if tower is None:
@@ -198,10 +209,17 @@ def test_admin_routes(base, tiny_model_dir, tiny_config, tmp_path):
                 continue
             assert r.status_code == 200, r.text
             assert r.json()["kind"] == "parrot" and r.json()["num_experts"] == 3
+            assert_error(c.post("/v1/banks", json={"name": "wide", "path": str(tmp_path / "wide")}), 400,
+                         "width 40", "served tower's is 32")
             assert c.post("/v1/banks", json={"name": "vis", "path": str(tmp_path / "vis")}).json()["version"] == 2
             assert "vis" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+            # the tower-only base takes images only on a parrot bank; naming it, they run
+            assert_error(c.post("/v1/chat/completions", json=chat), 400)
+            r = c.post("/v1/chat/completions", json={**chat, "model": "vis"})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] > TOKENS_PER_IMAGE
             # a text request naming the bank runs on the LLM alone (the bank only adds the visual adapter)
             r = c.post("/v1/completions", json={"model": "vis", "prompt": "hello", "max_tokens": 2})
             assert r.status_code == 200, r.text
             assert c.delete("/v1/banks/vis").status_code == 200
-            assert_error(c.post("/v1/completions", json={"model": "vis", "prompt": "x", "max_tokens": 1}), 404)
+            assert_error(c.post("/v1/chat/completions", json={**chat, "model": "vis"}), 404)
