@@ -51,6 +51,10 @@ from .step import BankStep, StepBank
 
 log = logging.getLogger(__name__)
 
+# A bank loaded on demand is kept this long for the requests that waited for it to acquire it (else
+# another load finishing first could evict it again before they run, over and over).
+ON_DEMAND_HOLD_S = 2.0
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -147,6 +151,7 @@ class BankVersion:
     loaded_at: float = field(default_factory=time.time)
     failed: str | None = None  # why the engine took it out of service (see ``BankRegistry.fail``)
     pinned: bool = True  # never evicted from host memory (loaded at start or by the admin API)
+    held_until: float = 0.0  # loaded on demand: not evicted before its waiting requests acquire it
 
 
 @dataclass(eq=False)
@@ -247,6 +252,7 @@ class BankRegistry:
         self._counter = itertools.count(1)
         self.over_budget = False
         self.max_loaded = max_loaded
+        self.on_demand_hold = ON_DEMAND_HOLD_S  # seconds a bank loaded on demand is kept for its waiting requests
         self.converted = ConvertedCache(convert_cache) if convert_cache is not None else None
         self.on_demand = on_demand
         self.stats = ResidencyStats()
@@ -353,7 +359,8 @@ class BankRegistry:
         or ``on_demand``) labels the load in the residency statistics."""
         start = time.perf_counter()
         try:
-            info = self._load_sync(name, path, given_up=given_up, pinned=pinned)
+            info = self._load_sync(name, path, given_up=given_up, pinned=pinned,
+                                   hold=self.on_demand_hold if trigger == "on_demand" else 0.0)
         except BaseException:
             with self._lock:
                 self.stats.loads[(trigger, "error")] += 1
@@ -363,7 +370,8 @@ class BankRegistry:
             self.stats.observe_load(time.perf_counter() - start)
         return info
 
-    def _load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None, pinned: bool) -> dict:
+    def _load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None, pinned: bool,
+                   hold: float = 0.0) -> dict:
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise BankAdminError(f"bank name {name!r} is invalid: 1-128 characters from A-Z a-z 0-9 . _ -, "
                                  "starting with a letter or digit")
@@ -386,7 +394,7 @@ class BankRegistry:
             raise BankOverBudget(str(exc)) from None
         except BankError as exc:
             raise BankLoadError(str(exc)) from None
-        return self.add(bank, source=str(real), given_up=given_up, pinned=pinned)
+        return self.add(bank, source=str(real), given_up=given_up, pinned=pinned, hold=hold)
 
     def _room_for(self, name: str, reclaim: bool = False) -> int | None:
         """Bytes a new version of ``name`` may take: the budget less every other live version (the
@@ -403,7 +411,7 @@ class BankRegistry:
         return v.factor.nbytes() if v.factor is not None else v.layout.nbytes
 
     def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>",
-            given_up: threading.Event | None = None, pinned: bool = True) -> dict:
+            given_up: threading.Event | None = None, pinned: bool = True, hold: float = 0.0) -> dict:
         """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this).
         ``given_up``: set when the caller stopped waiting; the bank is then not swapped in.
         Past ``max_loaded`` (or the memory budget) idle unpinned banks are evicted first."""
@@ -433,7 +441,8 @@ class BankRegistry:
                 raise BankOverBudget(f"bank {name!r} needs {size} bytes; loaded banks leave {room} of the "
                                      f"{self.memory_bytes} byte bank memory budget (--bank-memory); unload a bank first")
             v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version,
-                            factor=factor, host_bank=host, visual=visual, pinned=pinned)
+                            factor=factor, host_bank=host, visual=visual, pinned=pinned,
+                            held_until=time.monotonic() + hold)
             if bank.kind not in ("factor", "parrot"):
                 self._place(v, pinned=set(), over_budget_ok=False)
             old = self._current.get(name)
@@ -735,7 +744,9 @@ class BankRegistry:
         """Loaded banks eviction may take out of host memory: not pinned, no request in flight on
         any of their versions (a hot-replaced bank's old version counts), not ``name``."""
         busy = {x.name for x in self._live if x.refs > 0}
-        return [v for n, v in self._current.items() if n != name and not v.pinned and n not in busy]
+        now = time.monotonic()
+        return [v for n, v in self._current.items()
+                if n != name and not v.pinned and n not in busy and v.held_until <= now]
 
     def _make_host_room(self, name: str) -> None:
         """Evict idle unpinned banks (least recently used first) until a bank ``name`` fits under

@@ -181,14 +181,14 @@ class OpenAIServing:
 
     async def _submit(self, gen: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Submit ``gen`` once its bank is loaded (``ensure_banks``). A bank evicted between its
-        load and the submit (other loads needed the room) is loaded again, twice at most."""
-        for attempt in range(3):
+        load and the submit (other loads needed the room) is loaded again, four times at most."""
+        for attempt in range(5):
             await self.ensure_banks(gen.bank)
             try:
                 iterator = self.ctx.engine.submit(gen)
                 return await iterator if inspect.isawaitable(iterator) else iterator
             except UnknownBank as exc:
-                if type(exc) is not UnknownBank or attempt == 2 or getattr(self.ctx.banks, "ensure", None) is None:
+                if type(exc) is not UnknownBank or attempt == 4 or getattr(self.ctx.banks, "ensure", None) is None:
                     raise
         raise AssertionError("unreachable")
 

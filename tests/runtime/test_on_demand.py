@@ -40,7 +40,9 @@ def root(tmp_path, tiny_model_dir):
 
 def _registry(model_dir, roots, **kw) -> BankRegistry:
     kw.setdefault("on_demand", True)
-    return BankRegistry(ModelConfig.from_folder(model_dir), allowed_roots=roots, **kw)
+    reg = BankRegistry(ModelConfig.from_folder(model_dir), allowed_roots=roots, **kw)
+    reg.on_demand_hold = 0.0  # evictable at once: these tests drive the order of loads and requests themselves
+    return reg
 
 
 def _names(reg, tier=None):
@@ -138,6 +140,15 @@ def test_a_bank_with_requests_in_flight_is_never_evicted(root, tiny_model_dir):
     asyncio.run(waits_for_room())
     assert _names(reg) == ["b0", "b3"]
     reg.release(h0)
+
+
+def test_a_bank_loaded_on_demand_is_held_for_its_waiting_requests(root, tiny_model_dir):
+    reg = _registry(tiny_model_dir, [root], max_loaded=1, load_timeout=5)
+    reg.on_demand_hold = 0.5
+    asyncio.run(reg.ensure("b0"))
+    t0 = time.monotonic()
+    asyncio.run(reg.ensure("b1"))  # b0 is held (its requests may not have acquired it yet): b1 waits
+    assert time.monotonic() - t0 >= 0.4 and _names(reg) == ["b1"]
 
 
 def test_all_pinned_refuses_at_once(root, tiny_model_dir, tmp_path):
