@@ -124,6 +124,9 @@ def test_every_metric_name_is_documented_in_the_readme():
     m.on_request_finished(RequestStats("r", None, 1, 1, "stop", 0.0, 0.1, 0.2, [0.1]))
     m.on_bank_operation("load", 0.1, ok=True)
     m.on_rejected("overloaded")
+    from adapters.runtime.residency import ResidencyStats
+
+    m.watch_residency(ResidencyStats)  # the bank registry's residency series (read at scrape)
     names = {f.name + ("_total" if f.type == "counter" else "")
              for f in text_string_to_metric_families(m.render().decode())}
     readme = README.read_text()
