@@ -266,8 +266,17 @@ def test_tower_only_base_needs_a_parrot_bank(tiny_model_dir, tower_only_model, i
         engine.add_request(image_request("lora", before, after, images[1], "h1", N, ph, bank="dynmole"))
     with pytest.raises(InvalidRequest, match="does not fit this model's vision tower"):
         engine.add_request(image_request("wrong", before, after, images[1], "h1", N, ph, bank="wrong"))
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics("tiny-llama")
+    engine.set_stats_sink(metrics)
     out = engine.generate([image_request("ok", before, after, images[1], "h1", N, ph, bank="pb")])["ok"]
     assert out[-1].finish_reason == "length" and len(tokens_of(out)) == 6
+    text = metrics.render().decode()  # the bank's mixture is labelled by the bank
+    assert 'moleserve_routing_decisions_total{bank="pb"} 1.0' in text
+    assert any('bank="pb"' in line and 'layer="visual"' in line for line in text.splitlines()
+               if line.startswith("moleserve_expert_selections_total{"))
+    engine.set_stats_sink(None)
 
     async def submit_refused():  # the async path answers at once (a 400 before any stream exists)
         from server.engine.async_engine import AsyncEngine
