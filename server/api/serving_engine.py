@@ -148,7 +148,7 @@ class OpenAIServing:
         return first, events
 
     async def _events(self, gen: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        admission, engine = self.ctx.admission, self.ctx.engine
+        admission = self.ctx.admission
         admission.enter()
         finished = False
         iterator = None
