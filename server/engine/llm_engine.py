@@ -42,7 +42,8 @@ class LLMEngine:
         dtype = config.resolved_dtype(device)
         if device.type == "cpu":
             tune_malloc()  # before the weights load: they and every step's activations use the heap
-        self.model = model if model is not None else load_model(config.model, device=device, dtype=dtype)
+        self.model = model if model is not None else load_model(config.model, device=device, dtype=dtype,
+                                                                        quantization=config.quantization)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         cfg = self.model_config
         device, dtype = self.model.device, self.model.dtype

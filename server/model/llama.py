@@ -19,7 +19,8 @@ from .config import ModelConfig
 from .context import get_step_context
 from .errors import ModelLoadError
 from .layers import RMSNorm, RotaryEmbedding, TargetLinear, apply_rotary, pack_linear_weight, packed_linear
-from .weights import load_state
+from .quantization import QUANTIZATIONS, Int4Weight, from_gguf_blocks, quantize_weight
+from .weights import QUANTIZED_FILE, expected_shapes, load_quantized_blocks, load_state
 
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ class LlamaModel(nn.Module):
         return self.lm_head(h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        quant = getattr(self, "lm_head_quant", None)
+        if quant is not None:
+            return quant.linear(h)
         packed = getattr(self, "lm_head_packed", None)
         if packed is not None and h.device.type == "cpu" and h.dtype == torch.float32 and not h.requires_grad:
             return packed_linear(h.contiguous(), packed, None)
@@ -138,9 +142,10 @@ class LlamaModel(nn.Module):
         those weights in memory; call again after editing weights, ``unpack_weights`` to drop them."""
         if self.lm_head_weight.device.type != "cpu":
             return False
-        linears = [m for m in self.modules() if isinstance(m, TargetLinear)]
+        linears = [m for m in self.modules() if isinstance(m, TargetLinear) and m.quant is None]
+        head_quantized = getattr(self, "lm_head_quant", None) is not None
         need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        need += self.lm_head_weight.numel() * self.lm_head_weight.element_size()
+        need += 0 if head_quantized else self.lm_head_weight.numel() * self.lm_head_weight.element_size()
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, AttributeError):
@@ -149,10 +154,13 @@ class LlamaModel(nn.Module):
             log.warning("base weights not packed for the CPU GEMM: the copy (%d MB) would take more than half "
                         "of the free memory (%d MB)", need >> 20, free >> 20)
             return False
-        head = pack_linear_weight(self.lm_head_weight)
-        if head is None:
+        if not head_quantized:
+            head = pack_linear_weight(self.lm_head_weight)
+            if head is None:
+                return False
+            self.lm_head_packed = head
+        elif not linears:
             return False
-        self.lm_head_packed = head
         for module in linears:
             module.packed = pack_linear_weight(module.weight)
         return True
@@ -162,6 +170,44 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if isinstance(module, TargetLinear):
                 module.packed = None
+
+    @torch.no_grad()
+    def quantize(self, mode: str, gguf_blocks: dict | None = None) -> None:
+        """Serve the base weights weight-only quantized (see ``server.model.quantization``): every
+        ``TargetLinear`` in ``mode`` ("int4" or "int8"), the LM head in int8 (as GGUF files keep their
+        token embedding in Q8_0 beside Q4 blocks; BENCHMARKS.md measures it against fp32). The token
+        embedding, norms and everything adapters add keep their dtype.
+
+        ``gguf_blocks``: the checkpoint's own quantized blocks by HF name (``read_gguf_quantized``),
+        used as stored where they fit ``mode`` (int4: Q4_0 / Q4_1 linears; the head: Q8_0); other
+        weights are quantized from their float values."""
+        if mode not in QUANTIZATIONS[1:]:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS[1:]}, got {mode!r}")
+        blocks = gguf_blocks or {}
+        dtype = self.dtype
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for linear, names in ((layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                  (layer.self_attn.o_proj, ("self_attn.o_proj",)),
+                                  (layer.mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
+                                  (layer.mlp.down_proj, ("mlp.down_proj",))):
+                parts = [blocks.get(p + n + ".weight") for n in names]
+                if mode == "int4" and all(x is not None and x[0] in ("q4_0", "q4_1") for x in parts):
+                    linear.set_quantized(from_gguf_blocks(parts, dtype))
+                else:
+                    linear.quantize(mode)
+        head = blocks.get("lm_head.weight" if not self.config.tie_word_embeddings else "model.embed_tokens.weight")
+        if head is not None and head[0] == "q8_0":
+            self.lm_head_quant = from_gguf_blocks([head], dtype)
+        else:
+            self.lm_head_quant = quantize_weight(self.lm_head_weight, "int8")
+        self.lm_head_packed = None
+
+    @property
+    def quantization(self) -> str:
+        """"none", or the format of the base linears ("int4", "int8")."""
+        quant = self.layers[0].self_attn.qkv_proj.quant if len(self.layers) else None
+        return "none" if quant is None else ("int4" if isinstance(quant, Int4Weight) else "int8")
 
     @torch.no_grad()
     def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -189,8 +235,29 @@ class LlamaModel(nn.Module):
                 mlp.down_proj.bias.copy_(state[p + "mlp.down_proj.bias"])
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LlamaModel:
-    """Load a local Hugging Face Llama-family folder. Raises ModelLoadError with one clear line."""
+def quantized_source(folder: Path) -> Path | None:
+    """The file of a model folder's own quantized blocks (``weights.QUANTIZED_FILE``: the embedded
+    default's converted folder holds its GGUF's Q4_1 / Q8_0 blocks there), or None."""
+    path = folder / QUANTIZED_FILE
+    return path if path.is_file() else None
+
+
+def resolve_quantization(folder: str | Path, quantization: str) -> str:
+    """"auto" -> the checkpoint's own: "int4" for a folder with quantized blocks, else "none"."""
+    if quantization == "auto":
+        return "int4" if quantized_source(Path(folder)) is not None else "none"
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization must be auto or one of {QUANTIZATIONS}, got {quantization!r}")
+    return quantization
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               quantization: str = "none") -> LlamaModel:
+    """Load a local Hugging Face Llama-family folder. Raises ModelLoadError with one clear line.
+
+    quantization: "none" (the checkpoint's float weights in ``dtype``), "int4" / "int8" (base linears
+    weight-only quantized at load; a folder with a GGUF source gives its own Q4 / Q8_0 blocks as
+    stored), or "auto" (see ``resolve_quantization``)."""
     folder = Path(path)
     cfg = ModelConfig.from_folder(folder)
     state = load_state(folder, cfg)
@@ -207,4 +274,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     model = model.to(device=device, dtype=dtype)
     if cfg.tie_word_embeddings:
         model.lm_head_weight = model.embed_tokens.weight
+    mode = resolve_quantization(folder, quantization)
+    if mode != "none":
+        source = quantized_source(folder)
+        model.quantize(mode, load_quantized_blocks(source, expected_shapes(cfg)) if source is not None else None)
     return model.eval()
