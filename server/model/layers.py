@@ -144,8 +144,8 @@ class TargetLinear(nn.Module):
         self.packed = None
 
     def dense_weight(self) -> torch.Tensor:
-        """The float weight [out, in]: ``weight``, or what the quantized one stands for."""
-        return self.weight if self.quant is None else self.quant.dequantize().to(self.quant.compute_dtype)
+        """The float weight [out, in]: ``weight``, or what the quantized one stands for (fp32)."""
+        return self.weight if self.quant is None else self.quant.dequantize()
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """The base GEMM alone: x [T, in] -> [T, out]."""

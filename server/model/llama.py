@@ -25,6 +25,10 @@ from .weights import QUANTIZED_FILE, expected_shapes, load_quantized_blocks, loa
 
 log = logging.getLogger(__name__)
 
+# Logits rows up to which the int8 LM head beats the float one on the CPU (measured: 2.4x faster at
+# 1 row, even at 8, 2.8x slower at 32; BENCHMARKS.md "Quantized base").
+QUANTIZED_HEAD_MAX_ROWS = 8
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -129,7 +133,7 @@ class LlamaModel(nn.Module):
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         quant = getattr(self, "lm_head_quant", None)
-        if quant is not None:
+        if quant is not None and h.shape[0] <= QUANTIZED_HEAD_MAX_ROWS:
             return quant.linear(h)
         packed = getattr(self, "lm_head_packed", None)
         if packed is not None and h.device.type == "cpu" and h.dtype == torch.float32 and not h.requires_grad:
@@ -143,9 +147,8 @@ class LlamaModel(nn.Module):
         if self.lm_head_weight.device.type != "cpu":
             return False
         linears = [m for m in self.modules() if isinstance(m, TargetLinear) and m.quant is None]
-        head_quantized = getattr(self, "lm_head_quant", None) is not None
         need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        need += 0 if head_quantized else self.lm_head_weight.numel() * self.lm_head_weight.element_size()
+        need += self.lm_head_weight.numel() * self.lm_head_weight.element_size()
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, AttributeError):
@@ -154,13 +157,10 @@ class LlamaModel(nn.Module):
             log.warning("base weights not packed for the CPU GEMM: the copy (%d MB) would take more than half "
                         "of the free memory (%d MB)", need >> 20, free >> 20)
             return False
-        if not head_quantized:
-            head = pack_linear_weight(self.lm_head_weight)
-            if head is None:
-                return False
-            self.lm_head_packed = head
-        elif not linears:
+        head = pack_linear_weight(self.lm_head_weight)
+        if head is None:
             return False
+        self.lm_head_packed = head
         for module in linears:
             module.packed = pack_linear_weight(module.weight)
         return True
@@ -174,9 +174,11 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def quantize(self, mode: str, gguf_blocks: dict | None = None) -> None:
         """Serve the base weights weight-only quantized (see ``server.model.quantization``): every
-        ``TargetLinear`` in ``mode`` ("int4" or "int8"), the LM head in int8 (as GGUF files keep their
-        token embedding in Q8_0 beside Q4 blocks; BENCHMARKS.md measures it against fp32). The token
-        embedding, norms and everything adapters add keep their dtype.
+        ``TargetLinear`` in ``mode`` ("int4" or "int8"); the LM head gains an int8 copy (as GGUF files
+        keep their token embedding in Q8_0 beside Q4 blocks) used for steps of at most
+        ``QUANTIZED_HEAD_MAX_ROWS`` logits rows; larger ones keep the float head, which is faster
+        there (BENCHMARKS.md, "Quantized base"). The token embedding, norms and everything adapters
+        add keep their dtype.
 
         ``gguf_blocks``: the checkpoint's own quantized blocks by HF name (``read_gguf_quantized``),
         used as stored where they fit ``mode`` (int4: Q4_0 / Q4_1 linears; the head: Q8_0); other
@@ -201,7 +203,6 @@ class LlamaModel(nn.Module):
             self.lm_head_quant = from_gguf_blocks([head], dtype)
         else:
             self.lm_head_quant = quantize_weight(self.lm_head_weight, "int8")
-        self.lm_head_packed = None
 
     @property
     def quantization(self) -> str:

@@ -2,11 +2,15 @@
 
 Two formats, each a module holding buffers that ``TargetLinear`` (and the LM head) calls instead of
 ``F.linear``; activations, norms, attention, adapters and the sampler stay in the model's dtype.
+The kernels take their input in bfloat16 (``COMPUTE_DTYPE``; scales and offsets too) and return
+bfloat16, cast back: on this project's CPU torch's int4 kernel with float32 input runs a scalar
+loop 25x slower than with bfloat16 (BENCHMARKS.md, "Quantized base").
 
 - ``int4``: 4-bit codes q in [0, 15] in groups of ``group_size`` (32) consecutive input columns,
   each group with a scale s and an offset z:  w[n, k] = s[n, g] * (q[n, k] - 8) + z[n, g].
   GGUF's Q4_1 (w = d * q + m) is exactly s = d, z = m + 8 d, and Q4_0 (w = d * (q - 8)) is s = d,
-  z = 0, so a GGUF file's blocks are served as they are stored. Kernel: ``aten._weight_int4pack_mm_for_cpu``
+  z = 0, so a GGUF file's blocks are served as they are stored (codes exact; d and m, fp16 in the
+  file, rounded to the bfloat16 the kernel takes). Kernel: ``aten._weight_int4pack_mm_for_cpu``
   (CPU), ``aten._weight_int4pack_mm`` (CUDA, bfloat16 activations).
 - ``int8``: int8 codes with one scale per output row, w[n, k] = s[n] * q[n, k]. Kernel:
   ``aten._weight_int8pack_mm`` (CPU and CUDA). GGUF's Q8_0 (a scale per 32 columns) has no packed
@@ -30,6 +34,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int8", "int4")
+COMPUTE_DTYPE = torch.bfloat16
 INT4_GROUP_SIZE = 32  # GGUF's block size; torch's int4 kernels take 32, 64, 128 or 256
 
 
@@ -51,7 +56,7 @@ def _probe(weight: "Int4Weight | Int8Weight") -> bool:
         x = torch.randn(3, weight.in_features, generator=g).to(weight.scales.device, weight.compute_dtype)
         got = weight.kernel(x).float()
         want = F.linear(x.float(), weight.dequantize().float())
-        tol = 1e-3 if weight.compute_dtype == torch.float32 else 3e-2
+        tol = 1e-3 if weight.compute_dtype == torch.float32 else 2e-2
         return bool(torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().clamp(min=1).item()))
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
         log.warning("%s kernel unavailable (%s); using the dequantized reference", type(weight).__name__, exc)
@@ -66,7 +71,7 @@ class Int4Weight(nn.Module):
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = COMPUTE_DTYPE):
         """codes int [out, in] in [0, 15]; scale, zero [out, in / group_size]."""
         super().__init__()
         out_features, in_features = codes.shape
@@ -75,20 +80,19 @@ class Int4Weight(nn.Module):
                              f"got {tuple(scale.shape)} and {tuple(zero.shape)}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.device_type = codes.device.type
-        # CUDA's kernel takes bfloat16 activations only; CPU's takes the model's float dtype.
-        self.compute_dtype = torch.bfloat16 if self.device_type == "cuda" else compute_dtype
-        self.register_buffer("codes", codes.to(torch.uint8).contiguous(), persistent=False)
+        self.compute_dtype = torch.bfloat16 if self.device_type == "cuda" else compute_dtype  # CUDA: bf16 only
+        codes = codes.to(torch.uint8)
+        # the codes two per byte (even column low) for dequantize(): the kernel's layout is opaque
+        self.register_buffer("codes", (codes[:, 0::2] | codes[:, 1::2] << 4).contiguous())
         self.register_buffer("scales", torch.stack([scale.t(), zero.t()], dim=-1).to(self.compute_dtype).contiguous())
         try:
-            packed = self._pack(self.codes)
+            packed = self._pack(codes)
         except RuntimeError as exc:  # a shape the kernel does not take (CPU: out % 16, CUDA: in % 32)
             log.warning("int4 weight %dx%d not packed (%s); using the dequantized reference",
                         out_features, in_features, str(exc).splitlines()[0])
             packed = None
         self.register_buffer("packed", packed)
         self.use_kernel = packed is not None and _probe_ok(self)
-        if self.use_kernel:
-            self.codes = None  # the packed copy is all the kernel needs; dequantize() unpacks nothing
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         if self.device_type == "cuda":
@@ -108,16 +112,11 @@ class Int4Weight(nn.Module):
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-10)
         codes = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).reshape(out_features, in_features)
-        return cls(codes, scale, lo + 8 * scale, group_size, compute_dtype=weight.dtype)
+        return cls(codes, scale, lo + 8 * scale, group_size)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight [out, in] the codes stand for (fp32)."""
-        codes = self.codes
-        if codes is None:  # recover the codes through the kernel: it is linear in an identity input
-            eye = torch.eye(self.in_features, device=self.scales.device, dtype=self.compute_dtype)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales).float().t() \
-                if self.device_type == "cpu" else \
-                torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group_size, self.scales).float().t()
+        codes = torch.stack([self.codes & 0xF, self.codes >> 4], dim=-1).reshape(self.out_features, self.in_features)
         s, z = self.scales.float().unbind(-1)  # [in/g, out]
         s = s.t().repeat_interleave(self.group_size, dim=1)
         z = z.t().repeat_interleave(self.group_size, dim=1)
@@ -129,13 +128,10 @@ class Int4Weight(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_kernel:
-            return F.linear(x, self.dequantize().to(x.dtype))
-        y = self.kernel(x.to(self.compute_dtype).contiguous())
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return _linear(self, x)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales))
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales) if t is not None)
 
 
 class Int8Weight(nn.Module):
@@ -144,7 +140,7 @@ class Int8Weight(nn.Module):
     Buffers: ``codes`` int8 [out, in], ``scales`` [out] (compute dtype). ``linear(x)``: x [T, in] -> [T, out].
     """
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, compute_dtype: torch.dtype = COMPUTE_DTYPE):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.compute_dtype = compute_dtype
@@ -157,7 +153,7 @@ class Int8Weight(nn.Module):
         """Symmetric round-to-nearest per output row (absmax -> 127)."""
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        return cls((w / scales[:, None]).round().clamp(-127, 127), scales, compute_dtype=weight.dtype)
+        return cls((w / scales[:, None]).round().clamp(-127, 127), scales)
 
     @classmethod
     def from_groups(cls, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Weight":
@@ -173,13 +169,18 @@ class Int8Weight(nn.Module):
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_kernel:
-            return F.linear(x, self.dequantize().to(x.dtype))
-        y = self.kernel(x.to(self.compute_dtype).contiguous())
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return _linear(self, x)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales))
+
+
+def _linear(weight: Int4Weight | Int8Weight, x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] -> [T, out] in x's dtype: the packed kernel in the compute dtype, or (no kernel)
+    the dequantized reference with the same roundings of input and output."""
+    xc = x.to(weight.compute_dtype).contiguous()
+    y = weight.kernel(xc) if weight.use_kernel else F.linear(xc.float(), weight.dequantize()).to(weight.compute_dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def quantize_weight(weight: torch.Tensor, mode: str) -> Int4Weight | Int8Weight:
@@ -191,8 +192,7 @@ def quantize_weight(weight: torch.Tensor, mode: str) -> Int4Weight | Int8Weight:
     raise ValueError(f"quantization must be one of {QUANTIZATIONS[1:]}, got {mode!r}")
 
 
-def from_gguf_blocks(parts: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                     compute_dtype: torch.dtype = torch.float32) -> Int4Weight | Int8Weight:
+def from_gguf_blocks(parts: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> Int4Weight | Int8Weight:
     """One weight from GGUF blocks (``server.model.weights.read_gguf_quantized`` values), several
     stacked along the output rows (fused q|k|v, gate|up). All Q4_0 / Q4_1: int4 as stored; all Q8_0:
     int8 per row (see ``Int8Weight.from_groups``)."""
@@ -201,8 +201,7 @@ def from_gguf_blocks(parts: list[tuple[str, torch.Tensor, torch.Tensor, torch.Te
     scale = torch.cat([p[2] for p in parts])
     if kinds <= {"q4_0", "q4_1"}:
         zero = torch.cat([torch.zeros_like(s) if m is None else m + 8 * s for _, _, s, m in parts])
-        return Int4Weight(codes, scale, zero, codes.shape[1] // scale.shape[1], compute_dtype=compute_dtype)
+        return Int4Weight(codes, scale, zero, codes.shape[1] // scale.shape[1])
     if kinds == {"q8_0"}:
-        weight = Int8Weight.from_groups(codes, scale)
-        return weight if compute_dtype == torch.float32 else Int8Weight(weight.codes, weight.scales, compute_dtype)
+        return Int8Weight.from_groups(codes, scale)
     raise ValueError(f"cannot stack GGUF blocks of kinds {sorted(kinds)} into one weight")

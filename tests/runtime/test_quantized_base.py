@@ -1,9 +1,13 @@
 """Every bank kind on a weight-only quantized base: the adapter deltas are added after the quantized
-base GEMM (TargetLinear), so a bank on the quantized model equals the same bank on the model's
-dequantized fp32 twin (whose kinds are checked against independent references in
-test_equivalence.py). Also through the engine, with banks of every kind in one batch."""
+base GEMM (TargetLinear), so a bank on the quantized model equals the same bank on the same model
+run through the quantized weights' torch reference (dequantized weight, the kernel's bf16 roundings)
+instead of the packed kernels. Also through the engine, with banks of every kind in one batch.
+(The fp32 model with each kind is checked against independent references in test_equivalence.py;
+routing kinds make discrete choices, so the twin shares the kernels' roundings to keep them equal.)"""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -11,7 +15,6 @@ import torch
 from adapters.runtime import BankRegistry
 from server.model import load_model
 from tests.adapters.bank_builders import fingerprint_of, random_bank
-from tests.model.test_quantization import dequantized_twin
 from tests.runtime.helpers import flat_logits, greedy_request, make_engine, tokens_of
 from tests.runtime.test_factor_serving import factor_bank
 
@@ -26,10 +29,13 @@ def _bank(model_dir, cfg, kind: str, seed: int):
 
 @pytest.fixture(scope="module", params=["int4", "int8"])
 def served(request, tiny_model_dir, tmp_path_factory):
-    """(quantized model, its twin, a registry of every kind for each)."""
+    """(quantized model, its twin on the reference path, a registry of every kind for each)."""
     root = tmp_path_factory.mktemp(f"banks-{request.param}")
     quantized = load_model(tiny_model_dir, quantization=request.param)
-    twin = dequantized_twin(quantized, tiny_model_dir)
+    twin = copy.deepcopy(quantized)
+    for module in twin.modules():
+        if hasattr(module, "use_kernel"):
+            module.use_kernel = False
     registries = []
     for model in (quantized, twin):
         registry = BankRegistry(model.config, allowed_roots=[root])
@@ -51,10 +57,12 @@ def test_each_kind_on_a_quantized_base_equals_its_dequantized_twin(served, kind)
     got = flat_logits(quantized, reg_q, prompts, banks)
     want = flat_logits(twin, reg_t, prompts, banks)
     base = flat_logits(quantized, reg_q, prompts, [None] * 3)
-    for g, w, b in zip(got[:2], want[:2], base[:2]):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-        assert (g - b).abs().max() > 1e-3  # the bank changed something
-    torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-4)
+    # equal up to the kernels' summation order (a last-bit difference of a bf16 output at most);
+    # the bank's effect is many times larger
+    for g, w, b in zip(got, want, base):
+        assert (g - w).abs().max() <= 0.01 * w.abs().max()
+    for g, b in zip(got[:2], base[:2]):
+        assert (g - b).abs().max() > 0.05 * b.abs().max()
 
 
 def test_every_kind_in_one_engine_batch_on_a_quantized_base(tiny_model_dir, tmp_path):
