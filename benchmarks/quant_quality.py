@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"  # --data: elsewhere (a worktree)
 SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 WINDOW = 512
 
 
-def ppl_windows(tokenizer, n: int) -> list[torch.Tensor]:
+def ppl_windows(tokenizer, n: int, data: Path) -> list[torch.Tensor]:
     ids: list[int] = []
     for name in SETS:
-        for rec in json.loads((DATA / name / "train.json").read_text())[:400]:
+        for rec in json.loads((data / name / "train.json").read_text())[:400]:
             ids += tokenizer(f"{rec['instruction']}\n{rec['output']}\n\n")["input_ids"]
     return [torch.tensor(ids[i * WINDOW:(i + 1) * WINDOW]) for i in range(min(n, len(ids) // WINDOW))]
 
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--ppl-seqs", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared commonsense sets' folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -68,7 +69,7 @@ def main() -> None:
 
     folder = ensure_default_model()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    windows = ppl_windows(tokenizer, args.ppl_seqs)
+    windows = ppl_windows(tokenizer, args.ppl_seqs, args.data)
     rows = []
     for mode in args.modes:
         t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def main() -> None:
         scorer = EngineGenerator(model, tokenizer, model_path=str(folder), max_num_seqs=16)
         accs, total = [], 0
         for name in SETS:
-            items = load_eval_set(DATA / name / "test.json", args.limit)
+            items = load_eval_set(args.data / name / "test.json", args.limit)
             r = evaluate_set(name, items, tokenizer, mode="loglik", generator=scorer, scorer=scorer)
             accs.append(r.accuracy)
             total += r.n

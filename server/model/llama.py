@@ -186,7 +186,6 @@ class LlamaModel(nn.Module):
         if mode not in QUANTIZATIONS[1:]:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS[1:]}, got {mode!r}")
         blocks = gguf_blocks or {}
-        dtype = self.dtype
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             for linear, names in ((layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -195,12 +194,12 @@ class LlamaModel(nn.Module):
                                   (layer.mlp.down_proj, ("mlp.down_proj",))):
                 parts = [blocks.get(p + n + ".weight") for n in names]
                 if mode == "int4" and all(x is not None and x[0] in ("q4_0", "q4_1") for x in parts):
-                    linear.set_quantized(from_gguf_blocks(parts, dtype))
+                    linear.set_quantized(from_gguf_blocks(parts))
                 else:
                     linear.quantize(mode)
         head = blocks.get("lm_head.weight" if not self.config.tie_word_embeddings else "model.embed_tokens.weight")
         if head is not None and head[0] == "q8_0":
-            self.lm_head_quant = from_gguf_blocks([head], dtype)
+            self.lm_head_quant = from_gguf_blocks([head])
         else:
             self.lm_head_quant = quantize_weight(self.lm_head_weight, "int8")
 
