@@ -42,6 +42,7 @@ def main() -> None:
     head = torch.randn(*HEAD, generator=g)
     packed = {s: torch.ops.mkldnn._reorder_linear_weight(w, 32) for s, w in ws.items()}
     q4 = {s: Int4Weight.quantize(w) for s, w in ws.items()}
+    q4_fp32 = {s: Int4Weight.quantize(w, compute_dtype=torch.float32) for s, w in ws.items()}
     q8 = {s: Int8Weight.quantize(w) for s, w in ws.items()}
     head_packed = torch.ops.mkldnn._reorder_linear_weight(head, 32)
     head8, head4 = Int8Weight.quantize(head), Int4Weight.quantize(head)
@@ -53,7 +54,7 @@ def main() -> None:
                 torch.ops.mkldnn._linear_pointwise(inp, packed[s], None, "none", [], "")
             else:
                 w, dtype = {"int4 bf16": (q4, torch.bfloat16), "int8 bf16": (q8, torch.bfloat16),
-                            "int4 fp32 input": (q4, torch.float32)}[kind]
+                            "int4 fp32 input": (q4_fp32, torch.float32)}[kind]
                 w[s].kernel(inp.to(dtype))
 
     print(f"torch {torch.__version__}, {args.threads} thread(s); us per call, min (median) of {args.repeats}\n")

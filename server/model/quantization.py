@@ -101,7 +101,8 @@ class Int4Weight(nn.Module):
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> "Int4Weight":
+    def quantize(cls, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
+                 compute_dtype: torch.dtype = COMPUTE_DTYPE) -> "Int4Weight":
         """Round-to-nearest asymmetric quantization of a float [out, in] weight: each group's min and
         max map to codes 0 and 15 (as GGUF's Q4_1 does)."""
         w = weight.detach().float()
@@ -112,7 +113,7 @@ class Int4Weight(nn.Module):
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-10)
         codes = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).reshape(out_features, in_features)
-        return cls(codes, scale, lo + 8 * scale, group_size)
+        return cls(codes, scale, lo + 8 * scale, group_size, compute_dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight [out, in] the codes stand for (fp32)."""
