@@ -3,7 +3,7 @@ vs transformers + the `mixlora` package, hot-load time, routing statistics. Prin
 BENCHMARKS.md ("Expert banks").
 
     python benchmarks/banks.py [--threads 2] [--tokens 32] [--repeats 3] [--pool-dtypes float16,float32] [--skip-peer]
-                               [--profile] [--no-metrics]
+                               [--profile] [--no-metrics] [--quantization none|auto|int8|int4]
 
 ``--pool-dtypes``: the bank pool's storage dtypes to measure, each with its own pool of the same 8
 banks, their runs alternating with the base model's. The first is the server's default on this
@@ -142,10 +142,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a torch profiler table of the DynMoLE run")
     ap.add_argument("--no-metrics", action="store_true",
                     help="run without the server's Prometheus sink (by default every step reports to one, as served)")
+    ap.add_argument("--quantization", default="none", choices=("none", "auto", "int8", "int4"),
+                    help="the base weights (auto: the embedded default's GGUF Q4_1 blocks, as served by default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = ensure_default_model()
-    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", kv_cache_memory=512 << 20,
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", quantization=args.quantization,
+                                    kv_cache_memory=512 << 20,
                                     max_num_seqs=32, max_num_batched_tokens=512))
     if not args.no_metrics:  # as `moleserve serve` runs: per-step routing statistics into Prometheus series
         from prometheus_client import CollectorRegistry

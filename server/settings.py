@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # Engine
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto", description="base weights weight-only quantized: int4 (groups of 32 with scale and offset, as "
+        "GGUF's Q4_1), int8 (per row), none (--dtype); auto: the checkpoint's own (the embedded default: its "
+        "GGUF's Q4_1 blocks as stored), else none. The LM head is int8 when quantized; banks keep --bank-dtype")
     kv_cache_memory: float | None = Field(None, gt=0, description="KV-cache size: bytes (> 1) or a fraction of free memory (default: 0.8 CUDA, 0.1 CPU)")
     max_num_batched_tokens: int = Field(512, ge=1, description="most tokens (decode + prefill chunks) in one engine step")
     long_prefill_token_threshold: int | None = Field(

@@ -79,8 +79,8 @@ def load_factor_weights(bank: ExpertBank, model) -> FactorWeights:
         mlp = block.mlp
         e = adapters.block_router.shape[0]
         perm = layer_permutation(adapters).to(device)
-        gate_up = adapters.extra[GATE_UP].to(device, dtype) if GATE_UP in adapters.extra else mlp.gate_up_proj.weight
-        down = adapters.extra[DOWN].to(device, dtype) if DOWN in adapters.extra else mlp.down_proj.weight
+        gate_up = adapters.extra[GATE_UP].to(device, dtype) if GATE_UP in adapters.extra else mlp.gate_up_proj.dense_weight().to(dtype)
+        down = adapters.extra[DOWN].to(device, dtype) if DOWN in adapters.extra else mlp.down_proj.dense_weight().to(dtype)
         gu_bias = None if mlp.gate_up_proj.bias is None else mlp.gate_up_proj.bias
         w_gate_up, w_down, bias = pack_experts(gate_up, down, perm, e, gu_bias)
         layers.append(FactorLayer(

@@ -100,6 +100,7 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     try:
         config = EngineConfig(
             model=resolve_model_path(settings.model), device=settings.device, dtype=settings.dtype,
+            quantization=settings.quantization,
             kv_cache_memory=int(mem) if mem is not None and mem > 1 else mem, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             long_prefill_token_threshold=settings.long_prefill_token_threshold, max_model_len=settings.max_model_len,

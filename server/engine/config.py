@@ -21,6 +21,10 @@ class EngineConfig:
     model: a local Hugging Face Llama-family folder.
     device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
     dtype: "float32", "bfloat16", "float16" or "auto" (float32 on CPU, bfloat16 on CUDA).
+    quantization: the base weights: "none" (``dtype``), "int4" / "int8" (weight-only, see
+        ``server.model.quantization``), or "auto" (the checkpoint's own quantized blocks when the
+        folder has them, as the embedded default does; else none). The library default is none
+        (exact weights, as the equivalence tests need); the server's (``Settings``) is auto.
     block_size: tokens per KV cache block.
     kv_cache_memory: bytes for the KV cache (int > 1), or a fraction (0, 1] of the memory that is
         free once the model is loaded (CUDA: free device memory; CPU: MemAvailable); None: 0.8 on
@@ -43,6 +47,7 @@ class EngineConfig:
     model: str | Path
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"
     block_size: int = 16
     kv_cache_memory: int | float | None = None
     max_num_seqs: int = 64
@@ -67,6 +72,8 @@ class EngineConfig:
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         need(self.dtype == "auto" or self.dtype in _DTYPES,
              f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        need(self.quantization in ("auto", "none", "int8", "int4"),
+             f"quantization must be auto, none, int8 or int4, got {self.quantization!r}")
         need(isinstance(self.block_size, int) and self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
              f"block_size must be a positive power of two, got {self.block_size!r}")
         mem = self.kv_cache_memory

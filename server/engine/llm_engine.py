@@ -48,7 +48,8 @@ class LLMEngine:
             tune_malloc()  # before the weights load: they and every step's activations use the heap
         if model is None:
             model, vision = load_model_with_vision(config.model, vision_tower=config.vision_tower,
-                                                   device=device, dtype=dtype)
+                                                   device=device, dtype=dtype,
+                                                   quantization=config.quantization)
         self.model, self.vision = model, vision
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         cfg = self.model_config

@@ -3,7 +3,9 @@
 
 transformers de-quantises the GGUF (about 20-30 s here) but refuses ``save_pretrained`` on a
 GGUF-loaded model, so the state dict is written with safetensors and the config without its
-``quantization_config``. Later starts load the folder in about 2 s. Nothing is fetched from a hub.
+``quantization_config``. Beside it, ``quantized.safetensors`` keeps the GGUF's own Q4_1 / Q8_0
+blocks, which the default quantized path serves as stored (``--quantization none`` serves the fp32
+weights). Later starts load the folder in about 2 s. Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -65,10 +67,33 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _write_quantized(folder: Path, gguf: Path | None = None) -> None:
+    """``folder/quantized.safetensors``: the GGUF's Q4_1 / Q8_0 blocks under HF names, as stored,
+    which the quantized path (the default) serves; written once (tens of seconds of GGUF parsing)."""
+    from .config import ModelConfig
+    from .weights import QUANTIZED_FILE, read_gguf_quantized, save_quantized_blocks
+
+    if (folder / QUANTIZED_FILE).is_file():
+        return
+    try:
+        gguf = gguf or _gguf_path()
+    except ModelLoadError:
+        return  # the float folder still serves; "auto" quantization then means none
+    tmp = folder / f".{QUANTIZED_FILE}.{os.getpid()}"
+    save_quantized_blocks(read_gguf_quantized(gguf, ModelConfig.from_folder(folder)), tmp)
+    tmp.replace(folder / QUANTIZED_FILE)
+
+
 def ensure_default_model() -> Path:
-    """Return the converted default model folder, converting it first if needed (once, atomically)."""
+    """Return the converted default model folder, converting it first if needed (once, atomically).
+    It also holds the GGUF's Q4_1 / Q8_0 blocks (``quantized.safetensors``), which the quantized
+    path serves as stored; a folder converted before that file existed gains it here, once."""
     target = default_model_path()
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+
+    def done() -> bool:
+        return all((target / f).is_file() for f in ("config.json", "model.safetensors", "quantized.safetensors"))
+
+    if done():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{DEFAULT_MODEL_NAME}.lock"
@@ -76,13 +101,17 @@ def ensure_default_model() -> Path:
 
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first starts (tests, server) convert once
+        if done():
+            return target
         if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            _write_quantized(target)
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=target.parent))
         try:
             _convert(_gguf_path(), tmp)
             if target.exists():
                 shutil.rmtree(target)
+            _write_quantized(tmp)
             tmp.chmod(0o755)
             tmp.rename(target)
         finally:

@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .context import get_step_context
+from .quantization import Int4Weight, Int8Weight, quantize_weight
 
 
 class RMSNorm(nn.Module):
@@ -17,6 +18,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op instead of seven (61 norms per step)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Same op order as transformers' LlamaRMSNorm: normalise in fp32, cast, then scale.
         dtype = x.dtype
         xf = x.float()
@@ -127,9 +130,30 @@ class TargetLinear(nn.Module):
         # Inference-only copy of ``weight`` in the CPU GEMM's preferred layout (``LlamaModel.pack_weights``);
         # a plain attribute so it is neither saved nor moved, and stale if ``weight`` is edited after.
         self.packed: torch.Tensor | None = None
+        # The weight in a quantized format (``quantize``); then ``weight`` is None.
+        self.quant: Int4Weight | Int8Weight | None = None
+
+    def quantize(self, mode: str) -> None:
+        """Replace the float weight by its ``mode`` ("int4", "int8") quantization (weight-only)."""
+        self.set_quantized(quantize_weight(self.weight, mode))
+
+    def set_quantized(self, quant: Int4Weight | Int8Weight) -> None:
+        if (quant.out_features, quant.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight {quant.out_features}x{quant.in_features} does not fit "
+                             f"{self.out_features}x{self.in_features}")
+        self.quant = quant
+        self.weight = None
+        self.packed = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The float weight [out, in]: ``weight``, or what the quantized one stands for (fp32)."""
+        return self.weight if self.quant is None else self.quant.dequantize()
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """The base GEMM alone: x [T, in] -> [T, out]."""
+        if self.quant is not None:
+            out = self.quant.linear(x)
+            return out if self.bias is None else out.add_(self.bias)
         if self.packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
             return packed_linear(x.contiguous(), self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)

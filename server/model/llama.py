@@ -19,10 +19,15 @@ from .config import ModelConfig
 from .context import get_step_context
 from .errors import ModelLoadError
 from .layers import RMSNorm, RotaryEmbedding, TargetLinear, apply_rotary, pack_linear_weight, packed_linear
-from .weights import load_state
+from .quantization import QUANTIZATIONS, Int4Weight, from_gguf_blocks, quantize_weight
+from .weights import QUANTIZED_FILE, expected_shapes, load_quantized_blocks, load_state
 
 
 log = logging.getLogger(__name__)
+
+# Logits rows up to which the int8 LM head beats the float one on the CPU (measured: 2.4x faster at
+# 1 row, even at 8, 2.8x slower at 32; BENCHMARKS.md "Quantized base").
+QUANTIZED_HEAD_MAX_ROWS = 8
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -130,6 +135,9 @@ class LlamaModel(nn.Module):
         return self.lm_head(h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        quant = getattr(self, "lm_head_quant", None)
+        if quant is not None and h.shape[0] <= QUANTIZED_HEAD_MAX_ROWS:
+            return quant.linear(h)
         packed = getattr(self, "lm_head_packed", None)
         if packed is not None and h.device.type == "cpu" and h.dtype == torch.float32 and not h.requires_grad:
             return packed_linear(h.contiguous(), packed, None)
@@ -141,7 +149,7 @@ class LlamaModel(nn.Module):
         those weights in memory; call again after editing weights, ``unpack_weights`` to drop them."""
         if self.lm_head_weight.device.type != "cpu":
             return False
-        linears = [m for m in self.modules() if isinstance(m, TargetLinear)]
+        linears = [m for m in self.modules() if isinstance(m, TargetLinear) and m.quant is None]
         need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         need += self.lm_head_weight.numel() * self.lm_head_weight.element_size()
         try:
@@ -165,6 +173,44 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if isinstance(module, TargetLinear):
                 module.packed = None
+
+    @torch.no_grad()
+    def quantize(self, mode: str, gguf_blocks: dict | None = None) -> None:
+        """Serve the base weights weight-only quantized (see ``server.model.quantization``): every
+        ``TargetLinear`` in ``mode`` ("int4" or "int8"); the LM head gains an int8 copy (as GGUF files
+        keep their token embedding in Q8_0 beside Q4 blocks) used for steps of at most
+        ``QUANTIZED_HEAD_MAX_ROWS`` logits rows; larger ones keep the float head, which is faster
+        there (BENCHMARKS.md, "Quantized base"). The token embedding, norms and everything adapters
+        add keep their dtype.
+
+        ``gguf_blocks``: the checkpoint's own quantized blocks by HF name (``read_gguf_quantized``),
+        used as stored where they fit ``mode`` (int4: Q4_0 / Q4_1 linears; the head: Q8_0); other
+        weights are quantized from their float values."""
+        if mode not in QUANTIZATIONS[1:]:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS[1:]}, got {mode!r}")
+        blocks = gguf_blocks or {}
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for linear, names in ((layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                  (layer.self_attn.o_proj, ("self_attn.o_proj",)),
+                                  (layer.mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
+                                  (layer.mlp.down_proj, ("mlp.down_proj",))):
+                parts = [blocks.get(p + n + ".weight") for n in names]
+                if mode == "int4" and all(x is not None and x[0] in ("q4_0", "q4_1") for x in parts):
+                    linear.set_quantized(from_gguf_blocks(parts))
+                else:
+                    linear.quantize(mode)
+        head = blocks.get("lm_head.weight" if not self.config.tie_word_embeddings else "model.embed_tokens.weight")
+        if head is not None and head[0] == "q8_0":
+            self.lm_head_quant = from_gguf_blocks([head])
+        else:
+            self.lm_head_quant = quantize_weight(self.lm_head_weight, "int8")
+
+    @property
+    def quantization(self) -> str:
+        """"none", or the format of the base linears ("int4", "int8")."""
+        quant = self.layers[0].self_attn.qkv_proj.quant if len(self.layers) else None
+        return "none" if quant is None else ("int4" if isinstance(quant, Int4Weight) else "int8")
 
     @torch.no_grad()
     def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -192,10 +238,30 @@ class LlamaModel(nn.Module):
                 mlp.down_proj.bias.copy_(state[p + "mlp.down_proj.bias"])
 
 
+def quantized_source(folder: Path) -> Path | None:
+    """The file of a model folder's own quantized blocks (``weights.QUANTIZED_FILE``: the embedded
+    default's converted folder holds its GGUF's Q4_1 / Q8_0 blocks there), or None."""
+    path = folder / QUANTIZED_FILE
+    return path if path.is_file() else None
+
+
+def resolve_quantization(folder: str | Path, quantization: str) -> str:
+    """"auto" -> the checkpoint's own: "int4" for a folder with quantized blocks, else "none"."""
+    if quantization == "auto":
+        return "int4" if quantized_source(Path(folder)) is not None else "none"
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"quantization must be auto or one of {QUANTIZATIONS}, got {quantization!r}")
+    return quantization
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               state: dict[str, torch.Tensor] | None = None) -> LlamaModel:
+               state: dict[str, torch.Tensor] | None = None, quantization: str = "none") -> LlamaModel:
     """Load a local Hugging Face Llama-family folder (or the language model of a multimodal one).
-    ``state``: the folder's tensors, already read. Raises ModelLoadError with one clear line."""
+    ``state``: the folder's tensors, already read. Raises ModelLoadError with one clear line.
+
+    quantization: "none" (the checkpoint's float weights in ``dtype``), "int4" / "int8" (base linears
+    weight-only quantized at load; a folder with a GGUF source gives its own Q4 / Q8_0 blocks as
+    stored), or "auto" (see ``resolve_quantization``)."""
     folder = Path(path)
     cfg = ModelConfig.from_folder(folder)
     state = load_state(folder, cfg, state)
@@ -212,4 +278,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     model = model.to(device=device, dtype=dtype)
     if cfg.tie_word_embeddings:
         model.lm_head_weight = model.embed_tokens.weight
+    mode = resolve_quantization(folder, quantization)
+    if mode != "none":
+        source = quantized_source(folder)
+        model.quantize(mode, load_quantized_blocks(source, expected_shapes(cfg)) if source is not None else None)
     return model.eval()

@@ -98,7 +98,7 @@ def _load_adapter(folder: Path, pcfg: ParrotConfig, state: dict[str, torch.Tenso
 
 def load_model_with_vision(path: str | Path, *, vision_tower: str | Path | None = None,
                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                           ) -> tuple[LlamaModel, ModelVision | None]:
+                           quantization: str = "none") -> tuple[LlamaModel, ModelVision | None]:
     """The language model and its vision side (None: a text-only model, no ``vision_tower``).
     Raises ModelLoadError with one line naming the problem."""
     folder = Path(path).expanduser()
@@ -106,7 +106,7 @@ def load_model_with_vision(path: str | Path, *, vision_tower: str | Path | None 
     raw = _raw_config(folder)
     is_parrot = raw.get("model_type") == PARROT_MODEL_TYPE
     if not is_parrot and vision_tower is None:
-        return load_model(folder, device=device, dtype=dtype), None
+        return load_model(folder, device=device, dtype=dtype, quantization=quantization), None
     try:
         if is_parrot:
             pcfg = ParrotConfig.from_dict(raw, hidden_size=cfg.hidden_size, where=str(folder / "config.json"))
@@ -126,5 +126,5 @@ def load_model_with_vision(path: str | Path, *, vision_tower: str | Path | None 
         raise ModelLoadError(f"{folder / 'config.json'}: mm_hidden_size {pcfg.mm_hidden_size} does not match the "
                              f"vision tower's hidden_size {tower.hidden_size} ({tower_dir})")
     adapter = _load_adapter(folder, pcfg, state, device, dtype) if is_parrot else None
-    llm = load_model(folder, device=device, dtype=dtype, state=state)
+    llm = load_model(folder, device=device, dtype=dtype, state=state, quantization=quantization)
     return llm, ModelVision(tower=tower, adapter=adapter, config=pcfg, name=cfg.name)
