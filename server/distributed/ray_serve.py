@@ -117,7 +117,8 @@ class EngineReplica:
         """What the ingress needs to validate and render requests without the weights."""
         await self._ensure_started()
         return {"tokenizer": self.engine.tokenizer, "model_config": self.engine.model_config,
-                "max_model_len": self.engine.max_model_len, "model_name": self.model_name}
+                "max_model_len": self.engine.max_model_len, "model_name": self.model_name,
+                "multimodal_spec": getattr(self.engine, "multimodal_spec", None)}
 
     async def generate(self, request: GenerationRequest, banks: dict[str, tuple[str, int]]):
         """Stream one request's events, preceded by this replica's name. Admission errors come

@@ -126,6 +126,12 @@ class RemoteEngine:
     def max_model_len(self) -> int:
         return self._need("max_model_len")
 
+    @property
+    def multimodal_spec(self):
+        """The replicas' ``MultiModalSpec`` (None: text only), so the ingress renders image prompts
+        exactly as the standalone server does; the replica's engine checks them again."""
+        return None if self._info is None else self._info.get("multimodal_spec")
+
     def set_stats_sink(self, sink: Any) -> None:
         """Engine statistics live in the replicas (each has its own metrics); the ingress's
         metrics keep only what the HTTP layer reports (rejections, bank operations)."""
