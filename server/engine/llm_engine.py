@@ -25,6 +25,7 @@ from .protocol import (AdapterProvider, GenerationEvent, GenerationRequest, Inva
                        StatsSink, StepStats, UnknownBank)
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
         self.sequences: dict[str, Sequence] = {}
         self.stats_sink: StatsSink | None = None
         self.adapter_provider: AdapterProvider | None = None
@@ -142,6 +144,8 @@ class LLMEngine:
             generator = torch.Generator(device=self.model.device).manual_seed(request.params.seed)
         seq = Sequence(request, adapter_handle=handle, generator=generator)
         try:
+            if request.params.structured is not None:
+                seq.grammar = self.grammars.matcher(request.params.structured)
             self.outputs.start(seq)
         except Exception:
             self.release_bank(handle)
