@@ -47,7 +47,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     metrics = metrics or ServerMetrics(model_name, max_lora=getattr(engine, "max_banks", 0) or 0)
     admission = Admission()
     ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
-                         metrics=metrics, banks=banks, retry_after=settings.retry_after)
+                         metrics=metrics, banks=banks, retry_after=settings.retry_after,
+                         max_prompts=settings.max_prompts, tool_call_parser=settings.tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -48,6 +48,12 @@ class _Sampling(_Request):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     include_stop_str_in_output: bool = False
+    # structured outputs (server/api/structured_outputs.py): OpenAI's, then vLLM's extras
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = Field(None, max_length=4096)
+    guided_choice: list[str] | None = Field(None, max_length=1024)
+    guided_grammar: str | None = None
 
 
 class TextPart(BaseModel):
@@ -61,6 +67,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, as OpenAI returned them
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(_Sampling):
@@ -68,13 +90,12 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, **BIG)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, **BIG)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(..., description="one prompt: text or token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(..., description="a prompt (text or token ids) or a list of prompts: one choice each")
     logprobs: int | None = Field(None, **BIG)
     echo: bool = False
     suffix: str | None = None
@@ -104,16 +125,28 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: str | None = Field(None, description='"stop", "length", or "abort" when the server stopped it')
+    finish_reason: str | None = Field(None, description='"stop", "length", "tool_calls", or "abort" when the server stopped it')
 
 
 class ChatCompletionResponse(BaseModel):
@@ -129,6 +162,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,18 +1,25 @@
-"""``POST /v1/chat/completions``: messages through the model's chat template, then the engine."""
+"""``POST /v1/chat/completions``: messages (and tools) through the model's chat template, then the engine.
+
+Structured outputs (``response_format``, vLLM's ``guided_*``) constrain the output; ``tools`` /
+``tool_choice`` are planned by tools.py and the output's tool calls parsed by the
+``--tool-call-parser`` (tool_parsers.py), whole or as streamed ``tool_calls`` deltas."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogprob
 
+from . import structured_outputs, tools
 from .errors import APIError
 from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
-                       ChatTokenLogprob, TopLogprob)
-from .serving_engine import SSE_HEADERS, OpenAIServing
+                       ChatTokenLogprob, ToolCall, TopLogprob)
+from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing
+from .tool_parsers import ParsedCall, get_parser
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -20,26 +27,35 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
         bank = self.resolve_bank(req.model)
-        if req.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        prompt_ids = await self.run_blocking(self._render, req)
+        plan = tools.plan(req.tools, req.tool_choice)
+        structured, structured_param = structured_outputs.from_request(req)
+        if plan.structured is not None:
+            if structured is not None:
+                raise APIError(400, f"tool_choice {plan.mode!r} constrains the output; it cannot be combined with "
+                                    f"{structured_param}", param="tool_choice")
+            structured, structured_param = plan.structured, "tools"
+        if structured is not None:
+            await self.run_blocking(structured_outputs.check, structured, structured_param)
+        prompt_ids = await self.run_blocking(self._render, req, plan)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, len(prompt_ids), max_tokens, logprobs, "messages")
+        params.structured = structured
         gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank)
         model = req.model or self.ctx.model_name
         first, events = await self.start(http, gen)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(gen, model, first, events, include_usage),
+            choice = self._choice_stream(0, gen, first, events, plan)
+            return StreamingResponse(self.stream_sse(gen.request_id, model, [choice], include_usage,
+                                                     obj="chat.completion.chunk"),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self.until_disconnect(http, gen.request_id, self._full(gen, model, first, events, req.logprobs))
+        return await self.until_disconnect(http, gen.request_id,
+                                           self._full(gen, model, first, events, req.logprobs, plan))
 
-    def _render(self, req: ChatCompletionRequest) -> list[int]:
+    def _render(self, req: ChatCompletionRequest, plan: tools.ToolPlan) -> list[int]:
         messages = []
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list):
@@ -52,9 +68,17 @@ class OpenAIServingChat(OpenAIServing):
                 content = "".join(texts)
             else:
                 content = m.content or ""
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls:
+                message["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            messages.append(message)
+        native = tools.template_uses_tools(self.tokenizer)
+        messages = tools.render_history(messages, plan.tools, native)
+        extra = {"tools": plan.tools} if native and plan.tools else {}
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         except Exception as exc:  # noqa: BLE001 - the template rejects a conversation (jinja raise_exception)
             raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -67,8 +91,19 @@ class OpenAIServingChat(OpenAIServing):
             out.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top))
         return out
 
+    def _tool_output(self, text: str, plan: tools.ToolPlan) -> tuple[str | None, list[ParsedCall]]:
+        """(content, calls) of a whole output under the request's tool plan."""
+        if plan.mode == "named":
+            return None, [ParsedCall(plan.named, text)]
+        if plan.mode == "required":
+            calls = tools.calls_from_required(text)
+            return (None if calls else text), calls
+        parser = get_parser(self.ctx.tool_call_parser) if plan.mode == "auto" else None
+        return parser.parse(text) if parser is not None else (text, [])
+
     async def _full(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                    events: AsyncIterator[GenerationEvent], want_logprobs: bool | None) -> ChatCompletionResponse:
+                    events: AsyncIterator[GenerationEvent], want_logprobs: bool | None,
+                    plan: tools.ToolPlan) -> ChatCompletionResponse:
         texts, logprobs, n_tokens, event = [], [], 0, first
         try:
             while True:
@@ -82,17 +117,65 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             await events.aclose()
         self.check_final(event)
+        content, calls = self._tool_output("".join(texts), plan)
+        finish = event.finish_reason
+        if calls and plan.mode != "named" and finish == "stop":
+            finish = "tool_calls"
+        message = AssistantMessage(content=content if calls else (content or ""),
+                                   tool_calls=[ToolCall(**c.as_openai()) for c in calls])
         return ChatCompletionResponse(
             id=gen.request_id, model=model,
-            choices=[ChatChoice(message=AssistantMessage(content="".join(texts)), finish_reason=event.finish_reason,
+            choices=[ChatChoice(message=message, finish_reason=finish,
                                 logprobs=ChatChoiceLogprobs(content=logprobs) if want_logprobs else None)],
             usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
         )
 
-    def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
-        return self.stream_sse(
-            gen, model, first, events, include_usage, obj="chat.completion.chunk",
-            choice=lambda text, final: {"delta": {"content": text} if text or not final else {}},
-            logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
-            preamble={"delta": {"role": "assistant", "content": ""}})
+    def _choice_stream(self, index: int, gen: GenerationRequest, first: GenerationEvent,
+                       events: AsyncIterator[GenerationEvent], plan: tools.ToolPlan) -> ChoiceStream:
+        """Content deltas as they come; tool calls as ``tool_calls`` deltas: a named function's
+        arguments stream as they are generated, a parsed call is sent whole once its block closes,
+        ``required``'s calls when the output is complete."""
+        parser = get_parser(self.ctx.tool_call_parser) if plan.mode == "auto" else None
+        stream = parser.streamer() if parser is not None else None
+        held: list[str] = []  # required: the JSON array, parsed at the end
+        named_id = ParsedCall(plan.named or "", "").id
+        sent_calls = 0
+
+        def delta(content: str | None = None, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            d: dict[str, Any] = {}
+            if content:
+                d["content"] = content
+            if calls:
+                d["tool_calls"] = calls
+            return {"delta": d}
+
+        def content(text: str, final: bool) -> dict[str, Any] | None:
+            nonlocal sent_calls
+            if plan.mode == "named":
+                if sent_calls == 0:  # the first chunk names the call; later ones add to its arguments
+                    sent_calls = 1
+                    return delta(calls=[{"index": 0, "id": named_id, "type": "function",
+                                         "function": {"name": plan.named, "arguments": text}}])
+                return delta(calls=[{"index": 0, "function": {"arguments": text}}]) if text or final else None
+            if plan.mode == "required":
+                held.append(text)
+                if not final:
+                    return None
+                calls = tools.calls_from_required("".join(held))
+                body = [{"index": i, **c.as_openai()} for i, c in enumerate(calls)]
+                sent_calls = len(body)
+                return delta(None if calls else "".join(held), body)
+            if stream is None:
+                return delta(text) if text or final else None
+            out, calls = stream.feed(text, final)
+            body = [{"index": sent_calls + i, **c.as_openai()} for i, c in enumerate(calls)]
+            sent_calls += len(body)
+            return delta(out, body) if out or body or final else None
+
+        def finish_reason(reason: str | None) -> str | None:
+            return "tool_calls" if sent_calls and plan.mode in ("auto", "required") and reason == "stop" else reason
+
+        return ChoiceStream(index, gen, first, events, content=content,
+                            logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
+                            empty={"delta": {}}, preamble={"delta": {"role": "assistant", "content": ""}},
+                            finish_reason=finish_reason)
