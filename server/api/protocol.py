@@ -205,6 +205,23 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ModelPermission(BaseModel):
+    """vLLM's (and the old OpenAI API's) permission entry of a model card."""
+
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -213,6 +230,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    permission: list[ModelPermission] = []
     kind: str | None = Field(None, description="a bank's kind (lora, mixlora, dynmole, mola); None: the base model")
     num_experts: int | None = None
 
@@ -220,6 +238,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- tokenization (vLLM's /tokenize and /detokenize) ------------------------------------------------
+
+
+class TokenizeRequest(_Request):
+    """Either ``prompt`` (text) or ``messages`` (rendered by the chat template, with ``tools``)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int] = Field(..., max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
 
 
 # -- banks -------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ class OpenAIServingChat(OpenAIServing):
         return await self.until_disconnect(http, gen.request_id,
                                            self._full(gen, model, first, events, req.logprobs, plan))
 
-    def _render(self, req: ChatCompletionRequest, plan: tools.ToolPlan) -> list[int]:
+    def _render(self, req: Any, plan: tools.ToolPlan, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids of ``req.messages`` (a chat or a /tokenize request) under ``plan``."""
         messages = []
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list):
@@ -78,7 +79,8 @@ class OpenAIServingChat(OpenAIServing):
         messages = tools.render_history(messages, plan.tools, native)
         extra = {"tools": plan.tools} if native and plan.tools else {}
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                      **extra)
         except Exception as exc:  # noqa: BLE001 - the template rejects a conversation (jinja raise_exception)
             raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -119,7 +121,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_final(event)
         content, calls = self._tool_output("".join(texts), plan)
         finish = event.finish_reason
-        if calls and plan.mode != "named" and finish == "stop":
+        if calls and plan.mode != "named" and finish in ("stop", "length"):  # a call parsed: it completed
             finish = "tool_calls"
         message = AssistantMessage(content=content if calls else (content or ""),
                                    tool_calls=[ToolCall(**c.as_openai()) for c in calls])
@@ -173,7 +175,8 @@ class OpenAIServingChat(OpenAIServing):
             return delta(out, body) if out or body or final else None
 
         def finish_reason(reason: str | None) -> str | None:
-            return "tool_calls" if sent_calls and plan.mode in ("auto", "required") and reason == "stop" else reason
+            return ("tool_calls" if sent_calls and plan.mode in ("auto", "required") and reason in ("stop", "length")
+                    else reason)
 
         return ChoiceStream(index, gen, first, events, content=content,
                             logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
