@@ -62,12 +62,25 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class MessageFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., max_length=128)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, as OpenAI returned them
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls, as OpenAI returned them
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
 

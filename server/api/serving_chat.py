@@ -71,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
                 content = m.content or ""
             message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
             if m.tool_calls:
-                message["tool_calls"] = m.tool_calls
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
             if m.tool_call_id is not None:
                 message["tool_call_id"] = m.tool_call_id
             messages.append(message)
