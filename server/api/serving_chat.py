@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogprob
+from server.engine.protocol import MAX_LOGPROBS, GenerationEvent, GenerationRequest, TokenLogprob
 
 from . import structured_outputs, tools
 from .errors import APIError
@@ -29,6 +29,10 @@ class OpenAIServingChat(OpenAIServing):
         bank = self.resolve_bank(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                           param="top_logprobs")
+        self._check_size(req)
         plan = tools.plan(req.tools, req.tool_choice)
         structured, structured_param = structured_outputs.from_request(req)
         if plan.structured is not None:
@@ -54,6 +58,23 @@ class OpenAIServingChat(OpenAIServing):
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         return await self.until_disconnect(http, gen.request_id,
                                            self._full(gen, model, first, events, req.logprobs, plan))
+
+    def _check_size(self, req: ChatCompletionRequest) -> None:
+        """Cheap refusals before the template renders: too many messages, or more text than the
+        context window can hold whatever the tokenizer makes of it (each token covers at most
+        ``max_chars_per_token`` characters)."""
+        most = self.ctx.max_messages
+        if most is not None and len(req.messages) > most:
+            raise APIError(400, f"{len(req.messages)} messages is more than this server's limit of {most} "
+                                "(--max-messages)", param="messages")
+        per_token = self.ctx.tokenizers.max_chars_per_token
+        if per_token:
+            chars = sum(len(m.content) if isinstance(m.content, str)
+                        else sum(len(p.text or "") for p in m.content or ()) for m in req.messages)
+            if chars > self.ctx.max_model_len * per_token:
+                raise APIError(400, f"the messages hold {chars} characters: more than {self.ctx.max_model_len} tokens "
+                                    f"(this model's maximum context length) can cover", param="messages",
+                               code="context_length_exceeded")
 
     def _render(self, req: Any, plan: tools.ToolPlan, add_generation_prompt: bool = True) -> list[int]:
         """The prompt's token ids of ``req.messages`` (a chat or a /tokenize request) under ``plan``."""

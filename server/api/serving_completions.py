@@ -57,7 +57,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.echo:
             for i, (gen, (first, _)) in enumerate(zip(gens, started)):
                 text = prompts[i] if isinstance(prompts[i], str) else await self.run_blocking(
-                    self.tokenizer.decode, gen.prompt_token_ids)
+                    lambda ids: self.tokenizer.decode(ids), gen.prompt_token_ids)
                 echoes[i] = (text, self._prompt_logprobs(gen.prompt_token_ids, first) if gen.params.prompt_logprobs
                              else None)
         if score_only:

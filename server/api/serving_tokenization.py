@@ -32,4 +32,4 @@ class OpenAIServingTokenization(OpenAIServing):
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.resolve_bank(req.model)
         self.check_token_ids(req.tokens, "tokens")
-        return DetokenizeResponse(prompt=await self.run_blocking(self.tokenizer.decode, req.tokens))
+        return DetokenizeResponse(prompt=await self.run_blocking(lambda ids: self.tokenizer.decode(ids), req.tokens))
