@@ -161,6 +161,7 @@ def main() -> None:
     for r in range(args.rounds):
         plain.append(run_round(engine, ids, None, args.steps, f"p{r}", timer)[0])
         t, (fill, apply) = run_round(engine, ids, spec, args.steps, f"s{r}", timer)
+        print(f"round {r}: plain {plain[-1] * 1e3:.1f} ms/step, schema {t * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
         schema.append(t)
         fills.append(fill)
         applies.append(apply)
