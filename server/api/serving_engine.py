@@ -40,6 +40,7 @@ class ServingContext:
     retry_after: int = 1
     max_prompts: int = 128  # prompts in one /v1/completions request (settings.max_prompts)
     tool_call_parser: str = "hermes"  # settings.tool_call_parser
+    media: Any = None  # server.multimodal.media.MediaPolicy: where chat images may come from, how large
     tokenizers: TokenizerPool | None = None  # None: one worker on the engine's tokenizer
     max_tokens_default: int | None = None  # max_tokens of a request without one (None: the rest of the context)
     max_tokens_limit: int | None = None  # largest max_tokens accepted (None: the context window)

@@ -22,7 +22,7 @@ class OpenAIServingTokenization(OpenAIServing):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
             plan = tools.plan(req.tools, None)
-            ids = await self.chat.run_blocking(self.chat._render, req, plan, req.add_generation_prompt)
+            ids, _ = await self.chat.run_blocking(self.chat._render, req, plan, None, [], req.add_generation_prompt)
         else:
             ids = await self.run_blocking(
                 lambda: list(self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]))
