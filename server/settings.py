@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         "model on the CPU, which halves their memory and the bytes each step reads; otherwise the model's dtype); "
         "float32 keeps them exact")
 
+    tool_call_parser: Literal["hermes", "none"] = Field(
+        "hermes", description="how tool calls are read from chat outputs: hermes (<tool_call>{...}</tool_call>, "
+        "Hermes and Qwen models) or none (the output stays text)")
     bank_memory: float | None = Field(
         None, gt=0, description="memory all loaded banks may hold together: bytes (> 1) or a fraction of the "
         "machine's memory (default: 0.25 of it); a load past it is refused with 409 naming the budget")
@@ -84,6 +87,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine runs at once")
     max_waiting: int = Field(256, ge=0, description="requests that may wait for a slot; beyond it: 429")
     max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's max_position_embeddings)")
+    max_prompts: int = Field(128, ge=1, description="most prompts in one /v1/completions request (one choice each)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted; beyond it: 413")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
     max_tokens_default: int | None = Field(

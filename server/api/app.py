@@ -2,13 +2,15 @@
 registry and the metrics together; nothing here knows how generation works.
 
 Routes: GET /health, GET /ready, GET /metrics, GET /v1/models, POST /v1/chat/completions,
-POST /v1/completions, and with an admin key the bank routes of banks.py.
+POST /v1/completions, vLLM's POST /tokenize, POST /detokenize and GET /version, and with an admin
+key the bank routes of banks.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import time
@@ -26,15 +28,21 @@ from .auth import AuthGate, admin_key_guard, api_key_guard
 from .errors import APIError, error_body, install_error_handlers
 from .lifecycle import Admission
 from .protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                       CompletionResponse, ErrorResponse, ModelCard, ModelList)
+                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
+                       ModelPermission, TokenizeRequest, TokenizeResponse, VersionResponse)
 from .serving_chat import OpenAIServingChat
 from .serving_completions import OpenAIServingCompletion
 from .serving_engine import ServingContext
+from .serving_tokenization import OpenAIServingTokenization
 from .tokenizer_pool import TokenizerPool
 
 log = logging.getLogger("moleserve.api")
 
 _STARTED = int(time.time())  # "created" of the models list
+try:
+    _VERSION = importlib.metadata.version("moleserve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+    _VERSION = "0.1.0"
 ALWAYS_OPEN = ("/health", "/ready", "/metrics")  # still answered while draining
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 422, 429, 503)}
 STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -56,7 +64,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
                          metrics=metrics, banks=banks, retry_after=settings.retry_after, tokenizers=tokenizers,
                          max_tokens_default=settings.max_tokens_default, max_tokens_limit=settings.max_tokens_limit,
-                         max_messages=settings.max_messages, media=MediaPolicy.from_settings(settings))
+                         max_messages=settings.max_messages, media=MediaPolicy.from_settings(settings),
+                         max_prompts=settings.max_prompts, tool_call_parser=settings.tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -75,7 +84,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
             tokenizers.shutdown()
             chat.images.shutdown()
 
-    app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan, responses=NOT_ALLOWED,
+    app = FastAPI(title="moleserve", version=_VERSION, lifespan=lifespan, responses=NOT_ALLOWED,
                   description="OpenAI-compatible inference with mixture-of-LoRA-experts banks.")
     app.openapi = lambda: _openapi_with_events(app)
     app.state.settings, app.state.engine, app.state.banks = settings, engine, banks
@@ -88,6 +97,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
                        retry_after=settings.retry_after, metrics=metrics, gate=gate, body_timeout=settings.body_timeout)
     guard = Depends(api_key_guard(api_key, admin_key))
     chat, completions = OpenAIServingChat(ctx), OpenAIServingCompletion(ctx)
+    tokenization = OpenAIServingTokenization(ctx, chat)
 
     @app.get("/health", tags=["probes"])
     async def health() -> dict[str, str]:
@@ -126,7 +136,24 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
                 continue
             cards.append(ModelCard(id=b.name, created=_STARTED, root=model_name, parent=model_name,
                                    max_model_len=max_model_len, kind=b.kind, num_experts=b.num_experts))
+        for card in cards:  # vLLM's permission entry
+            card.permission = [ModelPermission(id=f"modelperm-{card.id}", created=_STARTED)]
         return ModelList(data=cards)
+
+    @v1.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's: the token ids of a prompt, or of chat messages as the chat template renders them."""
+        return await tokenization.tokenize(body)
+
+    @v1.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's: the text of token ids."""
+        return await tokenization.detokenize(body)
+
+    @v1.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        """The server's version."""
+        return VersionResponse(version=_VERSION)
 
     @v1.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, 200: STREAM})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

@@ -82,6 +82,12 @@ class _Sampling(_Request):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     include_stop_str_in_output: bool = False
+    # structured outputs (server/api/structured_outputs.py): OpenAI's, then vLLM's extras
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = Field(None, max_length=4096)
+    guided_choice: list[str] | None = Field(None, max_length=1024)
+    guided_grammar: str | None = None
 
 
 class ImageURL(BaseModel):
@@ -104,11 +110,40 @@ class ContentPart(BaseModel):
 TextPart = ContentPart  # the name before image parts
 
 
+class MessageFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., max_length=128)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls, as OpenAI returned them
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(_Sampling):
@@ -116,13 +151,12 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, **BIG)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, **BIG)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(..., description="one prompt: text or token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(..., description="a prompt (text or token ids) or a list of prompts: one choice each")
     logprobs: int | None = Field(None, **BIG)
     echo: bool = False
     suffix: str | None = None
@@ -152,16 +186,28 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: str | None = Field(None, description='"stop", "length", or "abort" when the server stopped it')
+    finish_reason: str | None = Field(None, description='"stop", "length", "tool_calls", or "abort" when the server stopped it')
 
 
 class ChatCompletionResponse(BaseModel):
@@ -177,6 +223,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -219,6 +266,23 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ModelPermission(BaseModel):
+    """vLLM's (and the old OpenAI API's) permission entry of a model card."""
+
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -227,6 +291,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    permission: list[ModelPermission] = []
     kind: str | None = Field(None, description="a bank's kind (lora, mixlora, dynmole, mola); None: the base model")
     num_experts: int | None = None
 
@@ -234,6 +299,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- tokenization (vLLM's /tokenize and /detokenize) ------------------------------------------------
+
+
+class TokenizeRequest(_Request):
+    """Either ``prompt`` (text) or ``messages`` (rendered by the chat template, with ``tools``)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int] = Field(..., max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
 
 
 # -- banks -------------------------------------------------------------------------------------

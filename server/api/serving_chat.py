@@ -1,8 +1,13 @@
-"""``POST /v1/chat/completions``: messages through the model's chat template, then the engine."""
+"""``POST /v1/chat/completions``: messages (and tools) through the model's chat template, then the engine.
+
+Structured outputs (``response_format``, vLLM's ``guided_*``) constrain the output; ``tools`` /
+``tool_choice`` are planned by tools.py and the output's tool calls parsed by the
+``--tool-call-parser`` (tool_parsers.py), whole or as streamed ``tool_calls`` deltas."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -10,12 +15,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.engine.protocol import MAX_LOGPROBS, GenerationEvent, GenerationRequest, TokenLogprob
 from server.multimodal.inputs import ImageInput, MultiModalSpec
 
+from . import structured_outputs, tools
 from .banks import bank_infos
 from .errors import APIError
 from .images import ChatImages, PreparedImage, check_marker_free, image_parts, render_content, tokenize_with_images
 from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
-                       ChatTokenLogprob, TopLogprob)
-from .serving_engine import SSE_HEADERS, OpenAIServing, ServingContext
+                       ChatTokenLogprob, ToolCall, TopLogprob)
+from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, ServingContext
+from .tool_parsers import ParsedCall, get_parser
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -27,34 +34,43 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
         bank = self.resolve_bank(req.model)
-        if req.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
                            param="top_logprobs")
         self._check_size(req)
+        plan = tools.plan(req.tools, req.tool_choice)
+        structured, structured_param = structured_outputs.from_request(req)
+        if plan.structured is not None:
+            if structured is not None:
+                raise APIError(400, f"tool_choice {plan.mode!r} constrains the output; it cannot be combined with "
+                                    f"{structured_param}", param="tool_choice")
+            structured, structured_param = plan.structured, "tools"
+        if structured is not None:
+            await self.run_blocking(structured_outputs.check, structured, structured_param)
         parts = image_parts(req.messages)
         spec, images = None, []
         if parts:
             spec = self.images.check(parts, bank, {b.name: b.kind for b in bank_infos(self.ctx.banks)})
             check_marker_free(req.messages, spec.image_token)
             images = await self.images.load(parts, spec)  # on the media threads
-        prompt_ids, image_inputs = await self.run_blocking(self._render, req, spec, images)
+        prompt_ids, image_inputs = await self.run_blocking(self._render, req, plan, spec, images)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, len(prompt_ids), max_tokens, logprobs, "messages")
+        params.structured = structured
         gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank, images=image_inputs)
         model = req.model or self.ctx.model_name
         first, events = await self.start(http, gen)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(gen, model, first, events, include_usage),
+            choice = self._choice_stream(0, gen, first, events, plan)
+            return StreamingResponse(self.stream_sse(gen.request_id, model, [choice], include_usage,
+                                                     obj="chat.completion.chunk"),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self.until_disconnect(http, gen.request_id, self._full(gen, model, first, events, req.logprobs))
+        return await self.until_disconnect(http, gen.request_id,
+                                           self._full(gen, model, first, events, req.logprobs, plan))
 
     def _check_size(self, req: ChatCompletionRequest) -> None:
         """Cheap refusals before the template renders: too many messages, or more text than the
@@ -73,14 +89,27 @@ class OpenAIServingChat(OpenAIServing):
                                     f"(this model's maximum context length) can cover", param="messages",
                                code="context_length_exceeded")
 
-    def _render(self, req: ChatCompletionRequest, spec: MultiModalSpec | None,
-                images: list[PreparedImage]) -> tuple[list[int], list[ImageInput]]:
-        """The chat template's prompt as token ids, and the images' placeholder spans in it."""
+    def _render(self, req: Any, plan: tools.ToolPlan, spec: MultiModalSpec | None = None,
+                images: list[PreparedImage] = (), add_generation_prompt: bool = True
+                ) -> tuple[list[int], list[ImageInput]]:
+        """The chat template's prompt as token ids (tools under ``plan``), and the images' placeholder
+        spans in it; ``req`` is a chat or a /tokenize request."""
         marker = spec.image_token if images else None
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": render_content(m.content, marker)}
-                    for m in req.messages]
+        messages = []
+        for m in req.messages:
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                       "content": render_content(m.content, marker)}
+            if m.tool_calls:
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            messages.append(message)
+        native = tools.template_uses_tools(self.tokenizer)
+        messages = tools.render_history(messages, plan.tools, native)
+        extra = {"tools": plan.tools} if native and plan.tools else {}
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                      **extra)
         except Exception as exc:  # noqa: BLE001 - the template rejects a conversation (jinja raise_exception)
             raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
         if images:
@@ -95,8 +124,19 @@ class OpenAIServingChat(OpenAIServing):
             out.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top))
         return out
 
+    def _tool_output(self, text: str, plan: tools.ToolPlan) -> tuple[str | None, list[ParsedCall]]:
+        """(content, calls) of a whole output under the request's tool plan."""
+        if plan.mode == "named":
+            return None, [ParsedCall(plan.named, text)]
+        if plan.mode == "required":
+            calls = tools.calls_from_required(text)
+            return (None if calls else text), calls
+        parser = get_parser(self.ctx.tool_call_parser) if plan.mode == "auto" else None
+        return parser.parse(text) if parser is not None else (text, [])
+
     async def _full(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                    events: AsyncIterator[GenerationEvent], want_logprobs: bool | None) -> ChatCompletionResponse:
+                    events: AsyncIterator[GenerationEvent], want_logprobs: bool | None,
+                    plan: tools.ToolPlan) -> ChatCompletionResponse:
         texts, logprobs, n_tokens, event = [], [], 0, first
         try:
             while True:
@@ -110,17 +150,66 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             await events.aclose()
         self.check_final(event)
+        content, calls = self._tool_output("".join(texts), plan)
+        finish = event.finish_reason
+        if calls and plan.mode != "named" and finish in ("stop", "length"):  # a call parsed: it completed
+            finish = "tool_calls"
+        message = AssistantMessage(content=content if calls else (content or ""),
+                                   tool_calls=[ToolCall(**c.as_openai()) for c in calls])
         return ChatCompletionResponse(
             id=gen.request_id, model=model,
-            choices=[ChatChoice(message=AssistantMessage(content="".join(texts)), finish_reason=event.finish_reason,
+            choices=[ChatChoice(message=message, finish_reason=finish,
                                 logprobs=ChatChoiceLogprobs(content=logprobs) if want_logprobs else None)],
             usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
         )
 
-    def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
-        return self.stream_sse(
-            gen, model, first, events, include_usage, obj="chat.completion.chunk",
-            choice=lambda text, final: {"delta": {"content": text} if text or not final else {}},
-            logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
-            preamble={"delta": {"role": "assistant", "content": ""}})
+    def _choice_stream(self, index: int, gen: GenerationRequest, first: GenerationEvent,
+                       events: AsyncIterator[GenerationEvent], plan: tools.ToolPlan) -> ChoiceStream:
+        """Content deltas as they come; tool calls as ``tool_calls`` deltas: a named function's
+        arguments stream as they are generated, a parsed call is sent whole once its block closes,
+        ``required``'s calls when the output is complete."""
+        parser = get_parser(self.ctx.tool_call_parser) if plan.mode == "auto" else None
+        stream = parser.streamer() if parser is not None else None
+        held: list[str] = []  # required: the JSON array, parsed at the end
+        named_id = ParsedCall(plan.named or "", "").id
+        sent_calls = 0
+
+        def delta(content: str | None = None, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            d: dict[str, Any] = {}
+            if content:
+                d["content"] = content
+            if calls:
+                d["tool_calls"] = calls
+            return {"delta": d}
+
+        def content(text: str, final: bool) -> dict[str, Any] | None:
+            nonlocal sent_calls
+            if plan.mode == "named":
+                if sent_calls == 0:  # the first chunk names the call; later ones add to its arguments
+                    sent_calls = 1
+                    return delta(calls=[{"index": 0, "id": named_id, "type": "function",
+                                         "function": {"name": plan.named, "arguments": text}}])
+                return delta(calls=[{"index": 0, "function": {"arguments": text}}]) if text or final else None
+            if plan.mode == "required":
+                held.append(text)
+                if not final:
+                    return None
+                calls = tools.calls_from_required("".join(held))
+                body = [{"index": i, **c.as_openai()} for i, c in enumerate(calls)]
+                sent_calls = len(body)
+                return delta(None if calls else "".join(held), body)
+            if stream is None:
+                return delta(text) if text or final else None
+            out, calls = stream.feed(text, final)
+            body = [{"index": sent_calls + i, **c.as_openai()} for i, c in enumerate(calls)]
+            sent_calls += len(body)
+            return delta(out, body) if out or body or final else None
+
+        def finish_reason(reason: str | None) -> str | None:
+            return ("tool_calls" if sent_calls and plan.mode in ("auto", "required") and reason in ("stop", "length")
+                    else reason)
+
+        return ChoiceStream(index, gen, first, events, content=content,
+                            logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
+                            empty={"delta": {}}, preamble={"delta": {"role": "assistant", "content": ""}},
+                            finish_reason=finish_reason)

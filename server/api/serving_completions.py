@@ -1,12 +1,18 @@
-"""``POST /v1/completions``: one text or token-id prompt, straight to the engine.
+"""``POST /v1/completions``: one or several prompts (text or token ids), straight to the engine.
+
+Several prompts (a list of strings or of token-id lists, up to ``--max-prompts``) give one choice
+each, numbered by ``index`` in prompt order; they are submitted together, so they share the
+engine's batches, and ``usage`` sums them. Streamed chunks carry their choice's ``index``.
 
 ``echo``: the prompt comes back before the completion, and with ``logprobs`` = k its tokens' log-
 probabilities too (the first token's is null: nothing precedes it), each with its k most likely
 alternatives; ``max_tokens: 0`` with ``echo`` scores the prompt and generates nothing (what
-loglikelihood evaluation, e.g. lm-evaluation-harness's OpenAI completions model, sends)."""
+loglikelihood evaluation, e.g. lm-evaluation-harness's OpenAI completions model, sends, several
+prompts per request when its batch size is above 1)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,9 +21,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogprob, Usage
 
+from . import structured_outputs
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving_engine import SSE_HEADERS, OpenAIServing
+from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, sum_usage
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -29,27 +36,67 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1):
             raise APIError(400, f"best_of must be 1, got {req.best_of}", param="best_of")
-        prompt_ids = await self.run_blocking(self._prompt_ids, req.prompt)
+        prompts = self._prompt_list(req.prompt)
+        structured, structured_param = structured_outputs.from_request(req)
+        if structured is not None:
+            await self.run_blocking(structured_outputs.check, structured, structured_param)
+        prompt_ids = await self.run_blocking(lambda: [self._prompt_ids(p, i, len(prompts)) for i, p in enumerate(prompts)])
         score_only = req.echo and req.max_tokens == 0  # the engine makes one token, which is dropped
-        params = self.sampling_params(req, len(prompt_ids), 1 if score_only else req.max_tokens, req.logprobs,
-                                      "prompt")
-        params.prompt_logprobs = req.echo and req.logprobs is not None
-        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank)
+        request_id = self.new_id()
+        gens = []
+        for i, ids in enumerate(prompt_ids):
+            params = self.sampling_params(req, len(ids), 1 if score_only else req.max_tokens, req.logprobs,
+                                          "prompt")
+            params.prompt_logprobs = req.echo and req.logprobs is not None
+            params.structured = structured
+            rid = request_id if len(prompt_ids) == 1 else f"{request_id}-{i}"
+            gens.append(GenerationRequest(rid, ids, params, bank=bank))
         model = req.model or self.ctx.model_name
-        first, events = await self.start(http, gen)
-        echo = None
+        started = await self.start_all(http, gens)
+        echoes: list[tuple | None] = [None] * len(gens)
         if req.echo:
-            text = req.prompt if isinstance(req.prompt, str) else (
-                req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
-                else await self.run_blocking(lambda ids: self.tokenizer.decode(ids), prompt_ids))
-            echo = (text, self._prompt_logprobs(prompt_ids, first) if params.prompt_logprobs else None)
+            for i, (gen, (first, _)) in enumerate(zip(gens, started)):
+                text = prompts[i] if isinstance(prompts[i], str) else await self.run_blocking(
+                    lambda ids: self.tokenizer.decode(ids), gen.prompt_token_ids)
+                echoes[i] = (text, self._prompt_logprobs(gen.prompt_token_ids, first) if gen.params.prompt_logprobs
+                             else None)
         if score_only:
-            first, events = await self._drop_generated(gen, first, events)
+            started = [await self._drop_generated(gen, first, events) for gen, (first, events) in zip(gens, started)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(gen, model, first, events, include_usage, echo),
+            choices = [self._choice_stream(i, gen, first, events, echoes[i])
+                       for i, (gen, (first, events)) in enumerate(zip(gens, started))]
+            return StreamingResponse(self.stream_sse(request_id, model, choices, include_usage, obj="text_completion"),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self.until_disconnect(http, gen.request_id, self._full(gen, model, first, events, echo))
+
+        async def collect() -> CompletionResponse:
+            tasks = [asyncio.ensure_future(self._full(i, gen, first, events, echoes[i]))
+                     for i, (gen, (first, events)) in enumerate(zip(gens, started))]
+            try:  # the first failure ends the response: the other choices are aborted
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                results = [t.result() for t in tasks]
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            return CompletionResponse(id=request_id, model=model, choices=[c for c, _ in results],
+                                      usage=sum_usage([u for _, u in results]))
+
+        try:
+            return await self.until_disconnect(http, [g.request_id for g in gens], collect())
+        finally:
+            await asyncio.gather(*(events.aclose() for _, events in started), return_exceptions=True)
+
+    def _prompt_list(self, prompt: Any) -> list[str | list[int]]:
+        """The request's prompts: one string, one token-id list, or a list of either."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        limit = self.ctx.max_prompts
+        if len(prompt) > limit:
+            raise APIError(400, f"at most {limit} prompts per request, got {len(prompt)}", param="prompt")
+        return list(prompt)
 
     def _prompt_logprobs(self, prompt_ids: list[int], first: GenerationEvent) -> CompletionLogprobs:
         """The echoed prompt's logprobs object: one entry per prompt token, the first without a value."""
@@ -92,18 +139,15 @@ class OpenAIServingCompletion(OpenAIServing):
 
         return done, nothing()
 
-    def _prompt_ids(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"one prompt per request is supported, got {len(prompt)}", param="prompt")
-            prompt = prompt[0]
+    def _prompt_ids(self, prompt: str | list[int], index: int = 0, count: int = 1) -> list[int]:
+        where = f"prompt[{index}]" if count > 1 else "the prompt"
         if isinstance(prompt, str):
             ids = list(self.tokenizer(prompt)["input_ids"])
         else:
             ids = list(prompt)
             self.check_token_ids(ids, "prompt")
         if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
+            raise APIError(400, f"{where} is empty", param="prompt")
         return ids
 
     def _logprobs(self, items: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs:
@@ -119,8 +163,9 @@ class OpenAIServingCompletion(OpenAIServing):
             offset += len(token)
         return out
 
-    async def _full(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                    events: AsyncIterator[GenerationEvent], echo: tuple | None = None) -> CompletionResponse:
+    async def _full(self, index: int, gen: GenerationRequest, first: GenerationEvent,
+                    events: AsyncIterator[GenerationEvent], echo: tuple | None = None):
+        """One choice, collected: (its CompletionChoice, its usage)."""
         texts, n_tokens, event = [], 0, first
         logprobs = CompletionLogprobs() if gen.params.logprobs is not None else None
         offset = 0
@@ -144,16 +189,12 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             await events.aclose()
         self.check_final(event)
-        return CompletionResponse(
-            id=gen.request_id, model=model,
-            choices=[CompletionChoice(text="".join(texts), logprobs=logprobs, finish_reason=event.finish_reason)],
-            usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
-        )
+        choice = CompletionChoice(index=index, text="".join(texts), logprobs=logprobs, finish_reason=event.finish_reason)
+        return choice, self.usage(event, len(gen.prompt_token_ids), n_tokens)
 
-    def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                events: AsyncIterator[GenerationEvent], include_usage: bool, echo: tuple | None = None
-                ) -> AsyncIterator[str]:
-        offset = 0  # text_offset of the next token, carried across chunks
+    def _choice_stream(self, index: int, gen: GenerationRequest, first: GenerationEvent,
+                       events: AsyncIterator[GenerationEvent], echo: tuple | None = None) -> ChoiceStream:
+        offset = 0  # text_offset of the choice's next token, carried across chunks
         preamble = preamble_lp = None
         if echo is not None:  # the prompt first, in a chunk of its own
             preamble = {"text": echo[0]}
@@ -167,6 +208,5 @@ class OpenAIServingCompletion(OpenAIServing):
             offset = part.text_offset[-1] + len(part.tokens[-1]) if part.tokens else offset
             return part.model_dump()
 
-        return self.stream_sse(gen, model, first, events, include_usage, obj="text_completion",
-                               choice=lambda text, final: {"text": text}, logprobs=logprobs, preamble=preamble,
-                               preamble_logprobs=preamble_lp)
+        return ChoiceStream(index, gen, first, events, content=lambda text, final: {"text": text} if text or final else None,
+                            logprobs=logprobs, empty={"text": ""}, preamble=preamble, preamble_logprobs=preamble_lp)

@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -39,6 +39,8 @@ class ServingContext:
     metrics: Any  # server.metrics.ServerMetrics
     banks: Any = None  # server.api.banks.BankAdmin or None
     retry_after: int = 1
+    max_prompts: int = 128  # prompts in one /v1/completions request (settings.max_prompts)
+    tool_call_parser: str = "hermes"  # settings.tool_call_parser
     media: Any = None  # server.multimodal.media.MediaPolicy: where chat images may come from, how large
     tokenizers: TokenizerPool | None = None  # None: one worker on the engine's tokenizer
     max_tokens_default: int | None = None  # max_tokens of a request without one (None: the rest of the context)
@@ -143,9 +145,29 @@ class OpenAIServing:
     async def start(self, http: Request, gen: GenerationRequest) -> tuple[GenerationEvent, AsyncIterator[GenerationEvent]]:
         """Submit and wait for the first event, aborting if the client goes away meanwhile. Errors
         the engine raises at admission (400, 404, 429, 503) come out as ``APIError``."""
-        events = self._events(gen)
-        first = await self.until_disconnect(http, gen.request_id, events.__anext__())
-        return first, events
+        (started,) = await self.start_all(http, [gen])
+        return started
+
+    async def start_all(self, http: Request, gens: list[GenerationRequest]
+                        ) -> list[tuple[GenerationEvent, AsyncIterator[GenerationEvent]]]:
+        """``start`` for the engine requests of one HTTP request (one per choice), all submitted at
+        once so they share the engine's batches. If one is refused, the others are aborted and its
+        error is raised."""
+        streams = [self._events(gen) for gen in gens]
+
+        async def firsts():
+            return await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+
+        try:
+            results = await self.until_disconnect(http, [g.request_id for g in gens], firsts())
+        except BaseException:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+            raise
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+            raise failed
+        return list(zip(results, streams))
 
     async def _events(self, gen: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         admission = self.ctx.admission
@@ -208,15 +230,16 @@ class OpenAIServing:
         if inspect.isawaitable(result):
             await result
 
-    async def until_disconnect(self, http: Request, request_id: str, work: Awaitable[T]) -> T:
-        """Run ``work``; if the client disconnects first, abort the request at once and stop."""
+    async def until_disconnect(self, http: Request, request_id: str | list[str], work: Awaitable[T]) -> T:
+        """Run ``work``; if the client disconnects first, abort the request(s) at once and stop."""
         task = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(_wait_disconnect(http))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 return task.result()
-            await self.abort(request_id)
+            for rid in [request_id] if isinstance(request_id, str) else request_id:
+                await self.abort(rid)
             task.cancel()
             raise APIError(499, "client disconnected", type="client_closed_request")
         finally:
@@ -229,53 +252,73 @@ class OpenAIServing:
     def token_text(self, token_id: int) -> str:
         return self._decode_one(token_id)
 
-    async def stream_sse(self, gen: GenerationRequest, model: str, first: GenerationEvent,
-                         events: AsyncIterator[GenerationEvent], include_usage: bool, *, obj: str,
-                         choice: Callable[[str, bool], dict[str, Any]],
-                         logprobs: Callable[[list[Any]], Any], preamble: dict[str, Any] | None = None,
-                         preamble_logprobs: Any = None) -> AsyncIterator[str]:
-        """Server-sent events of one request, ending with ``data: [DONE]`` (chat and completions).
-
-        ``choice(text, final)`` gives the endpoint's content fields of a chunk's choice (chat: a
-        ``delta``, completions: ``text``); ``logprobs(token_logprobs)`` its logprobs object;
-        ``preamble`` the fields of a first choice before the generated ones (chat's assistant role,
-        completions' echoed prompt), with ``preamble_logprobs`` as its logprobs.
-        """
+    async def stream_sse(self, request_id: str, model: str, choices: list[ChoiceStream], include_usage: bool, *,
+                         obj: str) -> AsyncIterator[str]:
+        """Server-sent events of the choices of one response, ending with ``data: [DONE]`` (chat and
+        completions). Each chunk carries one choice, tagged by its ``index``; the choices' chunks
+        interleave as their tokens arrive. With ``include_usage`` a last chunk has the usage summed
+        over the choices. An error in one choice ends the stream with an error event (the other
+        choices are aborted)."""
         created = int(time.time())
-        want_logprobs = gen.params.logprobs is not None
+        queue: asyncio.Queue = asyncio.Queue()
+        usages: list[UsageInfo] = []
+        _DONE = object()
 
-        def chunk(fields: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> str:
+        def chunk(c: ChoiceStream, fields: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> str:
             body: dict[str, Any] = {
-                "id": gen.request_id, "object": obj, "created": created, "model": model,
-                "choices": [{"index": 0, **fields, "logprobs": lp, "finish_reason": finish_reason}],
+                "id": request_id, "object": obj, "created": created, "model": model,
+                "choices": [{"index": c.index, **fields, "logprobs": lp, "finish_reason": finish_reason}],
             }
             if include_usage:
                 body["usage"] = None
             return sse(body)
 
-        n_tokens, event = 0, first
+        async def pump(c: ChoiceStream) -> None:
+            want_logprobs = c.gen.params.logprobs is not None
+            n_tokens, event = 0, c.first
+            try:
+                if c.preamble is not None:
+                    await queue.put(chunk(c, c.preamble, lp=c.preamble_logprobs))
+                while True:
+                    n_tokens += len(event.token_ids)
+                    lp = c.logprobs(event.logprobs) if want_logprobs and event.logprobs else None
+                    if event.finished:
+                        if event.finish_reason == "error":
+                            self.check_final(event)
+                        fields = c.content(event.text, True)
+                        await queue.put(chunk(c, fields, c.finish_reason(event.finish_reason), lp))
+                        break
+                    fields = c.content(event.text, False)
+                    if fields is not None or lp:
+                        await queue.put(chunk(c, c.empty if fields is None else fields, None, lp))
+                    event = await c.events.__anext__()
+                usages.append(self.usage(event, len(c.gen.prompt_token_ids), n_tokens))
+            except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
+                await queue.put(exc)
+            finally:
+                await queue.put(_DONE)
+
+        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
         try:
-            if preamble is not None:
-                yield chunk(preamble, lp=preamble_logprobs)
-            while True:
-                n_tokens += len(event.token_ids)
-                lp = logprobs(event.logprobs) if want_logprobs and event.logprobs else None
-                if event.finished:
-                    if event.finish_reason == "error":
-                        self.check_final(event)
-                    yield chunk(choice(event.text, True), event.finish_reason, lp)
+            open_choices = len(tasks)
+            while open_choices:
+                item = await queue.get()
+                if item is _DONE:
+                    open_choices -= 1
+                elif isinstance(item, BaseException):
+                    yield sse_error(item)
                     break
-                if event.text or lp:
-                    yield chunk(choice(event.text, False), None, lp)
-                event = await events.__anext__()
-            if include_usage:
-                usage = self.usage(event, len(gen.prompt_token_ids), n_tokens)
-                yield sse({"id": gen.request_id, "object": obj, "created": created, "model": model,
-                           "choices": [], "usage": usage.model_dump()})
-        except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
-            yield sse_error(exc)
+                else:
+                    yield item
+            else:
+                if include_usage:
+                    yield sse({"id": request_id, "object": obj, "created": created, "model": model,
+                               "choices": [], "usage": sum_usage(usages).model_dump()})
         finally:
-            await events.aclose()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(c.events.aclose() for c in choices), return_exceptions=True)
         yield sse("[DONE]")
 
     @staticmethod
@@ -287,6 +330,32 @@ class OpenAIServing:
     def check_final(event: GenerationEvent) -> None:
         if event.finish_reason == "error":
             raise APIError(500, f"generation failed: {event.error or 'engine error'}")
+
+
+@dataclass
+class ChoiceStream:
+    """One choice of a streamed response: its engine request, first event and the rest, and how the
+    endpoint renders it. ``content(text, final)`` gives a chunk's content fields (chat: a ``delta``,
+    completions: ``text``), or None when a non-final chunk has nothing to send; ``logprobs`` its
+    logprobs object; ``preamble`` the fields of a chunk before the generated ones (chat's assistant
+    role, completions' echoed prompt); ``finish_reason`` may rename the engine's (chat: tool_calls)."""
+
+    index: int
+    gen: GenerationRequest
+    first: GenerationEvent
+    events: AsyncIterator[GenerationEvent]
+    content: Callable[[str, bool], dict[str, Any] | None]
+    logprobs: Callable[[list[Any]], Any]
+    empty: dict[str, Any] = field(default_factory=dict)  # the content fields of a chunk that only has logprobs
+    preamble: dict[str, Any] | None = None
+    preamble_logprobs: Any = None
+    finish_reason: Callable[[str | None], str | None] = lambda reason: reason
+
+
+def sum_usage(usages: list[UsageInfo]) -> UsageInfo:
+    """The usage of a response with several choices: every prompt's tokens and every completion's."""
+    p, c = sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages)
+    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
 def sse(data: dict[str, Any] | str) -> str:

@@ -27,6 +27,7 @@ from .protocol import (AdapterProvider, GenerationEvent, GenerationRequest, Inva
 from .routing_stats import add_bank_stats
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
+from .structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class LLMEngine:
         self.multimodal_spec = self._multimodal_spec()  # what the API layer builds image prompts with
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids, visual=self.visual)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
         self.sequences: dict[str, Sequence] = {}
         self.stats_sink: StatsSink | None = None
         self.adapter_provider: AdapterProvider | None = None
@@ -207,6 +209,8 @@ class LLMEngine:
             generator = torch.Generator(device=self.model.device).manual_seed(request.params.seed)
         seq = Sequence(request, adapter_handle=handle, generator=generator, images=images, mm_spans=spans)
         try:
+            if request.params.structured is not None:
+                seq.grammar = self.grammars.matcher(request.params.structured)
             self.outputs.start(seq)
         except Exception:
             self.release_bank(handle)

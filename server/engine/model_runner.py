@@ -140,5 +140,7 @@ class ModelRunner:
                 sampling[i].fault = f"the model produced NaN or infinite logits for this request{where}"
         sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling], [s.generator for s in sampling],
-                                     self.device, eos_token_ids=self.eos_token_ids)
+                                     self.device, eos_token_ids=self.eos_token_ids,
+                                     matchers=[s.grammar for s in sampling] if any(s.grammar is not None for s in sampling) else None,
+                                     vocab_size=logits.shape[-1])
         return sampling, self.sampler(logits.float(), sbatch)

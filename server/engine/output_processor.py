@@ -2,7 +2,9 @@
 
 Per sequence it keeps an ``IncrementalDetokenizer`` (text that never ends in a partial character)
 and, when the request has stop strings, a ``StopStringMatcher`` (text that could still become a
-stop string is held back; the stop string itself is not returned unless asked).
+stop string is held back; the stop string itself is not returned unless asked). A request with a
+structured output advances its grammar matcher by each token; the sequence stops when the grammar
+is complete.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class OutputProcessor:
         seq.append_token(token_id)
         n_out = seq.num_output_tokens
         finish, stopped = None, False
+        if seq.grammar is not None and not seq.grammar.is_stopped():
+            if not seq.grammar.consume_token(token_id):  # the mask allows only what it accepts: a bug if seen
+                event = GenerationEvent(request_id=seq.request_id, token_ids=[token_id])
+                return self.finish(seq, event, "error", f"structured output: {seq.grammar.get_error()}")
         if n_out >= p.min_tokens and ((token_id in self.eos_token_ids and not p.ignore_eos)
                                       or token_id in p.stop_token_ids):
             finish = "stop"
@@ -40,6 +46,8 @@ class OutputProcessor:
                 text, stopped = seq.stop_matcher.feed(text)  # the stop string and what follows are dropped
                 if stopped:
                     finish = "stop"
+        if finish is None and seq.grammar is not None and seq.grammar.is_stopped():
+            finish = "stop"  # the grammar admits no further token: the output is complete
         if finish is None and (n_out >= p.max_tokens or len(seq) >= self.max_model_len):
             finish = "length"
         if finish is not None and seq.stop_matcher is not None and not stopped:

@@ -55,6 +55,18 @@ class EngineStopped(EngineError):
     type = "service_unavailable"
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output (engine/structured_output.py), hashable: the grammar cache's key.
+
+    ``kind``: "json" (``spec`` a JSON schema as canonical JSON text), "regex" (a pattern), "choice"
+    (a JSON list of strings: the output is exactly one of them) or "grammar" (Lark or GBNF text).
+    """
+
+    kind: str
+    spec: str
+
+
 @dataclass
 class SamplingParams:
     """Sampling for one request, as vLLM offers it. Validated by ``validate``."""
@@ -76,6 +88,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # log p(prompt token i+1 | tokens <= i) for every prompt token after the first
     # (with ``logprobs`` = k > 0, also the k most likely tokens at each of those positions)
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None  # the output must match it (token masks in the sampler)
 
     def validate(self) -> None:
         def bad(msg: str, param: str) -> InvalidRequest:

@@ -5,7 +5,9 @@ Per row ``i`` (one scheduled sequence, ``params[i]``), on its logits ``[V]``, in
 1. penalties: repetition (over prompt + output tokens, HF/vLLM style: a seen token's logit is divided
    by the penalty when positive and multiplied by it otherwise), then frequency and presence (over
    output tokens only): ``l -= frequency * count + presence * (count > 0)``;
-2. ``min_tokens``: while fewer than ``min_tokens`` tokens were generated, EOS (unless ``ignore_eos``,
+2. structured outputs: tokens the row's grammar does not allow next get ``-inf`` (its bitmask,
+   filled for all constrained rows at once, ``structured_output.py``);
+   ``min_tokens``: while fewer than ``min_tokens`` tokens were generated, EOS (unless ``ignore_eos``,
    where EOS stops nothing) and ``stop_token_ids`` get ``-inf``;
 3. temperature: ``0`` (below ``_GREEDY_EPS``) is greedy, the argmax of the logits after 1-2;
 4. top_k, top_p (nucleus over the top-k survivors), min_p (drop tokens with probability below
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.protocol import SamplingParams, TokenLogprob
+
+from .structured_output import apply_bitmask, fill_bitmask
 
 # Temperatures below this are greedy: dividing logits by them overflows fp32 (vLLM's _SAMPLING_EPS).
 _GREEDY_EPS = 1e-5
@@ -83,15 +87,20 @@ class SamplingBatch:
     # The other sampled rows [F] long, set only when trunc_rows is (else every row takes the full path).
     full_rows: torch.Tensor | None = None
     candidates: torch.Tensor | None = None  # [B] long: each row's candidate count (see ``sample``)
+    # Structured outputs: the constrained rows [G] long (None: all rows) and their bitmask [G, ceil(V/32)].
+    grammar_rows: torch.Tensor | None = None
+    grammar_bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]],
               generators: list[torch.Generator | None], device, *,
-              eos_token_ids: list[int] | tuple[int, ...] = ()) -> "SamplingBatch":
+              eos_token_ids: list[int] | tuple[int, ...] = (), matchers: list | None = None,
+              vocab_size: int = 0) -> "SamplingBatch":
         """``params``, ``prompt_ids``, ``output_ids``, ``generators``: one entry per row, batch order.
 
         ``output_ids[i]`` are the tokens row ``i`` generated so far (its penalties and min_tokens read
         them); ``eos_token_ids`` are the model's EOS ids, masked with ``stop_token_ids`` by min_tokens.
+        ``matchers``: each row's grammar matcher (None: unconstrained), with the logits' ``vocab_size``.
         """
         n = len(params)
         if not (len(prompt_ids) == len(output_ids) == len(generators) == n):
@@ -131,6 +140,8 @@ class SamplingBatch:
         trunc = [i for i in sampled if top_k[i] or top_p[i] < 1.0 or min_p[i] > 0.0]
         full = [i for i in sampled if not (top_k[i] or top_p[i] < 1.0 or min_p[i] > 0.0)] if trunc else []
         seeded = [(i, generators[i]) for i in sampled if generators[i] is not None]
+        grammar_rows = [i for i, m in enumerate(matchers or ()) if m is not None]
+        grammar_bitmask = fill_bitmask([matchers[i] for i in grammar_rows], vocab_size) if grammar_rows else None
 
         return cls(
             num_rows=n,
@@ -157,6 +168,8 @@ class SamplingBatch:
             trunc_rows=column(trunc, torch.long) if trunc else None,
             full_rows=column(full, torch.long) if full else None,
             candidates=column([max(_CANDIDATES, k + 1) for k in top_k], torch.long) if trunc else None,
+            grammar_rows=(column(grammar_rows, torch.long) if grammar_rows and len(grammar_rows) < n else None),
+            grammar_bitmask=grammar_bitmask,
         )
 
 
@@ -180,6 +193,8 @@ class Sampler:
             raw_logprobs = (logits if len(rows) == batch.num_rows else logits.index_select(0, rows)).log_softmax(dim=-1)
 
         logits = apply_penalties(logits, batch)
+        if batch.grammar_bitmask is not None:
+            logits = apply_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
         if batch.banned_pairs is not None:
             logits = logits.index_put(batch.banned_pairs, torch.tensor(float("-inf"), device=logits.device))
 

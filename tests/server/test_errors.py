@@ -26,6 +26,9 @@ def assert_error(r: httpx.Response, status: int, *words: str, param: str | None 
     return err
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize("body, status, words, param", [
     ({"messages": MSG, "n": 2}, 400, ["n must be 1"], "n"),
     ({"messages": MSG, "temperature": -1}, 400, ["temperature"], None),
@@ -39,8 +42,26 @@ def assert_error(r: httpx.Response, status: int, *words: str, param: str | None 
     ({"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, ["logprobs"], None),
     ({"messages": MSG, "top_logprobs": 2}, 400, ["top_logprobs"], "top_logprobs"),
     ({"messages": MSG, "logit_bias": {"5": 1.0}}, 400, ["logit_bias"], "logit_bias"),
-    ({"messages": MSG, "tools": [{"type": "function"}]}, 400, ["tools"], "tools"),
-    ({"messages": MSG, "response_format": {"type": "json_object"}}, 400, ["response_format"], None),
+    ({"messages": MSG, "tools": [{"type": "function"}]}, 422, ["tools"], "tools.0.function"),
+    ({"messages": MSG, "tools": [TOOL, TOOL]}, 400, ["unique"], "tools"),
+    ({"messages": MSG, "tool_choice": "required"}, 400, ["needs tools"], "tool_choice"),
+    ({"messages": MSG, "tools": [TOOL], "tool_choice": "sometimes"}, 400, ["tool_choice"], "tool_choice"),
+    ({"messages": MSG, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400,
+     ["nope", "not among the tools"], "tool_choice"),
+    ({"messages": MSG, "tools": [TOOL], "tool_choice": "required", "guided_regex": "a+"}, 400, ["guided_regex"],
+     "tool_choice"),
+    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+      "tool_choice": "required"}, 400, ["JSON schema"], "tools"),
+    ({"messages": MSG, "response_format": {"type": "yaml"}}, 400, ["response_format"], "response_format"),
+    ({"messages": MSG, "response_format": {"type": "json_schema"}}, 400, ["json_schema.schema"], "response_format"),
+    ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "bogus"}}}}}}, 400,
+     ["invalid JSON schema"], "response_format"),
+    ({"messages": MSG, "guided_json": "{not json"}, 400, ["not valid JSON"], "guided_json"),
+    ({"messages": MSG, "guided_regex": "(a"}, 400, ["invalid regular expression"], "guided_regex"),
+    ({"messages": MSG, "guided_grammar": "start: nothing_here"}, 400, ["invalid grammar"], "guided_grammar"),
+    ({"messages": MSG, "guided_choice": []}, 400, ["guided_choice"], "guided_choice"),
+    ({"messages": MSG, "guided_choice": ["a"], "guided_regex": "a"}, 400, ["at most one"], "guided_choice"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      ["takes no images"], "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400,
@@ -59,7 +80,11 @@ def test_chat_client_errors(served, body, status, words, param):
 
 @pytest.mark.parametrize("body, status, words", [
     ({"prompt": ""}, 400, ["empty"]),
-    ({"prompt": ["a", "b"]}, 400, ["one prompt"]),
+    ({"prompt": ["a", ""]}, 400, ["prompt[1] is empty"]),
+    ({"prompt": []}, 400, ["empty"]),
+    ({"prompt": ["a"] * 129}, 400, ["at most 128 prompts"]),
+    ({"prompt": [[1, 2], [3, -1]]}, 400, ["out of range"]),
+    ({"prompt": "x", "guided_json": {"type": "object", "required": 5}}, 400, ["guided_json"]),
     ({"prompt": [1, 2, -3]}, 400, ["out of range"]),
     ({"prompt": "x", "max_tokens": 0}, 400, ["max_tokens"]),  # 0 only with echo (scoring the prompt)
     ({"prompt": "x", "best_of": 3}, 400, ["best_of"]),
