@@ -28,13 +28,17 @@ log = logging.getLogger(__name__)
 
 
 class RequestStream:
-    """Async iterator over one request's events; ends after the event with ``finished`` set."""
+    """Async iterator over one request's events; ends after the event with ``finished`` set (of each
+    of its ``n`` choices, whose events interleave)."""
 
-    def __init__(self, request_id: str, engine: "AsyncEngine"):
+    def __init__(self, request_id: str, engine: "AsyncEngine", n: int = 1):
         self.request_id = request_id
         self._engine = engine
         self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self.n = n
         self.finished = False
+        self.unfinished_choices = n  # finished events not yet read
+        self.delivered_finals: set[int] = set()  # choices whose finished event was delivered
 
     def _put(self, event: GenerationEvent) -> None:
         self._queue.put_nowait(event)
@@ -47,7 +51,8 @@ class RequestStream:
             raise StopAsyncIteration
         event = await self._queue.get()
         if event.finished:
-            self.finished = True
+            self.unfinished_choices -= 1
+            self.finished = self.unfinished_choices <= 0
         return event
 
     async def aclose(self) -> None:
@@ -97,7 +102,9 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         for stream in list(self._streams.values()):  # anything the loop did not get to
-            stream._put(GenerationEvent(request_id=stream.request_id, finished=True, finish_reason="abort"))
+            for index in set(range(stream.n)) - stream.delivered_finals:
+                stream._put(GenerationEvent(request_id=stream.request_id, index=index, finished=True,
+                                            finish_reason="abort"))
         self._streams.clear()
 
     shutdown = stop
@@ -160,7 +167,7 @@ class AsyncEngine:
         if self.num_waiting >= self.config.max_waiting:
             raise EngineOverloaded(f"{self.config.max_waiting} requests are already waiting; retry later")
         handle = engine.acquire_bank(request.bank)
-        stream = RequestStream(request.request_id, self)
+        stream = RequestStream(request.request_id, self, request.n)
         self._streams[request.request_id] = stream
         self._inbox.append(("add", (request, handle)))
         self._wake.set()
@@ -185,9 +192,7 @@ class AsyncEngine:
                     events.append(GenerationEvent(request_id=request.request_id, finished=True,
                                                   finish_reason="error", error=str(exc)))
             else:
-                event = self.engine.abort(arg)
-                if event is not None:
-                    events.append(event)
+                events += self.engine.abort(arg)
         return events
 
     def _run(self) -> None:
@@ -213,7 +218,7 @@ class AsyncEngine:
                     time.sleep(0.1)
         # Stopping: apply the last commands, then abort whatever is left so every block is returned.
         events = self._drain_inbox()
-        events += [engine.abort(rid) for rid in list(engine.sequences)]
+        events += [e for rid in list(engine.sequences) for e in engine.abort(rid)]
         if events:
             self._loop.call_soon_threadsafe(self._deliver, events)
 
@@ -225,4 +230,6 @@ class AsyncEngine:
                 continue
             stream._put(event)
             if event.finished:
-                del self._streams[event.request_id]
+                stream.delivered_finals.add(event.index)
+                if len(stream.delivered_finals) >= stream.n:
+                    del self._streams[event.request_id]

@@ -31,6 +31,8 @@ class EngineConfig:
     max_model_len: longest sequence (prompt + output); None: the model's max_position_embeddings.
     max_waiting: most requests waiting for admission; beyond it ``submit`` raises EngineOverloaded.
     seed: seeds the generator used by unseeded sampling requests.
+    enable_prefix_caching: reuse the KV blocks of equal prompt prefixes (same tokens, same bank
+        version) across requests (``block_manager.py``).
     """
 
     model: str | Path
@@ -43,6 +45,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_waiting: int = 1024
     seed: int = 0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

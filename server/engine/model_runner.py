@@ -101,8 +101,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, adapters: Any = None) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run the model over ``batch``; return the sequences that reached their end (in batch order) and
-        their sampled tokens. Sequences whose prefill chunk stops short of their end sample nothing."""
+        their sampled tokens. Sequences whose prefill chunk stops short of their end sample nothing.
+        A sequence finishing its prompt with choices waiting to fork (``Sequence.forks``) is followed
+        by them: each samples its first token from the same logits."""
         seqs, num_tokens = batch.seqs, batch.num_tokens
+        self.cache.copy_blocks(batch.copies)
         ids = [t for s, k in zip(seqs, num_tokens) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + k]]
         positions, meta = self.build_attention(seqs, num_tokens)
         sample_idx = [i for i, (s, k) in enumerate(zip(seqs, num_tokens)) if s.num_computed_tokens + k == len(s)]
@@ -122,6 +125,10 @@ class ModelRunner:
         sampling = [seqs[i] for i in sample_idx]
         if not sampling:
             return [], None
+        if any(s.forks for s in sampling):
+            rows = [j for j, s in enumerate(sampling) for _ in range(1 + len(s.forks))]
+            sampling = [c for s in sampling for c in (s, *s.forks)]
+            logits = logits[torch.tensor(rows, device=logits.device)]
         sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling], [s.generator for s in sampling],
                                      self.device, eos_token_ids=self.eos_token_ids)
