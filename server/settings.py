@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
     kv_cache_memory: float | None = Field(None, gt=0, description="KV-cache size: bytes (> 1) or a fraction of free memory (default: 0.8 CUDA, 0.1 CPU)")
     max_num_batched_tokens: int = Field(512, ge=1, description="most tokens (decode + prefill chunks) in one engine step")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes already computed "
+                                        "(same tokens, same bank version) across requests")
 
     # Limits and backpressure
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine runs at once")

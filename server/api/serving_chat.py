@@ -30,7 +30,7 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, len(prompt_ids), max_tokens, logprobs, "messages")
-        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank)
+        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank, n=req.n or 1)
         model = req.model or self.ctx.model_name
         first, events = await self.start(http, gen)
         if req.stream:
@@ -69,30 +69,21 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _full(self, gen: GenerationRequest, model: str, first: GenerationEvent,
                     events: AsyncIterator[GenerationEvent], want_logprobs: bool | None) -> ChatCompletionResponse:
-        texts, logprobs, n_tokens, event = [], [], 0, first
-        try:
-            while True:
-                texts.append(event.text)
-                n_tokens += len(event.token_ids)
-                if want_logprobs:
-                    logprobs.extend(self._logprobs(event.logprobs))
-                if event.finished:
-                    break
-                event = await events.__anext__()
-        finally:
-            await events.aclose()
-        self.check_final(event)
-        return ChatCompletionResponse(
-            id=gen.request_id, model=model,
-            choices=[ChatChoice(message=AssistantMessage(content="".join(texts)), finish_reason=event.finish_reason,
-                                logprobs=ChatChoiceLogprobs(content=logprobs) if want_logprobs else None)],
-            usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
-        )
+        by_index = await self.collect(gen, first, events)
+        choices = []
+        for index, evs in enumerate(by_index):
+            logprobs = [x for e in evs for x in self._logprobs(e.logprobs)] if want_logprobs else None
+            choices.append(ChatChoice(index=index, message=AssistantMessage(content="".join(e.text for e in evs)),
+                                      finish_reason=evs[-1].finish_reason,
+                                      logprobs=ChatChoiceLogprobs(content=logprobs) if want_logprobs else None))
+        n_tokens = sum(len(e.token_ids) for evs in by_index for e in evs)
+        return ChatCompletionResponse(id=gen.request_id, model=model, choices=choices,
+                                      usage=self.usage([evs[-1] for evs in by_index], len(gen.prompt_token_ids), n_tokens))
 
     def _stream(self, gen: GenerationRequest, model: str, first: GenerationEvent,
                 events: AsyncIterator[GenerationEvent], include_usage: bool) -> AsyncIterator[str]:
         return self.stream_sse(
             gen, model, first, events, include_usage, obj="chat.completion.chunk",
             choice=lambda text, final: {"delta": {"content": text} if text or not final else {}},
-            logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
+            logprobs=lambda index, lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
             preamble={"delta": {"role": "assistant", "content": ""}})

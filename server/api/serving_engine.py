@@ -1,6 +1,10 @@
 """What chat and completions share: resolving ``model`` to a bank, building and checking
 ``SamplingParams``, submitting to the engine, aborting on client disconnect, logprob rendering and
-server-sent events."""
+server-sent events.
+
+A request with ``n`` > 1 is one engine request whose choices (computed from one prompt pass)
+arrive as interleaved events tagged with their ``index``; responses list one choice per index,
+streams tag each chunk's choice with it, and usage counts the prompt once and every choice's tokens."""
 
 from __future__ import annotations
 
@@ -79,8 +83,8 @@ class OpenAIServing:
 
     def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None,
                         prompt_param: str) -> SamplingParams:
-        if req.n not in (None, 1):
-            raise APIError(400, f"n must be 1, got {req.n}", param="n")
+        if req.n is not None and req.n < 1:
+            raise APIError(400, f"n must be at least 1, got {req.n}", param="n")
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         limit = self.ctx.max_model_len
@@ -142,8 +146,10 @@ class OpenAIServing:
                     self.ctx.metrics.on_rejected("overloaded")
                 raise from_exception(exc, self.ctx.retry_after) from None
             try:
+                unfinished = gen.n
                 async for event in iterator:
-                    finished = event.finished
+                    unfinished -= event.finished
+                    finished = unfinished <= 0
                     yield event
                     if finished:
                         return
@@ -187,6 +193,26 @@ class OpenAIServing:
     def token_text(self, token_id: int) -> str:
         return self._decode_one(token_id)
 
+    @staticmethod
+    async def collect(gen: GenerationRequest, first: GenerationEvent, events: AsyncIterator[GenerationEvent]
+                      ) -> list[list[GenerationEvent]]:
+        """Every event of each of the request's choices, by choice index, until all have finished;
+        raises the first choice error as a 500."""
+        by_index: list[list[GenerationEvent]] = [[] for _ in range(gen.n)]
+        unfinished, event = gen.n, first
+        try:
+            while True:
+                by_index[event.index].append(event)
+                unfinished -= event.finished
+                if unfinished <= 0:
+                    break
+                event = await events.__anext__()
+        finally:
+            await events.aclose()
+        for evs in by_index:
+            OpenAIServing.check_final(evs[-1])
+        return by_index
+
     async def stream_sse(self, gen: GenerationRequest, model: str, first: GenerationEvent,
                          events: AsyncIterator[GenerationEvent], include_usage: bool, *, obj: str,
                          choice: Callable[[str, bool], dict[str, Any]],
@@ -195,39 +221,45 @@ class OpenAIServing:
         """Server-sent events of one request, ending with ``data: [DONE]`` (chat and completions).
 
         ``choice(text, final)`` gives the endpoint's content fields of a chunk's choice (chat: a
-        ``delta``, completions: ``text``); ``logprobs(token_logprobs)`` its logprobs object;
-        ``preamble`` the fields of a first choice before the generated ones (chat's assistant role,
-        completions' echoed prompt), with ``preamble_logprobs`` as its logprobs.
+        ``delta``, completions: ``text``); ``logprobs(index, token_logprobs)`` its logprobs object;
+        ``preamble`` the fields of each choice's first chunk before the generated ones (chat's
+        assistant role, completions' echoed prompt), with ``preamble_logprobs`` as its logprobs.
+        Each chunk carries one choice, tagged with its index (n > 1: the choices interleave).
         """
         created = int(time.time())
         want_logprobs = gen.params.logprobs is not None
 
-        def chunk(fields: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> str:
+        def chunk(index: int, fields: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> str:
             body: dict[str, Any] = {
                 "id": gen.request_id, "object": obj, "created": created, "model": model,
-                "choices": [{"index": 0, **fields, "logprobs": lp, "finish_reason": finish_reason}],
+                "choices": [{"index": index, **fields, "logprobs": lp, "finish_reason": finish_reason}],
             }
             if include_usage:
                 body["usage"] = None
             return sse(body)
 
-        n_tokens, event = 0, first
+        n_tokens, unfinished, event = 0, gen.n, first
+        finals: list[GenerationEvent] = []
         try:
             if preamble is not None:
-                yield chunk(preamble, lp=preamble_logprobs)
+                for index in range(gen.n):
+                    yield chunk(index, preamble, lp=preamble_logprobs)
             while True:
                 n_tokens += len(event.token_ids)
-                lp = logprobs(event.logprobs) if want_logprobs and event.logprobs else None
+                lp = logprobs(event.index, event.logprobs) if want_logprobs and event.logprobs else None
                 if event.finished:
                     if event.finish_reason == "error":
                         self.check_final(event)
-                    yield chunk(choice(event.text, True), event.finish_reason, lp)
-                    break
-                if event.text or lp:
-                    yield chunk(choice(event.text, False), None, lp)
+                    yield chunk(event.index, choice(event.text, True), event.finish_reason, lp)
+                    finals.append(event)
+                    unfinished -= 1
+                    if unfinished <= 0:
+                        break
+                elif event.text or lp:
+                    yield chunk(event.index, choice(event.text, False), None, lp)
                 event = await events.__anext__()
             if include_usage:
-                usage = self.usage(event, len(gen.prompt_token_ids), n_tokens)
+                usage = self.usage(finals, len(gen.prompt_token_ids), n_tokens)
                 yield sse({"id": gen.request_id, "object": obj, "created": created, "model": model,
                            "choices": [], "usage": usage.model_dump()})
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
@@ -237,9 +269,12 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     @staticmethod
-    def usage(event: GenerationEvent, prompt_len: int, completion_tokens: int) -> UsageInfo:
-        u = event.usage or Usage(prompt_len, completion_tokens)
-        return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+    def usage(finals: list[GenerationEvent], prompt_len: int, completion_tokens: int) -> UsageInfo:
+        """The request's usage from its choices' final events: the prompt once, every choice's tokens."""
+        used = [e.usage or Usage(prompt_len, 0) for e in finals]
+        prompt = used[0].prompt_tokens if used else prompt_len
+        completion = sum(u.completion_tokens for u in used) if all(e.usage for e in finals) else completion_tokens
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     @staticmethod
     def check_final(event: GenerationEvent) -> None:

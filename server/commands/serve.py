@@ -101,7 +101,7 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
             model=resolve_model_path(settings.model), device=settings.device, dtype=settings.dtype,
             kv_cache_memory=int(mem) if mem is not None and mem > 1 else mem, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
-            max_waiting=settings.max_waiting)
+            max_waiting=settings.max_waiting, enable_prefix_caching=settings.enable_prefix_caching)
         config.resolved_device()
     except EngineConfigError as exc:
         raise UserError(str(exc)) from None
