@@ -27,7 +27,7 @@ def assert_error(r: httpx.Response, status: int, *words: str, param: str | None 
 
 
 @pytest.mark.parametrize("body, status, words, param", [
-    ({"messages": MSG, "n": 2}, 400, ["n must be 1"], "n"),
+    ({"messages": MSG, "n": 0}, 400, ["n must be at least 1"], "n"),
     ({"messages": MSG, "temperature": -1}, 400, ["temperature"], None),
     ({"messages": MSG, "top_p": 0}, 400, ["top_p"], None),
     ({"messages": MSG, "top_k": -5}, 400, ["top_k"], None),
@@ -60,7 +60,7 @@ def test_chat_client_errors(served, body, status, words, param):
     ({"prompt": ["a", "b"]}, 400, ["one prompt"]),
     ({"prompt": [1, 2, -3]}, 400, ["out of range"]),
     ({"prompt": "x", "max_tokens": 0}, 400, ["max_tokens"]),  # 0 only with echo (scoring the prompt)
-    ({"prompt": "x", "best_of": 3}, 400, ["best_of"]),
+    ({"prompt": "x", "n": 3, "best_of": 2}, 400, ["best_of"]),
     ({"prompt": "x", "logprobs": 30}, 400, ["logprobs"]),
     ({"prompt": {"a": 1}}, 422, ["prompt"]),
 ])
