@@ -27,21 +27,43 @@ from .protocol import (AdapterProvider, EngineOverloaded, EngineStopped, Generat
 log = logging.getLogger(__name__)
 
 
+def merge_into(event: GenerationEvent, later: GenerationEvent) -> None:
+    """Append ``later`` (the same choice's next event) to ``event``, as if one step had made both."""
+    event.text += later.text
+    event.token_ids = event.token_ids + later.token_ids
+    if later.logprobs is not None:
+        event.logprobs = (event.logprobs or []) + later.logprobs
+    event.finished, event.finish_reason = later.finished, later.finish_reason
+    event.error, event.usage = later.error, later.usage
+
+
 class RequestStream:
     """Async iterator over one request's events; ends after the event with ``finished`` set (of each
-    of its ``n`` choices, whose events interleave)."""
+    of its ``n`` choices, whose events interleave).
+
+    Events a reader has not taken yet are merged per choice (vLLM's output collector): a reader that
+    falls behind the engine (a busy event loop, a slow client) gets one event with every token since
+    its last read instead of a queue of them, so the work per step on the event loop does not grow
+    with its backlog."""
 
     def __init__(self, request_id: str, engine: "AsyncEngine", n: int = 1):
         self.request_id = request_id
         self._engine = engine
-        self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self._pending: dict[int, GenerationEvent] = {}  # choice index -> its unread (merged) event, oldest first
+        self._ready: asyncio.Future | None = None
         self.n = n
         self.finished = False
         self.unfinished_choices = n  # finished events not yet read
         self.delivered_finals: set[int] = set()  # choices whose finished event was delivered
 
     def _put(self, event: GenerationEvent) -> None:
-        self._queue.put_nowait(event)
+        unread = self._pending.get(event.index)
+        if unread is not None:
+            merge_into(unread, event)
+        else:
+            self._pending[event.index] = event
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -49,7 +71,10 @@ class RequestStream:
     async def __anext__(self) -> GenerationEvent:
         if self.finished:
             raise StopAsyncIteration
-        event = await self._queue.get()
+        while not self._pending:
+            self._ready = asyncio.get_running_loop().create_future()
+            await self._ready
+        event = self._pending.pop(next(iter(self._pending)))
         if event.finished:
             self.unfinished_choices -= 1
             self.finished = self.unfinished_choices <= 0
