@@ -13,6 +13,12 @@ Blocks are reference-counted, so several sequences may hold the same block:
   computing them; at least its last token is always computed, for its logits. A block whose last
   holder lets go keeps its contents and hash and stays findable until it is needed for new data:
   free blocks are reused least recently freed first, blocks holding no cached data before those.
+- **Prompt log-probabilities** (``echo`` + ``logprobs``, loglikelihood evaluation): a block computed
+  by a request that asked for them keeps a record: the log-probabilities (and top alternatives) of
+  its tokens, and the final hidden state at its last position, from which the log-probability of the
+  next block's first token is one ``lm_head`` row away. A request asking for them reuses only blocks
+  with a record (of at least its number of alternatives), so every position it scores is either
+  recorded or computed.
 - **Forks** (``n`` > 1): a choice forked after the prompt shares all of the prompt's blocks; the
   last, partial block is copied when a holder first writes into it while it is shared (copy on
   write; ``take_copies`` hands the copies to the model runner, which makes them before the step).
@@ -23,8 +29,22 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 from .sequence import Sequence
+
+
+@dataclass
+class PromptLogprobRecord:
+    """What a cached block keeps for prompt log-probabilities: ``logprobs[i]`` (and ``top[i]``, k
+    alternatives each) of the block's tokens in order (block 0: from its second token), and
+    ``hidden`` [hidden_size], the final normed hidden state at the block's last position."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+    k: int
+    hidden: Any
 
 
 def block_hash(parent: bytes | None, token_ids: list[int], extra_keys: tuple) -> bytes:
@@ -54,6 +74,7 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}  # hash -> the block holding it
+        self._records: list[PromptLogprobRecord | None] = [None] * num_blocks
         # Blocks nobody holds, in reuse order: uncached ones first, then cached ones least recently freed.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._copies: list[tuple[int, int]] = []  # (source, destination) copies not yet made
@@ -90,14 +111,16 @@ class BlockManager:
         prompt position whose log-probability it asked for and does not have yet. No side effects."""
         if not self.enable_prefix_caching or seq.block_table or seq.cache_key is None:
             return []
-        limit = len(seq) - 1
-        if seq.params.prompt_logprobs:
-            limit = min(limit, len(seq.prompt_logprobs))  # positions below it are recorded (a preempted sequence)
+        bs, want, k = self.block_size, seq.params.prompt_logprobs, seq.params.logprobs or 0
         hits = []
-        for h in self._hashes(seq, limit // self.block_size):
+        for j, h in enumerate(self._hashes(seq, (len(seq) - 1) // bs)):
             block = self._cached.get(h)
             if block is None:
                 break
+            if want and (j + 1) * bs - 1 >= len(seq.prompt_logprobs):  # scores of its tokens still needed
+                record = self._records[block]
+                if record is None or record.k < k:
+                    break
             hits.append(block)
         return hits
 
@@ -112,13 +135,27 @@ class BlockManager:
             if self._hash[block] is None and h not in self._cached:  # else: an equal block is cached already
                 self._hash[block] = h
                 self._cached[h] = block
+            self._record(seq, j, self._cached.get(h))
         seq.num_registered_blocks = max(start, n_full)
+
+    def _record(self, seq: Sequence, j: int, block: int | None) -> None:
+        """Keep ``seq``'s prompt log-probabilities of its block ``j`` with the cached ``block``."""
+        hidden = seq.block_end_hidden.pop(j, None)
+        lo, hi = max(j * self.block_size - 1, 0), (j + 1) * self.block_size - 1  # entries of prompt_logprobs
+        k = seq.params.logprobs or 0
+        if block is None or hidden is None or len(seq.prompt_logprobs) < hi or (k and len(seq.prompt_top) < hi):
+            return
+        old = self._records[block]
+        if old is None or old.k < k:
+            self._records[block] = PromptLogprobRecord(seq.prompt_logprobs[lo:hi], seq.prompt_top[lo:hi] if k else [],
+                                                       k, hidden)
 
     def _take_fresh(self) -> int:
         block, _ = self._free.popitem(last=False)
         h = self._hash[block]
         if h is not None:  # evict its cached contents
             self._hash[block] = None
+            self._records[block] = None
             if self._cached.get(h) == block:
                 del self._cached[h]
         self._refs[block] = 1
@@ -160,6 +197,8 @@ class BlockManager:
             seq.num_computed_tokens = len(cached) * self.block_size
             seq.num_registered_blocks = len(cached)
             seq.num_cached_tokens += seq.num_computed_tokens
+            if seq.params.prompt_logprobs:
+                self._restore_prompt_logprobs(seq, cached)
         if self._cow_needed(seq, num_tokens):
             j = seq.num_computed_tokens // self.block_size
             src = seq.block_table[j]
@@ -168,6 +207,23 @@ class BlockManager:
             self._copies.append((src, seq.block_table[j]))
         while len(seq.block_table) * self.block_size < num_tokens:
             seq.block_table.append(self._take_fresh())
+
+    def _restore_prompt_logprobs(self, seq: Sequence, cached: list[int]) -> None:
+        """Fill the prompt log-probabilities of ``seq``'s cached positions from their blocks' records;
+        the first computed token's comes from the last cached position's hidden state, next step."""
+        bs, k = self.block_size, seq.params.logprobs or 0
+        have = len(seq.prompt_logprobs)
+        for j, block in enumerate(cached):
+            lo, hi = max(j * bs - 1, 0), (j + 1) * bs - 1
+            if hi <= have:
+                continue
+            record = self._records[block]
+            seq.prompt_logprobs.extend(record.logprobs[have - lo:])
+            if k:
+                seq.prompt_top.extend(top[:k] for top in record.top[have - lo:])
+            have = hi
+        if have == len(cached) * bs - 1:
+            seq.pending_prompt_hidden = self._records[cached[-1]].hidden
 
     def count_query(self, seq: Sequence, num_hit_tokens: int) -> None:
         """Statistics: a sequence admitted for its first computation looked up its tokens."""
@@ -202,3 +258,4 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
+        seq.pending_prompt_hidden = None

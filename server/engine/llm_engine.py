@@ -68,6 +68,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
+        self.runner.capture_block_ends = config.enable_prefix_caching
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
         self.sequences: dict[str, list[Sequence]] = {}  # request id -> its choices (finished ones included)
         self.stats_sink: StatsSink | None = None

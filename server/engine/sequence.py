@@ -48,6 +48,11 @@ class Sequence:
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0  # tokens taken from the prefix cache instead of computed (over the lifetime)
     forks: list["Sequence"] = field(default_factory=list)
+    # prompt log-probabilities across the prefix cache: the final hidden state at the last position of
+    # each block this sequence computed (for the block's cache record), and that of the cached position
+    # before the first computed one, whose row scores the first computed token
+    block_end_hidden: dict[int, Any] = field(default_factory=dict)
+    pending_prompt_hidden: Any = None
     status: SequenceStatus = SequenceStatus.WAITING
     # output state (the detokenizer / stop matcher are owned by the engine's output processing)
     detokenizer: Any = None

@@ -133,6 +133,44 @@ def test_prompt_logprobs_are_computed_when_the_prompt_is_cached(make_engine):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
 
 
+def test_loglikelihood_choices_reuse_their_context_with_the_same_scores(make_engine):
+    """lm-eval's loglikelihood requests: every choice of a question is its context plus the choice,
+    scored with prompt log-probabilities (k = 2 alternatives). Later choices reuse the context's
+    blocks with their recorded scores; every score equals the uncached run's."""
+    gen = torch.Generator().manual_seed(6)
+    vocab = 49152
+    reqs = []
+    for q, ctx_len in enumerate((40, 53, 64)):
+        context = torch.randint(3, vocab, (ctx_len,), generator=gen).tolist()
+        for c in range(3):
+            choice = torch.randint(3, vocab, (2 + 3 * c,), generator=gen).tolist()
+            reqs.append((f"q{q}c{c}", context + choice))
+
+    def run(engine):
+        sink = Sink()
+        engine.set_stats_sink(sink)
+        out = {}
+        for rid, prompt in reqs:  # one at a time, as lm-eval with batch size 1 sends them
+            [first, *_] = engine.generate([_greedy(rid, prompt, max_tokens=1, prompt_logprobs=True)])[rid]
+            out[rid] = first
+        return out, sink
+
+    ref, ref_sink = run(make_engine(block_size=BS, enable_prefix_caching=False))
+    got, sink = run(make_engine(block_size=BS))
+    assert sink.hits >= 2 * (32 + 48 + 48) and sink.prefill < ref_sink.prefill
+    for rid, _ in reqs:
+        torch.testing.assert_close(torch.tensor(got[rid].prompt_logprobs), torch.tensor(ref[rid].prompt_logprobs),
+                                   atol=1e-4, rtol=1e-4)
+        assert [[t for t, _ in top] for top in got[rid].prompt_top] == [[t for t, _ in top] for top in ref[rid].prompt_top]
+    # a request wanting more alternatives than the records hold computes its prompt
+    engine = make_engine(block_size=BS)
+    engine.generate([_greedy("a", reqs[0][1], max_tokens=1, prompt_logprobs=True)])
+    sink = Sink()
+    engine.set_stats_sink(sink)
+    engine.generate([GenerationRequest("b", reqs[1][1], SamplingParams(max_tokens=1, logprobs=5, prompt_logprobs=True))])
+    assert sink.hits == 0
+
+
 def test_preemption_with_a_small_cache_keeps_outputs(make_engine):
     """A cache too small for the batch: preempted sequences come back through the prefix cache."""
     from server.engine.kv_cache import bytes_per_block
