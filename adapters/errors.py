@@ -21,3 +21,10 @@ class BankError(ValueError):
     def within(self, *, bank: str | None = None, file: str | None = None) -> "BankError":
         """The same error with the bank name and file filled in where they were still unknown."""
         return BankError(self.reason, bank=self.bank or bank, file=self.file or file)
+
+
+class BankBudgetExceeded(BankError):
+    """The bank does not fit the memory budget for loaded banks (the message names the budget)."""
+
+    def within(self, *, bank: str | None = None, file: str | None = None) -> "BankBudgetExceeded":
+        return BankBudgetExceeded(self.reason, bank=self.bank or bank, file=self.file or file)

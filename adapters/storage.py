@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 
 from .bank import ExpertBank, LayerAdapters, LinearExperts, tensor_name
-from .errors import BankError
+from .errors import BankBudgetExceeded, BankError
 from .fingerprint import BaseFingerprint
 from .kinds import KINDS
 from .routing import RoutingConfig
-from .tensor_files import read_safetensors
+from .tensor_files import read_json_file, read_safetensors
 from .validation import (
     MAX_BANK_BYTES,
     check_alpha,
@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 META_FILE = "bank.json"
 WEIGHTS_FILE = "weights.safetensors"
 MAX_META_BYTES = 4 << 20
+MAX_DIM = 1 << 31  # one tensor dimension; larger declared sizes are refused before any arithmetic on them
 _TOP_KEYS = {
     "format", "format_version", "name", "version", "kind", "base", "rank", "alpha", "use_rslora",
     "routing", "targets", "act_fn", "layers", "extra",
@@ -83,16 +84,20 @@ def bank_metadata(bank: ExpertBank) -> dict[str, Any]:
     }
 
 
-def load_saved_bank(folder: str | Path, *, base: BaseFingerprint | None = None, name: str | None = None) -> ExpertBank:
+def load_saved_bank(folder: str | Path, *, base: BaseFingerprint | None = None, name: str | None = None,
+                    max_bytes: int | None = None) -> ExpertBank:
     """Read and validate a bank folder. The structure declared in ``bank.json`` is validated (and
-    checked against ``base``) before a byte of ``weights.safetensors`` is read."""
+    checked against ``base`` and against ``max_bytes``, the fp32 bytes its tensors may take) before
+    a byte of ``weights.safetensors`` is read; the file's header must then match it exactly."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BankError(f"bank folder {str(folder)!r} does not exist or is not a folder")
-    meta = _read_meta(folder / META_FILE)
-    label = meta.get("name") if isinstance(meta.get("name"), str) else folder.name
+    label = name if name is not None else folder.name  # refusals name the bank as it was asked for
     try:
-        skeleton, expected = _skeleton(meta)
+        meta = _read_meta(folder / META_FILE)
+        if name is None and isinstance(meta.get("name"), str):
+            label = meta["name"]
+        skeleton, expected = _skeleton(meta, max_bytes)
         if name is not None:
             skeleton.name = check_name(name)
         if base is not None and (diff := skeleton.base.mismatches(base)):
@@ -103,25 +108,20 @@ def load_saved_bank(folder: str | Path, *, base: BaseFingerprint | None = None, 
     try:
         tensors = read_safetensors(folder / WEIGHTS_FILE, expected)
     except BankError as exc:
-        raise exc.within(bank=skeleton.name) from None
+        raise exc.within(bank=label) from None
     return validate_bank(_fill(skeleton, tensors), file=WEIGHTS_FILE)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise BankError("missing", file=META_FILE)
-    if path.stat().st_size > MAX_META_BYTES:
-        raise BankError(f"larger than {MAX_META_BYTES} bytes", file=META_FILE)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BankError(f"not valid JSON ({exc})", file=META_FILE) from None
+    meta = read_json_file(path, MAX_META_BYTES, META_FILE)
     if not isinstance(meta, dict):
         raise BankError("not a JSON object", file=META_FILE)
     return meta
 
 
-def _skeleton(meta: dict[str, Any]) -> tuple[ExpertBank, dict[str, tuple[int, ...]]]:
+def _skeleton(meta: dict[str, Any], max_bytes: int | None = None) -> tuple[ExpertBank, dict[str, tuple[int, ...]]]:
     """The bank ``meta`` declares, with ``meta``-device tensors, and the tensors its weights must hold."""
     if meta.get("format") != FORMAT:
         raise BankError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
@@ -185,6 +185,9 @@ def _skeleton(meta: dict[str, Any]) -> tuple[ExpertBank, dict[str, tuple[int, ..
     total = 4 * sum(math.prod(s) for s in expected.values())
     if total > MAX_BANK_BYTES:
         raise BankError(f"declares {total} bytes of tensors, more than the {MAX_BANK_BYTES} byte limit")
+    if max_bytes is not None and total > max_bytes:
+        raise BankBudgetExceeded(f"declares {total} bytes of tensors; the bank memory budget has {max_bytes} bytes "
+                                 "left (--bank-memory)")
     act_fn = meta.get("act_fn")
     bank = ExpertBank(
         name=check_name(meta.get("name")),
@@ -210,8 +213,11 @@ def _extra_shapes(raw: Any, where: str) -> dict[str, tuple[int, ...]]:
     for key, shape in raw.items():
         if not isinstance(key, str) or not key.replace("_", "").replace(".", "").isalnum():
             raise BankError(f"{where}: invalid tensor name {key!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise BankError(f"{where}.{key}: invalid shape {shape!r}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
+            raise BankError(f"{where}.{key}: invalid shape (a list of at most 8 sizes in [0, {MAX_DIM}])")
+        if 4 * math.prod(shape) > MAX_BANK_BYTES:
+            raise BankError(f"{where}.{key}: shape {shape} is more than the {MAX_BANK_BYTES} byte limit")
         shapes[key] = tuple(shape)
     return shapes
 

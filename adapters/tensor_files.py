@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 
 import torch
@@ -18,6 +19,23 @@ from .errors import BankError
 MAX_HEADER_BYTES = 16 << 20
 MAX_FILE_BYTES = 32 << 30
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def read_json_file(path: Path, max_bytes: int, file: str) -> object:
+    """A small JSON file that may be hostile: a regular file only, at most ``max_bytes``, nesting
+    that the parser survives; errors name ``file``."""
+    try:
+        size = _file_size(path)
+    except BankError as exc:
+        raise exc.within(file=file) from None
+    if size > max_bytes:
+        raise BankError(f"larger than {max_bytes} bytes", file=file)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BankError("not valid JSON (nested too deeply)", file=file) from None
+    except (OSError, ValueError) as exc:
+        raise BankError(f"not valid JSON ({_one_line(exc)})", file=file) from None
 
 
 def read_safetensors(path: Path, expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
@@ -50,7 +68,7 @@ def _check_safetensors_header(path: Path, expected: dict[str, tuple[int, ...]] |
             raise BankError(f"header length {n} does not fit the file ({size} bytes): truncated or not safetensors")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BankError("header is not valid JSON: corrupt or not safetensors") from None
     if not isinstance(header, dict):
         raise BankError("header is not a JSON object: corrupt or not safetensors")
@@ -106,10 +124,15 @@ def read_torch_pickle(path: Path) -> dict[str, Tensor]:
 
 
 def _file_size(path: Path) -> int:
+    """The size of ``path``, refusing anything but a regular file: opening a FIFO (or a device)
+    would block the load forever, so nothing here opens a path before this check."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
         raise BankError(f"cannot be read ({exc.strerror or exc})", file=path.name) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BankError("is not a regular file (a FIFO, device or socket is never opened)", file=path.name)
+    size = st.st_size
     if size > MAX_FILE_BYTES:
         raise BankError(f"is {size} bytes, more than the {MAX_FILE_BYTES} byte limit", file=path.name)
     return size

@@ -17,6 +17,7 @@ from .kinds import KINDS, RESERVED_KINDS
 MAX_EXPERTS = 256  # per router
 MAX_RANK = 1024
 MAX_BANK_BYTES = 16 << 30  # fp32 bytes of all tensors
+MAX_SCALING = 1024.0  # alpha / r (or / sqrt(r)): beyond it a delta swamps the base model's activations
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -29,6 +30,8 @@ def check_name(name: object) -> str:
 
 
 def check_kind(kind: object) -> str:
+    if not isinstance(kind, str):
+        raise BankError(f"kind must be a string, got {type(kind).__name__}")
     if kind in RESERVED_KINDS:
         raise BankError(f"kind {kind!r} ({RESERVED_KINDS[kind]}) is reserved and not supported by this version")
     if kind not in KINDS:
@@ -52,6 +55,24 @@ def check_alpha(alpha: object) -> float:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise BankError(f"alpha must be a finite positive number, got {alpha!r}")
     return float(alpha)
+
+
+def check_scaling(scaling: float) -> float:
+    if not math.isfinite(scaling) or not 0 < scaling <= MAX_SCALING:
+        raise BankError(f"scaling (alpha / rank, or / sqrt(rank) with use_rslora) is {scaling!r}; it must be in "
+                        f"(0, {MAX_SCALING:g}]")
+    return scaling
+
+
+def check_act_fn(name: object) -> str | None:
+    """None (the base model's activation) or a name this server can run (transformers' ACT2FN)."""
+    if name is None:
+        return None
+    from transformers.activations import ACT2FN  # noqa: PLC0415 - heavy import, only for mixlora banks
+
+    if not isinstance(name, str) or (name not in ("silu", "swish") and name not in ACT2FN):
+        raise BankError(f"act_fn {name!r} is not a known activation (known: silu, {', '.join(sorted(ACT2FN))})")
+    return name
 
 
 def check_targets(targets: object) -> tuple[str, ...]:
@@ -87,6 +108,7 @@ def _validate(bank: ExpertBank, values: bool) -> None:
     check_alpha(bank.alpha)
     if not isinstance(bank.use_rslora, bool):
         raise BankError(f"use_rslora must be true or false, got {bank.use_rslora!r}")
+    check_scaling(bank.scaling)
     if bank.routing.strategy not in spec.strategies:
         raise BankError(
             f"kind {bank.kind!r} routes with {' or '.join(spec.strategies)}, not {bank.routing.strategy!r}"
@@ -95,6 +117,7 @@ def _validate(bank: ExpertBank, values: bool) -> None:
         raise BankError(f"targets must be listed in the order {TARGETS}, got {tuple(bank.targets)}")
     if bank.act_fn is not None and (bank.kind != "mixlora" or not isinstance(bank.act_fn, str)):
         raise BankError(f"act_fn is only meaningful for kind 'mixlora' (got {bank.act_fn!r} for {bank.kind!r})")
+    check_act_fn(bank.act_fn)
     if len(bank.layers) != bank.base.num_hidden_layers:
         raise BankError(f"has {len(bank.layers)} layers, the base model has {bank.base.num_hidden_layers}")
     if (bank.extra or any(layer.extra for layer in bank.layers)) and not spec.extra_tensors:

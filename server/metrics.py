@@ -164,7 +164,8 @@ class ServerMetrics:
         self.max_lora = max_lora
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r, m = self.registry, ["model_name"]
-        self._lora_labels: tuple[str, str] | None = None
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._lora_banks: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
         # vLLM-compatible
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", m, registry=r)
@@ -172,6 +173,8 @@ class ServerMetrics:
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage: fraction of blocks in use (0 to 1).", m, registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Banks of running and waiting requests (value: time of the last change).",
                                ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        self.cache_info = Gauge("vllm:cache_config_info", "KV-cache configuration (labels; value 1).",
+                                ["block_size", "num_gpu_blocks", "cache_dtype"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", m, buckets=TTFT_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", m, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
@@ -270,19 +273,36 @@ class ServerMetrics:
         self.waiting.labels(self.model_name).set(num_waiting)
         self.kv_usage.labels(self.model_name).set(kv_usage)
 
+    def set_bank_activity(self, running: Iterable[str], waiting: Iterable[str]) -> None:
+        """Banks of running and waiting requests, read at scrape time (like ``set_load``)."""
+        self._set_lora_info(running, waiting)
+
+    def set_max_lora(self, max_lora: int) -> None:
+        """Banks that can be resident at once; read at scrape time (it changes as banks load)."""
+        if max_lora != self.max_lora:
+            self.max_lora = max_lora
+            self._set_lora_info(*self._lora_banks)
+
+    def set_cache_config(self, block_size: int, num_gpu_blocks: int, cache_dtype: str) -> None:
+        """The KV cache's shape as vLLM's ``vllm:cache_config_info`` shows it (the endpoint picker's
+        prefix-cache scorer reads ``block_size`` and ``num_gpu_blocks``); one series."""
+        self.cache_info.clear()
+        self.cache_info.labels(str(block_size), str(num_gpu_blocks), cache_dtype).set(1)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     # -- internals ---------------------------------------------------------------------------------
 
     def _set_lora_info(self, running: Iterable[str], waiting: Iterable[str]) -> None:
-        labels = (",".join(sorted(set(running))), ",".join(sorted(set(waiting))))
+        self._lora_banks = (tuple(sorted(set(running))), tuple(sorted(set(waiting))))
+        labels = (",".join(self._lora_banks[0]), ",".join(self._lora_banks[1]), str(self.max_lora))
         if labels == self._lora_labels:
             return
         # vLLM keeps one series per combination; keeping only the current one bounds the cardinality
         # while readers (the Gateway API extension) still find the newest by its value.
         self.lora_info.clear()
-        self.lora_info.labels(labels[0], labels[1], str(self.max_lora)).set(time.time())
+        self.lora_info.labels(*labels).set(time.time())
         self._lora_labels = labels
 
     def _on_routing(self, routing: RoutingStats) -> None:

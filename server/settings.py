@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         "model on the CPU, which halves their memory and the bytes each step reads; otherwise the model's dtype); "
         "float32 keeps them exact")
 
+    bank_memory: float | None = Field(
+        None, gt=0, description="memory all loaded banks may hold together: bytes (> 1) or a fraction of the "
+        "machine's memory (default: 0.25 of it); a load past it is refused with 409 naming the budget")
+    bank_load_workers: int = Field(4, ge=1, le=64, description="bank loads that may run at once; beyond them: 503")
+    bank_load_timeout: float = Field(120.0, gt=0, description="seconds a bank load may take before it is given up (504)")
+
     first_run_bank: bool = Field(
         False, description="train the small commonsense DynMoLE bank in the background if it is not cached yet, "
         "and load it as 'commonsense-dynmole' when ready (the server answers meanwhile)")
@@ -49,6 +55,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
     kv_cache_memory: float | None = Field(None, gt=0, description="KV-cache size: bytes (> 1) or a fraction of free memory (default: 0.8 CUDA, 0.1 CPU)")
     max_num_batched_tokens: int = Field(512, ge=1, description="most tokens (decode + prefill chunks) in one engine step")
+    long_prefill_token_threshold: int | None = Field(
+        None, ge=0, description="most prompt tokens one sequence prefills per step while others share the engine "
+        "(decode tokens go first, waiting requests are admitted with the rest); 0: no cap; "
+        "default: a quarter of --max-num-batched-tokens")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes already computed "
                                         "(same tokens, same bank version) across requests")
 
@@ -58,6 +68,20 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's max_position_embeddings)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted; beyond it: 413")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+    max_tokens_default: int | None = Field(
+        4096, ge=1, description="max_tokens of a request that omits it (never past the context window; "
+        "unset: the rest of the context window)")
+    max_tokens_limit: int | None = Field(None, ge=1, description="largest max_tokens a request may ask for; beyond it: "
+                                         "400 (unset: the context window)")
+    max_messages: int = Field(2048, ge=1, description="most messages in one chat request; beyond it: 400, "
+                              "checked before the chat template runs")
+    tokenizer_workers: int = Field(2, ge=1, le=64, description="threads that render chat templates and tokenize "
+                                   "(each with its own tokenizer copy), so one large body does not delay the others")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers; "
+                                  "then the connection is closed (slow-header clients cannot hold sockets)")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request's body; then 408")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    max_connections: int = Field(1024, ge=1, description="open connections (and requests) at once; beyond it: 503")
     grace_period: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may run before they are aborted")
 
     @field_validator("bank_root", mode="before")
@@ -67,7 +91,8 @@ class Settings(BaseSettings):
             return [p for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", mode="before")
+    @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", "max_tokens_default",
+                     "max_tokens_limit", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -4,7 +4,6 @@ then each tensor taken by name and shape so that nothing missing or left over go
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,20 @@ from torch import Tensor
 
 from ..errors import BankError
 from ..fingerprint import TARGETS
-from ..tensor_files import read_safetensors, read_torch_pickle
+from ..tensor_files import read_json_file, read_safetensors, read_torch_pickle
 from ..validation import check_alpha, check_rank
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_CONFIG_BYTES = 1 << 20
+STRING_FIELDS = ("peft_type", "routing_strategy", "task_type", "act_fn", "bias", "base_model_name_or_path")
 
 
 class Checkpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.config = self._read_config()
-        found = [f for f in WEIGHT_FILES if (self.folder / f).is_file()]
+        found = [f for f in WEIGHT_FILES if (self.folder / f).exists()]  # read_* refuse non-regular files
         if not found:
             raise BankError(f"missing: the folder has neither {' nor '.join(WEIGHT_FILES)}", file=WEIGHT_FILES[0])
         self.weights_file = found[0]  # safetensors preferred
@@ -33,16 +33,14 @@ class Checkpoint:
 
     def _read_config(self) -> dict[str, Any]:
         path = self.folder / CONFIG_FILE
-        if not path.is_file():
+        if not path.exists():
             raise BankError("missing", file=CONFIG_FILE)
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise BankError(f"larger than {MAX_CONFIG_BYTES} bytes", file=CONFIG_FILE)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise BankError(f"not valid JSON ({exc})", file=CONFIG_FILE) from None
+        config = read_json_file(path, MAX_CONFIG_BYTES, CONFIG_FILE)
         if not isinstance(config, dict):
             raise BankError("not a JSON object", file=CONFIG_FILE)
+        for key in STRING_FIELDS:  # the converters compare and look these up as names
+            if config.get(key) is not None and not isinstance(config[key], str):
+                raise BankError(f"{key} must be a string, got {type(config[key]).__name__}", file=CONFIG_FILE)
         return config
 
     def config_error(self, reason: str) -> BankError:

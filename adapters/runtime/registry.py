@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from adapters import BankError, BaseFingerprint, ExpertBank, load_bank, resolve_bank_path
+from adapters.errors import BankBudgetExceeded
 from server.engine.protocol import InvalidRequest, UnknownBank
 from server.model import ModelConfig
 
@@ -71,6 +72,29 @@ class BankCombinationRefused(InvalidRequest):
     param = "model"
 
 
+class BankOutOfService(UnknownBank):
+    """The bank failed while running and was taken out of service until an admin reloads it (503)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "bank_failed"
+    param = "model"
+
+
+class BankOverBudget(BankAdminError):
+    """Loading would take the loaded banks past the bank memory budget (``--bank-memory``)."""
+
+    status = 409
+    type = "conflict_error"
+
+
+class BankLoadUnavailable(BankAdminError):
+    """Every load worker is busy (503), or the load did not finish in time (504)."""
+
+    status = 503
+    type = "service_unavailable"
+
+
 class BankPathRefused(BankAdminError):
     """A path outside the allowed roots (400), or one that does not exist (404)."""
 
@@ -93,6 +117,7 @@ class BankVersion:
     host_bank: ExpertBank | None = None  # kind factor, no model attached yet: the bank to pack later
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
+    failed: str | None = None  # why the engine took it out of service (see ``BankRegistry.fail``)
 
 
 @dataclass(eq=False)
@@ -146,24 +171,35 @@ class BankRegistry:
         ``serving_bank_dtype``: float16 for a float32 CPU model, which halves the memory and the
         bandwidth of routed LoRA calls).
     pool_memory_bytes: budget of the device pool (None: unbounded).
+    memory_bytes: budget of every loaded bank version together, in bytes of their packed weights
+        (None: unbounded); a load past it is refused (409) naming the budget, before the weights
+        of our format are read (their declared sizes count).
+    load_workers, load_timeout: ``load`` runs at most ``load_workers`` loads at once, each on its
+        own daemon thread, and gives up on one after ``load_timeout`` seconds (the stuck thread
+        can neither swap its bank in later nor keep the process from exiting).
     allowed_roots: folders client-supplied paths must resolve into.
     """
 
     def __init__(self, model_config: ModelConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, pool_memory_bytes: int | None = None,
-                 allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None):
+                 allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None,
+                 memory_bytes: int | None = None, load_workers: int = 4, load_timeout: float | None = 120.0):
         self.config = model_config
         self.model = model  # needed by factor banks (their experts are the model's FFN weights)
         self.fingerprint = BaseFingerprint.from_hf_config(model_config.raw)
         self.device = torch.device(device)
         self.dtype = dtype
         self.pool_memory_bytes = pool_memory_bytes
+        self.memory_bytes = memory_bytes  # host bytes all loaded versions may hold (None: unbounded)
+        self.load_timeout = load_timeout
+        self._load_slots = threading.BoundedSemaphore(load_workers)
         self.allowed_roots: list[Path] = [Path(r) for r in allowed_roots]
         self.collect_stats = collect_stats
         self.backend = backend
         self.pool = SlotPool(model_config, device=self.device, dtype=dtype)
         self._lock = threading.RLock()
         self._current: dict[str, BankVersion] = {}
+        self._failed: dict[str, BankVersion] = {}  # taken out of service by a fault; listed until reloaded
         self._live: list[BankVersion] = []  # every version holding memory (current or pinned)
         self._counter = itertools.count(1)
         self.over_budget = False
@@ -171,12 +207,13 @@ class BankRegistry:
     # -- admin -----------------------------------------------------------------------------------
 
     def list(self) -> list[dict]:
+        """Loaded banks (``state: ready``), then banks taken out of service (``state: failed``)."""
         with self._lock:
-            return [self._describe(v) for v in self._current.values()]
+            return [self._describe(v) for v in (*self._current.values(), *self._failed.values())]
 
     def get(self, name: str) -> dict:
         with self._lock:
-            v = self._current.get(name)
+            v = self._current.get(name) or self._failed.get(name)
             if v is None:
                 raise BankNotFound(f"bank {name!r} is not loaded")
             return self._describe(v)
@@ -188,7 +225,8 @@ class BankRegistry:
                 "resident": v.factor is not None if factor else v.offset is not None,
                 "in_flight": sum(x.refs for x in self._live if x.name == v.name),
                 "bytes": v.factor.nbytes() if factor and v.factor is not None else v.layout.nbytes,
-                "loaded_at": v.loaded_at}
+                "loaded_at": v.loaded_at, "state": "failed" if v.failed else "ready",
+                **({"error": v.failed} if v.failed else {})}
 
     def attach_model(self, model) -> None:
         """Give the registry the served model (a ``server.model.LlamaModel``): factor banks pack
@@ -210,13 +248,43 @@ class BankRegistry:
                 self.allowed_roots.append(Path(root))
 
     async def load(self, name: str, path: str | Path) -> dict:
-        """Load (or replace) ``name`` from ``path`` without blocking the event loop."""
-        return await asyncio.to_thread(self.load_sync, name, path)
+        """Load (or replace) ``name`` from ``path`` off the event loop, on a bounded set of daemon
+        threads, within ``load_timeout`` seconds."""
+        if not self._load_slots.acquire(blocking=False):
+            raise BankLoadUnavailable("every bank load worker is busy (a load may be stuck on its files); retry later")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        given_up = threading.Event()
+
+        def settle(result, exc) -> None:
+            if not done.done():
+                done.set_exception(exc) if exc is not None else done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, exc = self.load_sync(name, path, given_up=given_up), None
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
+                result, exc = None, e
+            finally:
+                self._load_slots.release()
+            try:
+                loop.call_soon_threadsafe(settle, result, exc)
+            except RuntimeError:  # the loop is gone (shutdown): nobody waits for this load
+                pass
+
+        threading.Thread(target=work, name=f"bank-load-{name}", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), self.load_timeout)
+        except TimeoutError:
+            given_up.set()
+            err = BankLoadUnavailable(f"loading bank {name!r} did not finish within {self.load_timeout:g} seconds")
+            err.status, err.type = 504, "timeout_error"
+            raise err from None
 
     async def unload(self, name: str) -> None:
         self.unload_sync(name)
 
-    def load_sync(self, name: str, path: str | Path) -> dict:
+    def load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None = None) -> dict:
         """Resolve ``path`` inside the allowed roots, load any supported format, validate, pack,
         then swap in. On any error the registry is left exactly as it was."""
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -230,13 +298,29 @@ class BankRegistry:
                 err.status, err.type = 404, "not_found_error"
             raise err from None
         try:
-            bank = load_bank(real, base=self.fingerprint, name=name)
+            bank = load_bank(real, base=self.fingerprint, name=name, max_bytes=self._room_for(name))
+        except BankBudgetExceeded as exc:
+            raise BankOverBudget(str(exc)) from None
         except BankError as exc:
             raise BankLoadError(str(exc)) from None
-        return self.add(bank, source=str(real))
+        return self.add(bank, source=str(real), given_up=given_up)
 
-    def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>") -> dict:
-        """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this)."""
+    def _room_for(self, name: str) -> int | None:
+        """Bytes a new version of ``name`` may take: the budget less every other live version (the
+        version it replaces stays while requests pin it, so it counts too)."""
+        if self.memory_bytes is None:
+            return None
+        with self._lock:
+            return max(self.memory_bytes - sum(self._bytes(v) for v in self._live), 0)
+
+    @staticmethod
+    def _bytes(v: BankVersion) -> int:
+        return v.factor.nbytes() if v.factor is not None else v.layout.nbytes
+
+    def add(self, bank: ExpertBank, *, name: str | None = None, source: str = "<memory>",
+            given_up: threading.Event | None = None) -> dict:
+        """Swap in an already validated bank (``load_sync`` does the I/O; tests and tools call this).
+        ``given_up``: set when the caller stopped waiting; the bank is then not swapped in."""
         name = name or bank.name
         try:
             layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
@@ -249,12 +333,20 @@ class BankRegistry:
             else:
                 host = bank
         with self._lock:
+            if given_up is not None and given_up.is_set():
+                raise BankLoadUnavailable(f"loading bank {name!r} was given up (timeout); it was not swapped in")
+            size = factor.nbytes() if factor is not None else layout.nbytes
+            room = self._room_for(name)
+            if room is not None and size > room:
+                raise BankOverBudget(f"bank {name!r} needs {size} bytes; loaded banks leave {room} of the "
+                                     f"{self.memory_bytes} byte bank memory budget (--bank-memory); unload a bank first")
             v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version,
                             factor=factor, host_bank=host)
             if bank.kind != "factor":
                 self._place(v, pinned=set(), over_budget_ok=False)
             old = self._current.get(name)
             self._current[name] = v
+            self._failed.pop(name, None)  # a reload puts a failed bank back in service
             self._live.append(v)
             if old is not None:
                 self._retire(old)
@@ -265,6 +357,8 @@ class BankRegistry:
         with self._lock:
             v = self._current.pop(name, None)
             if v is None:
+                if self._failed.pop(name, None) is not None:
+                    return
                 raise BankNotFound(f"bank {name!r} is not loaded")
             self._retire(v)
 
@@ -287,6 +381,24 @@ class BankRegistry:
 
     # -- engine side (AdapterProvider) ------------------------------------------------------------
 
+    def fail(self, handle: BankHandle, reason: str) -> None:
+        """The engine saw ``handle``'s bank fail inside a step: take its versions out of service.
+        New requests naming them get ``BankOutOfService`` (503); ``list()`` shows them as failed
+        with ``reason``; loading the name again (or unloading it) clears the state."""
+        with self._lock:
+            for v in handle.versions:
+                if v.failed is not None:
+                    continue
+                v.failed = reason
+                if self._current.get(v.name) is v:
+                    del self._current[v.name]
+                    self._failed[v.name] = v
+                    self._retire(v)
+
+    def failure(self, handle: BankHandle) -> str | None:
+        """Why ``handle``'s bank was taken out of service, or None while it is in service."""
+        return next((v.failed for v in handle.versions if v.failed), None)
+
     def acquire(self, bank: str) -> BankHandle:
         """Pin the current version of ``bank``, or of both parts of ``factor+other``: a factor
         bank's FFN with another bank's LoRA experts on top. Refused (``BankCombinationRefused``,
@@ -300,6 +412,9 @@ class BankRegistry:
             versions = []
             for part in parts:
                 v = self._current.get(part)
+                if v is None and part in self._failed:
+                    raise BankOutOfService(f"bank {part!r} failed while running and is out of service "
+                                           f"({self._failed[part].failed}); an admin may reload it")
                 if v is None:
                     raise UnknownBank(f"bank {part!r} is not loaded")
                 versions.append(v)
@@ -385,6 +500,19 @@ class BankRegistry:
 
     def pool_slots_used(self) -> int:
         return self.pool.slots_used
+
+    def max_resident(self, step_limit: int) -> int:
+        """How many banks can be resident in the device pool at once (vLLM's ``max_loras``). No
+        memory budget: as many as one step can run (``step_limit``, one bank per sequence); with a
+        budget: how many copies of the largest loaded bank it holds (at least 1, as the pool grows
+        past the budget for one step's banks)."""
+        if self.pool_memory_bytes is None:
+            return step_limit
+        with self._lock:
+            sizes = [v.layout.nbytes for v in self._current.values() if v.layout.kind != "factor"]
+        if not sizes:
+            return step_limit
+        return max(1, min(step_limit, self.pool_memory_bytes // max(max(sizes), 1)))
 
     # -- residency --------------------------------------------------------------------------------
 

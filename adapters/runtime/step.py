@@ -215,6 +215,8 @@ class BankStep:
         self._routers: dict[tuple, Tensor] = {}  # sites -> their routers concatenated ([M*S, in])
         self._stacked_groups: dict[tuple, RouteGroup] = {}
         self._cpu_plans = dev.type == "cpu" and backend in ("auto", "cpu")
+        # GPU: plans of static sizes, built without a host sync inside the layer loop
+        self.static_plans = dev.type == "cuda"
         self._decide = self._decisions()  # (layer, targets) -> WholeLinear | _NOTHING | None (general path)
         self._group_steps: dict[tuple, RouteLoraStep] = {}  # (members, n) -> the step's route_lora group
         self._fast = _FastRecords()  # what the route_lora calls did (shared with sub-steps)
@@ -409,6 +411,8 @@ class BankStep:
             if plan is not None:
                 return plan
             self._cpu_plans = False
+        if self.static_plans:
+            return plan_from_slots(*slots_from_dense(w, offsets, static=True), self.state.capacity)
         return plan_from_slots(*slots_from_dense(w, offsets))
 
     def _mixed_plan(self, spec: SiteSpec, parts: list[tuple[RouteGroup, PairPlan]], device) -> PairPlan:
@@ -428,7 +432,7 @@ class BankStep:
             plan = build_plan_cpu(weights, None, self.state.capacity, slots=slots)
             if plan is not None:
                 return plan
-        return plan_from_slots(slots, weights)
+        return plan_from_slots(slots, weights, self.state.capacity if self.static_plans else None)
 
     # -- the hook points -----------------------------------------------------------------------
 

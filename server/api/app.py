@@ -7,6 +7,7 @@ POST /v1/completions, and with an admin key the bank routes of banks.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -20,22 +21,26 @@ from server.metrics import ServerMetrics
 from server.settings import Settings
 
 from . import banks as bank_routes
-from .auth import admin_key_guard, api_key_guard
+from .auth import AuthGate, admin_key_guard, api_key_guard
 from .errors import APIError, error_body, install_error_handlers
 from .lifecycle import Admission
-from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, ModelCard, ModelList)
+from .protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                       CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from .serving_chat import OpenAIServingChat
 from .serving_completions import OpenAIServingCompletion
 from .serving_engine import ServingContext
+from .tokenizer_pool import TokenizerPool
 
 log = logging.getLogger("moleserve.api")
 
 _STARTED = int(time.time())  # "created" of the models list
 ALWAYS_OPEN = ("/health", "/ready", "/metrics")  # still answered while draining
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 422, 429, 503)}
 STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
           "description": "with stream=true: server-sent events, ending with data: [DONE]"}
+# Every route: a method it does not have is a 405 naming the allowed ones in ``Allow``.
+NOT_ALLOWED = {405: {"model": ErrorResponse, "description": "method not allowed",
+                     "headers": {"Allow": {"description": "the methods the route has", "schema": {"type": "string"}}}}}
 
 
 def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: ServerMetrics | None = None) -> FastAPI:
@@ -46,8 +51,11 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
                      or engine.model_config.max_position_embeddings)
     metrics = metrics or ServerMetrics(model_name, max_lora=getattr(engine, "max_banks", 0) or 0)
     admission = Admission()
+    tokenizers = TokenizerPool(engine.tokenizer, workers=settings.tokenizer_workers)
     ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
-                         metrics=metrics, banks=banks, retry_after=settings.retry_after)
+                         metrics=metrics, banks=banks, retry_after=settings.retry_after, tokenizers=tokenizers,
+                         max_tokens_default=settings.max_tokens_default, max_tokens_limit=settings.max_tokens_limit,
+                         max_messages=settings.max_messages)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,23 +64,24 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
             await engine.start()
         if banks is not None:
             metrics.banks_loaded.set(len(banks.list()))
+        _report_capacity(engine, metrics)
         try:
             yield
         finally:
             await engine.stop()
-            chat._executor.shutdown(wait=False)
-            completions._executor.shutdown(wait=False)
+            tokenizers.shutdown()
 
-    app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan, responses=NOT_ALLOWED,
                   description="OpenAI-compatible inference with mixture-of-LoRA-experts banks.")
+    app.openapi = lambda: _openapi_with_events(app)
     app.state.settings, app.state.engine, app.state.banks = settings, engine, banks
     app.state.metrics, app.state.admission, app.state.retry_after = metrics, admission, settings.retry_after
-    app.state.model_name, app.state.max_model_len = model_name, max_model_len
+    app.state.model_name, app.state.max_model_len, app.state.tokenizers = model_name, max_model_len, tokenizers
     install_error_handlers(app)
-    app.add_middleware(LimitsMiddleware, admission=admission, max_bytes=settings.max_request_bytes,
-                       retry_after=settings.retry_after, metrics=metrics)
-
     api_key, admin_key = Settings.secret(settings.api_key), Settings.secret(settings.admin_key)
+    gate = AuthGate(api_key, admin_key, bank_routes.PATHS, ALWAYS_OPEN if not settings.metrics_auth else ALWAYS_OPEN[:2])
+    app.add_middleware(LimitsMiddleware, admission=admission, max_bytes=settings.max_request_bytes,
+                       retry_after=settings.retry_after, metrics=metrics, gate=gate, body_timeout=settings.body_timeout)
     guard = Depends(api_key_guard(api_key, admin_key))
     chat, completions = OpenAIServingChat(ctx), OpenAIServingCompletion(ctx)
 
@@ -98,6 +107,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         load = _engine_load(engine)
         if load is not None:
             metrics.set_load(*load)
+        _report_capacity(engine, metrics)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     v1 = APIRouter(dependencies=[guard], responses={401: {"model": ErrorResponse}})
@@ -107,6 +117,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         """The base model first, then every loaded bank."""
         cards = [ModelCard(id=model_name, created=_STARTED, root=model_name, max_model_len=max_model_len)]
         for b in bank_routes.bank_infos(banks):
+            if b.extra.get("state") == "failed":  # out of service until reloaded (GET /v1/banks shows why)
+                continue
             cards.append(ModelCard(id=b.name, created=_STARTED, root=model_name, parent=model_name,
                                    max_model_len=max_model_len, kind=b.kind, num_experts=b.num_experts))
         return ModelList(data=cards)
@@ -125,6 +137,36 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     return app
 
 
+def _openapi_with_events(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the shape of each server-sent event of the two generation routes (a
+    chunk: ``ChatCompletionChunk`` / ``CompletionResponse``, an error event once the stream started:
+    ``ErrorResponse``, or the literal ``[DONE]``), and error responses as the JSON they are."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ChatCompletionChunk, CompletionResponse, ErrorResponse):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in body.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components.setdefault(model.__name__, body)
+    for path, chunk in (("/v1/chat/completions", "ChatCompletionChunk"), ("/v1/completions", "CompletionResponse")):
+        ok = schema["paths"][path]["post"]["responses"]["200"]
+        ok["content"]["text/event-stream"] = {"schema": {
+            "description": "each event is 'data: <JSON>' (a chunk, or an error once the stream started), "
+                           "the last one 'data: [DONE]'",
+            "oneOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/ErrorResponse"},
+                      {"type": "string", "const": "[DONE]"}]}}
+    for item in schema["paths"].values():  # errors are JSON even on the plain-text vLLM adapter routes
+        for op in item.values():
+            for status, response in op.get("responses", {}).items():
+                content = response.get("content", {})
+                if status[0] in "45" and "application/json" in content:
+                    content.pop("text/plain", None)
+    app.openapi_schema = schema
+    return schema
+
+
 def _engine_load(engine: Any) -> tuple[int, int, float] | None:
     """(running, waiting, KV usage) from an engine that exposes them (AsyncEngine does), else None."""
     try:
@@ -134,13 +176,26 @@ def _engine_load(engine: Any) -> tuple[int, int, float] | None:
         return None
 
 
+def _report_capacity(engine: Any, metrics: ServerMetrics) -> None:
+    """What the endpoint picker reads besides load: the KV cache's shape (``vllm:cache_config_info``)
+    and how many banks can be resident at once (``max_lora``), from an engine that exposes them."""
+    try:
+        metrics.set_max_lora(int(engine.max_banks))
+        metrics.set_cache_config(engine.kv_block_size, engine.kv_blocks_total, engine.kv_cache_dtype)
+        metrics.set_bank_activity(*engine.bank_activity())
+    except Exception:  # noqa: BLE001 - a test double without them, a stopping engine, a queue changing under us
+        pass
+
+
 class LimitsMiddleware:
     """Refuses new work while draining (503) and bodies over the size limit (413), before any
     route reads them. Pure ASGI so streaming and disconnect detection pass through untouched."""
 
-    def __init__(self, app, admission: Admission, max_bytes: int, retry_after: int, metrics: ServerMetrics):
+    def __init__(self, app, admission: Admission, max_bytes: int, retry_after: int, metrics: ServerMetrics,
+                 gate: AuthGate | None = None, body_timeout: float | None = None):
         self.app, self.admission, self.max_bytes = app, admission, max_bytes
         self.retry_after, self.metrics = retry_after, metrics
+        self.gate, self.body_timeout = gate, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -150,6 +205,9 @@ class LimitsMiddleware:
             return await _send_error(send, 503, "the server is shutting down; retry on another replica",
                                      {"Retry-After": str(self.retry_after), "Connection": "close"})
         headers = dict(scope.get("headers") or [])
+        refused = self.gate.refusal(scope["path"], headers) if self.gate is not None else None
+        if refused is not None:  # before the body is read or parsed
+            return await _send_error(send, 401, refused.message, refused.headers, code=refused.code)
         length = headers.get(b"content-length")
         too_large = f"the request body is larger than the limit of {self.max_bytes} bytes"
         if length is not None:
@@ -165,8 +223,13 @@ class LimitsMiddleware:
         # Read the whole (bounded) body first, then replay it; later receive() calls go to the
         # server, so disconnects still reach the routes.
         chunks, size = [], 0
+        deadline = None if self.body_timeout is None else time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), None if deadline is None else deadline - time.monotonic())
+            except TimeoutError:  # a client trickling its body must not hold the connection
+                return await _send_error(send, 408, f"the request body did not arrive within {self.body_timeout:g} "
+                                         "seconds", {"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -207,8 +270,9 @@ class LimitsMiddleware:
                 await _send_error(send, 500, "internal server error")
 
 
-async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    payload = json.dumps(error_body(status, message)).encode()
+async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None,
+                      code: str | None = None) -> None:
+    payload = json.dumps(error_body(status, message, code=code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

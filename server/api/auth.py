@@ -54,3 +54,28 @@ def admin_key_guard(admin_key: str):
             raise _refuse("missing or invalid admin key (send 'Authorization: Bearer <admin key>')")
 
     return check
+
+
+class AuthGate:
+    """The same checks by path, for the limits middleware to run before a body is read: a guarded
+    route answers 401 without parsing a byte of it (no probing admin routes with malformed bodies,
+    no megabyte parsed for a client without a key). The route dependencies above still run."""
+
+    def __init__(self, api_key: str | None, admin_key: str | None, admin_paths: tuple[str, ...], open_paths: tuple[str, ...]):
+        self.api_keys = [k for k in (api_key, admin_key) if k]
+        self.api_key, self.admin_key = api_key, admin_key
+        self.admin_paths, self.open_paths = admin_paths, open_paths
+
+    def refusal(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        if path in self.open_paths or not path.startswith("/v1/"):
+            return None
+        raw = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = raw.partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        if self.admin_key and any(path == p or path.startswith(p + "/") for p in self.admin_paths):
+            if not _matches(token, [self.admin_key]):
+                return _refuse("missing or invalid admin key (send 'Authorization: Bearer <admin key>')")
+            return None
+        if self.api_key and not _matches(token, self.api_keys):
+            return _refuse("missing or invalid API key (send 'Authorization: Bearer <key>')")
+        return None

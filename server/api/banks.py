@@ -72,11 +72,13 @@ def bank_card(info: Any) -> BankCard:
 
 
 _CORE = ("name", "kind", "num_experts", "version")
+PATHS = ("/v1/banks", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # the admin key's routes
 
 
 def build_router(admin_guard) -> APIRouter:
+    json_error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     router = APIRouter(dependencies=[Depends(admin_guard)], tags=["banks"],
-                       responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+                       responses={401: {"model": ErrorResponse, **json_error}, 404: {"model": ErrorResponse, **json_error}})
 
     def registry(request: Request) -> BankAdmin:
         if request.app.state.banks is None:
@@ -105,19 +107,19 @@ def build_router(admin_guard) -> APIRouter:
         info = await timed(request, "load", lambda: registry(request).load(body.name, body.path))
         return bank_card(info)
 
-    @router.delete("/v1/banks/{name}", responses={409: {"model": ErrorResponse}})
+    @router.delete("/v1/banks/{name}", responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
     async def unload_bank(name: str, request: Request) -> dict[str, Any]:
         await timed(request, "unload", lambda: registry(request).unload(name))
         return {"name": name, "object": "bank", "deleted": True}
 
     @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
-                 responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+                 responses={400: {"model": ErrorResponse, **json_error}, 409: {"model": ErrorResponse, **json_error}})
     async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
         await timed(request, "load", lambda: registry(request).load(body.lora_name, body.lora_path))
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
     @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
-                 responses={409: {"model": ErrorResponse}})
+                 responses={400: {"model": ErrorResponse, **json_error}, 409: {"model": ErrorResponse, **json_error}})
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
         await timed(request, "unload", lambda: registry(request).unload(body.lora_name))
         return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

@@ -24,6 +24,7 @@ TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
@@ -74,6 +75,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, i
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return "the request body is not valid JSON", None, 400
+    for e in errors:
+        if e.get("type") == "unicode_surrogate":  # a value no text can hold: a bad value, as OpenAI says 400
+            param = (e.get("ctx") or {}).get("param", "body")
+            return f"{param}: {e.get('msg')}", param, 400
     parts, param = [], None
     for e in errors[:5]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
@@ -93,7 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         e = from_exception(exc, retry_after())
-        return error_response(e.status, e.message, type=e.type, headers=e.headers)
+        return error_response(e.status, e.message, type=e.type, param=e.param, code=e.code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 INT64 = dict(ge=-(2**63), le=2**64 - 1)
 BIG = dict(ge=-(2**31), le=2**31 - 1)  # counts and lengths: anything beyond is a 400 anyway
@@ -18,6 +19,39 @@ BIG = dict(ge=-(2**31), le=2**31 - 1)  # counts and lengths: anything beyond is 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        """JSON may escape a lone UTF-16 surrogate ("\\ud800"); it is no character, no tokenizer
+        or response can encode it: refused here (400, ``param`` naming the field) for every field."""
+        where = _surrogate_at(data, ())
+        if where is not None:
+            raise PydanticCustomError("unicode_surrogate", "a lone UTF-16 surrogate (\\ud800-\\udfff) is not "
+                                      "valid Unicode text", {"param": ".".join(map(str, where)) or "body"})
+        return data
+
+
+def _surrogate_at(value: Any, path: tuple) -> tuple | None:
+    """The path of the first string (value or key) in ``value`` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = _surrogate_at(k, path + (k,)) if isinstance(k, str) else None
+            hit = hit or _surrogate_at(v, path + (k,))
+            if hit is not None:
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            hit = _surrogate_at(v, path + (i,))
+            if hit is not None:
+                return hit
+    return None
 
 
 class StreamOptions(_Request):

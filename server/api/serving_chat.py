@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogprob
+from server.engine.protocol import MAX_LOGPROBS, GenerationEvent, GenerationRequest, TokenLogprob
 
 from .errors import APIError
 from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
@@ -26,6 +26,10 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                           param="top_logprobs")
+        self._check_size(req)
         prompt_ids = await self.run_blocking(self._render, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -38,6 +42,23 @@ class OpenAIServingChat(OpenAIServing):
             return StreamingResponse(self._stream(gen, model, first, events, include_usage),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         return await self.until_disconnect(http, gen.request_id, self._full(gen, model, first, events, req.logprobs))
+
+    def _check_size(self, req: ChatCompletionRequest) -> None:
+        """Cheap refusals before the template renders: too many messages, or more text than the
+        context window can hold whatever the tokenizer makes of it (each token covers at most
+        ``max_chars_per_token`` characters)."""
+        most = self.ctx.max_messages
+        if most is not None and len(req.messages) > most:
+            raise APIError(400, f"{len(req.messages)} messages is more than this server's limit of {most} "
+                                "(--max-messages)", param="messages")
+        per_token = self.ctx.tokenizers.max_chars_per_token
+        if per_token:
+            chars = sum(len(m.content) if isinstance(m.content, str)
+                        else sum(len(p.text or "") for p in m.content or ()) for m in req.messages)
+            if chars > self.ctx.max_model_len * per_token:
+                raise APIError(400, f"the messages hold {chars} characters: more than {self.ctx.max_model_len} tokens "
+                                    f"(this model's maximum context length) can cover", param="messages",
+                               code="context_length_exceeded")
 
     def _render(self, req: ChatCompletionRequest) -> list[int]:
         messages = []

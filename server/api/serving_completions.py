@@ -50,7 +50,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.echo:
             text = req.prompt if isinstance(req.prompt, str) else (
                 req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str)
-                else await self.run_blocking(self.tokenizer.decode, prompt_ids))
+                else await self.run_blocking(lambda ids: self.tokenizer.decode(ids), prompt_ids))
             echo = (text, self._prompt_logprobs(prompt_ids, first) if params.prompt_logprobs else None)
         if score_only:
             first, events = await self._drop_generated(gen, first, events)

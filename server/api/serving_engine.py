@@ -14,7 +14,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ from .banks import bank_infos
 from .errors import APIError, error_body, from_exception
 from .lifecycle import Admission
 from .protocol import UsageInfo, _Sampling
+from .tokenizer_pool import TokenizerPool
 
 T = TypeVar("T")
 
@@ -42,6 +42,10 @@ class ServingContext:
     metrics: Any  # server.metrics.ServerMetrics
     banks: Any = None  # server.api.banks.BankAdmin or None
     retry_after: int = 1
+    tokenizers: TokenizerPool | None = None  # None: one worker on the engine's tokenizer
+    max_tokens_default: int | None = None  # max_tokens of a request without one (None: the rest of the context)
+    max_tokens_limit: int | None = None  # largest max_tokens accepted (None: the context window)
+    max_messages: int | None = None  # most messages in one chat request
 
 
 class OpenAIServing:
@@ -49,14 +53,19 @@ class OpenAIServing:
 
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
-        self.tokenizer = ctx.engine.tokenizer
-        # One thread: tokenizing a long prompt must not stall the event loop, and HF fast
-        # tokenizers are not safe to call from several threads at once.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        if ctx.tokenizers is None:
+            ctx.tokenizers = TokenizerPool(ctx.engine.tokenizer, workers=1)
         self._decode_one = lru_cache(maxsize=65536)(lambda tid: self.tokenizer.decode([tid]))
 
+    @property
+    def tokenizer(self) -> Any:
+        """This thread's tokenizer: a tokenizer worker's own copy inside ``run_blocking``, else the
+        original (the event loop's)."""
+        return self.ctx.tokenizers.current()
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """``fn(*args)`` on a tokenizer worker (``self.tokenizer`` there is that worker's copy)."""
+        return await self.ctx.tokenizers.run(fn, *args)
 
     def new_id(self) -> str:
         return f"{self.request_prefix}-{uuid.uuid4().hex}"
@@ -91,8 +100,14 @@ class OpenAIServing:
         if prompt_len >= limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
                                 f"{prompt_len} tokens", param=prompt_param, code="context_length_exceeded")
+        cap = self.ctx.max_tokens_limit
+        if max_tokens is not None and cap is not None and max_tokens > cap:
+            raise APIError(400, f"max_tokens ({max_tokens}) is more than this server's limit of {cap} "
+                                "(--max-tokens-limit)", param="max_tokens")
         if max_tokens is None:
             max_tokens = limit - prompt_len
+            for bound in (self.ctx.max_tokens_default, cap):
+                max_tokens = min(max_tokens, bound or max_tokens)
         elif prompt_len + max_tokens > limit:
             raise APIError(400, f"max_tokens ({max_tokens}) plus the prompt's {prompt_len} tokens exceed this model's "
                                 f"maximum context length of {limit} tokens", param="max_tokens",

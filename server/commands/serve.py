@@ -100,7 +100,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
         config = EngineConfig(
             model=resolve_model_path(settings.model), device=settings.device, dtype=settings.dtype,
             kv_cache_memory=int(mem) if mem is not None and mem > 1 else mem, max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            long_prefill_token_threshold=settings.long_prefill_token_threshold, max_model_len=settings.max_model_len,
             max_waiting=settings.max_waiting, enable_prefix_caching=settings.enable_prefix_caching)
         config.resolved_device()
     except EngineConfigError as exc:
@@ -109,7 +110,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device) if settings.bank_dtype == "auto"
                   else getattr(torch, settings.bank_dtype))
     registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
-                            allowed_roots=settings.bank_root)
+                            allowed_roots=settings.bank_root, memory_bytes=bank_memory_bytes(settings.bank_memory),
+                            load_workers=settings.bank_load_workers, load_timeout=settings.bank_load_timeout)
     if settings.banks is not None:
         try:
             loaded, errors = registry.load_dir(settings.banks)
@@ -121,12 +123,26 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     return AsyncEngine(config, engine=llm), registry
 
 
+def bank_memory_bytes(setting: float | None) -> int:
+    """``--bank-memory`` in bytes: bytes as given (> 1), else that fraction of the machine's
+    physical memory (default 0.25)."""
+    import os
+
+    if setting is not None and setting > 1:
+        return int(setting)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * (0.25 if setting is None else setting))
+
+
 def serve_app(app: Any, settings: Any) -> int:
     import uvicorn
 
     from server.api.lifecycle import DrainingServer
 
+    from server.api.http_protocol import protocol_with
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, lifespan="on", http=protocol_with(settings.header_timeout),
+                            timeout_keep_alive=settings.keep_alive_timeout, limit_concurrency=settings.max_connections)
     DrainingServer(config, app, settings.grace_period).run()
     return 0

@@ -169,6 +169,34 @@ class AsyncEngine:
     def kv_blocks_total(self) -> int:
         return self.engine.block_manager.num_blocks if self.engine else 0
 
+    def bank_activity(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Banks of the running and of the waiting requests now (also those submitted since the
+        last step), as the step's stats report them; read at scrape time, since an idle engine
+        reports no steps."""
+        if self.engine is None:
+            return (), ()
+        sched = self.engine.scheduler
+        running = {s.bank for s in list(sched.running) if s.bank is not None}
+        waiting = {s.bank for s in list(sched.waiting) if s.bank is not None}
+        waiting |= {arg[0].bank for kind, arg in list(self._inbox) if kind == "add" and arg[0].bank is not None}
+        return tuple(sorted(running)), tuple(sorted(waiting))
+
+    @property
+    def kv_block_size(self) -> int:
+        return self.engine.block_manager.block_size if self.engine else self.config.block_size
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        return str(self.engine.cache.k.dtype).removeprefix("torch.") if self.engine else "auto"
+
+    @property
+    def max_banks(self) -> int:
+        """Banks that can be resident at once (vLLM's ``max_loras``, shown as ``max_lora``): the
+        adapter provider's answer for a step of ``max_num_seqs`` sequences; 0 without banks."""
+        provider = self.engine.adapter_provider if self.engine else None
+        resident = getattr(provider, "max_resident", None)
+        return resident(self.config.max_num_seqs) if resident is not None else 0
+
     def set_stats_sink(self, sink: StatsSink | None) -> None:
         self._need_engine().set_stats_sink(sink)
 

@@ -28,6 +28,8 @@ class EngineConfig:
         than what ``max_num_seqs`` sequences of ``max_model_len`` tokens can use.
     max_num_seqs: most sequences in one step's batch.
     max_num_batched_tokens: most tokens (decode + prefill chunks) in one step's batch.
+    long_prefill_token_threshold: most prompt tokens one sequence prefills in a step while other
+        sequences share the engine (vLLM's flag); 0: no cap; None: a quarter of max_num_batched_tokens.
     max_model_len: longest sequence (prompt + output); None: the model's max_position_embeddings.
     max_waiting: most requests waiting for admission; beyond it ``submit`` raises EngineOverloaded.
     seed: seeds the generator used by unseeded sampling requests.
@@ -42,6 +44,7 @@ class EngineConfig:
     kv_cache_memory: int | float | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    long_prefill_token_threshold: int | None = None
     max_model_len: int | None = None
     max_waiting: int = 1024
     seed: int = 0
@@ -67,6 +70,8 @@ class EngineConfig:
              f"kv_cache_memory must be bytes (int) or a fraction in (0, 1], got {mem!r}")
         need(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         need(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        need(self.long_prefill_token_threshold is None or self.long_prefill_token_threshold >= 0,
+             f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         need(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
         need(self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}")
 
@@ -77,6 +82,11 @@ class EngineConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EngineConfigError(f"device {self.device!r} requested but CUDA is not available")
         return device
+
+    def resolved_long_prefill_token_threshold(self) -> int:
+        if self.long_prefill_token_threshold is None:
+            return max(1, self.max_num_batched_tokens // 4)
+        return self.long_prefill_token_threshold
 
     def resolved_kv_cache_memory(self, device: torch.device) -> int | float:
         if self.kv_cache_memory is None:

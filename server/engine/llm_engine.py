@@ -24,7 +24,7 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .protocol import (AdapterProvider, GenerationEvent, GenerationRequest, InvalidRequest, RequestStats,
                        StatsSink, StepStats, UnknownBank)
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(cfg.eos_token_ids)
         self.cache = KVCache(cfg, num_blocks, bs, device, dtype)
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.resolved_long_prefill_token_threshold())
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
         self.runner.capture_block_ends = config.enable_prefix_caching
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
@@ -107,16 +108,19 @@ class LLMEngine:
         """Raise InvalidRequest when ``request`` cannot run here (thread-safe: reads config only)."""
         request.params.validate()
         if not 1 <= request.n <= self.config.max_num_seqs:
-            raise InvalidRequest(f"n must be in [1, {self.config.max_num_seqs}] (max_num_seqs), got {request.n}")
+            raise InvalidRequest(f"n must be in [1, {self.config.max_num_seqs}] (max_num_seqs), got {request.n}",
+                                 param="n")
         n = len(request.prompt_token_ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty")
         if n >= self.max_model_len:
             raise InvalidRequest(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
-                                 f"tokens, which must also hold at least one generated token")
+                                 f"tokens, which must also hold at least one generated token", param="prompt",
+                                 code="context_length_exceeded")
         if n + request.params.max_tokens > self.max_model_len:
             raise InvalidRequest(f"the prompt ({n} tokens) plus max_tokens ({request.params.max_tokens}) "
-                                 f"exceeds this model's context of {self.max_model_len} tokens")
+                                 f"exceeds this model's context of {self.max_model_len} tokens", param="max_tokens",
+                                 code="context_length_exceeded")
         vocab = self.model_config.vocab_size
         if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
@@ -228,37 +232,8 @@ class LLMEngine:
             for seq in batch.seqs:
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = t0
-            try:
-                if self.adapter_provider is not None:
-                    adapters = self.adapter_provider.build_step([s.adapter_handle for s in batch.seqs],
-                                                                list(batch.num_tokens))
-                sampled, out = self.runner.run(batch, adapters)
-            except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep the engine
-                log.exception("engine step failed")
-                msg = f"internal error while running the model: {type(exc).__name__}: {exc}"
-                return [e for s in batch.seqs
-                        for e in self._finish(s, GenerationEvent(request_id=s.request_id, index=s.index), "error", msg)]
-            for seq, k in zip(batch.seqs, batch.num_tokens):
-                seq.num_computed_tokens += k
-                self.block_manager.cache_blocks(seq)
-            for seq in sampled:  # choices waiting for this prompt start now, before any choice can end
-                for child in list(seq.forks):
-                    self.scheduler.fork(seq, child)
-            for j, seq in enumerate(sampled):
-                try:
-                    event = self.outputs.on_token(seq, out.token_ids[j], out.logprobs[j])
-                    if seq.params.prompt_logprobs and seq.num_output_tokens == 1:
-                        event.prompt_logprobs = list(seq.prompt_logprobs)
-                        if seq.params.logprobs:
-                            event.prompt_top = list(seq.prompt_top)
-                except Exception as exc:  # noqa: BLE001 - one request's failure is that request's
-                    log.exception("output processing failed for %s", seq.request_id)
-                    event = GenerationEvent(request_id=seq.request_id, index=seq.index)
-                    OutputProcessor.finish(seq, event, "error", f"{type(exc).__name__}: {exc}")
-                if event.finished:
-                    events.extend(self._finish(seq, event, event.finish_reason, event.error))
-                else:
-                    events.append(event)
+            self.cache.copy_blocks(batch.copies)  # shared blocks about to be written (forks), once per step
+            adapters = self._run_contained(list(batch.seqs), list(batch.num_tokens), events)
         self.num_steps += 1
         bm = self.block_manager
         queries, hits = bm.num_queried_tokens - self._cache_counted[0], bm.num_hit_tokens - self._cache_counted[1]
@@ -274,6 +249,104 @@ class LLMEngine:
                 running_banks=tuple(sorted({s.bank for s in self.scheduler.running if s.bank is not None})),
                 waiting_banks=tuple(sorted({s.bank for s in self.scheduler.waiting if s.bank is not None}))))
         return events
+
+    def _forward(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[Any, list[Sequence], Any]:
+        """Run ``seqs`` (their next ``num_tokens`` each) through the model: (adapter step, sampled, output)."""
+        adapters = None
+        if self.adapter_provider is not None:
+            adapters = self.adapter_provider.build_step([s.adapter_handle for s in seqs], list(num_tokens))
+        sampled, out = self.runner.run(ScheduledBatch(seqs=seqs, num_tokens=num_tokens), adapters)
+        return adapters, sampled, out
+
+    def _run_contained(self, seqs: list[Sequence], num_tokens: list[int], events: list[GenerationEvent]) -> Any:
+        """Run ``seqs`` and append their events; a fault fails only the sequences at fault.
+
+        When the forward raises, the step is re-run bank by bank (the tokens' cache slots are simply
+        written again; nothing advanced): a bank whose sequences still fail alone is taken out of
+        service (its sequences end with an error naming it), a base-model group is re-run one
+        sequence at a time, and every other sequence gets its token as if nothing happened."""
+        keep = [i for i, s in enumerate(seqs) if s.status is not SequenceStatus.FINISHED]  # a failed bank's, ended
+        if len(keep) < len(seqs):
+            seqs, num_tokens = [seqs[i] for i in keep], [num_tokens[i] for i in keep]
+            if not seqs:
+                return None
+        try:
+            adapters, sampled, out = self._forward(seqs, num_tokens)
+        except Exception as exc:  # noqa: BLE001 - contained below; the engine keeps running
+            groups: dict[str | None, list[int]] = {}
+            for i, seq in enumerate(seqs):
+                groups.setdefault(seq.bank, []).append(i)
+            if len(groups) > 1:
+                parts = list(groups.values())  # each bank alone, the base-model sequences together
+            elif None in groups and len(seqs) > 1:
+                parts = [[i] for i in range(len(seqs))]  # base model only: one request at a time
+            else:
+                parts = []
+            if parts:
+                log.warning("engine step failed (%s: %s); re-running its %d sequences apart",
+                            type(exc).__name__, exc, len(seqs))
+                for idx in parts:
+                    self._run_contained([seqs[i] for i in idx], [num_tokens[i] for i in idx], events)
+                return None
+            self._fail_at_fault(seqs, exc, events)
+            return None
+        self._emit(seqs, num_tokens, sampled, out, events)
+        return adapters
+
+    def _fail_at_fault(self, seqs: list[Sequence], exc: Exception, events: list[GenerationEvent]) -> None:
+        """``seqs`` (one bank's, or one base-model sequence) fail alone: end them with an error; a
+        bank is taken out of service, and its other requests end too."""
+        bank = seqs[0].bank
+        detail = f"{type(exc).__name__}: {exc}"
+        if bank is None:
+            log.error("request %s failed in the model: %s", seqs[0].request_id, detail, exc_info=exc)
+            msg = f"internal error while running the model: {detail}"
+        else:
+            log.error("bank %s failed in the model and is taken out of service: %s", bank, detail, exc_info=exc)
+            msg = f"bank {bank!r} failed while running and was taken out of service (an admin may reload it): {detail}"
+            fail = getattr(self.adapter_provider, "fail", None)
+            if fail is not None:
+                try:
+                    fail(seqs[0].adapter_handle, detail)
+                except Exception:  # noqa: BLE001 - the requests below fail either way
+                    log.exception("adapter provider: fail() raised")
+            failure = getattr(self.adapter_provider, "failure", None)
+            others = [s for group in self.sequences.values() for s in group
+                      if s not in seqs and s.status is not SequenceStatus.FINISHED and failure is not None
+                      and s.adapter_handle is not None and failure(s.adapter_handle) is not None]
+            seqs = seqs + others
+        for seq in seqs:
+            if seq.status is not SequenceStatus.FINISHED:  # (a choice ended with the one it forks from)
+                events += self._finish(seq, GenerationEvent(request_id=seq.request_id, index=seq.index), "error", msg)
+
+    def _emit(self, seqs: list[Sequence], num_tokens: list[int], sampled: list[Sequence], out: Any,
+              events: list[GenerationEvent]) -> None:
+        """Advance ``seqs`` after a forward and turn each sampled token into its sequence's event."""
+        for seq, k in zip(seqs, num_tokens):
+            seq.num_computed_tokens += k
+            self.block_manager.cache_blocks(seq)
+        for seq in sampled:  # choices waiting for this prompt start now, before any choice can end
+            for child in list(seq.forks):
+                self.scheduler.fork(seq, child)
+        for j, seq in enumerate(sampled):
+            if seq.fault is not None:  # non-finite logits: never a token sampled from them
+                event = GenerationEvent(request_id=seq.request_id, index=seq.index)
+                OutputProcessor.finish(seq, event, "error", seq.fault)
+            else:
+                try:
+                    event = self.outputs.on_token(seq, out.token_ids[j], out.logprobs[j])
+                    if seq.params.prompt_logprobs and seq.num_output_tokens == 1:
+                        event.prompt_logprobs = list(seq.prompt_logprobs)
+                        if seq.params.logprobs:
+                            event.prompt_top = list(seq.prompt_top)
+                except Exception as exc:  # noqa: BLE001 - one request's failure is that request's
+                    log.exception("output processing failed for %s", seq.request_id)
+                    event = GenerationEvent(request_id=seq.request_id, index=seq.index)
+                    OutputProcessor.finish(seq, event, "error", f"{type(exc).__name__}: {exc}")
+            if event.finished:
+                events += self._finish(seq, event, event.finish_reason, event.error)
+            else:
+                events.append(event)
 
     def _routing_stats(self, adapters: Any) -> Any:
         """The step's routing statistics, reduced once after the forward (one host sync per step)."""

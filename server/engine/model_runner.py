@@ -55,6 +55,14 @@ class ModelRunner:
             decode_seq=decode_idx.to(dev), decode_ctx_lens=decode_ctx.to(dev), prefills=prefills,
             decode_max_ctx=int(decode_ctx.max()) if decode else 0,
         )
+        if self.backend == "triton":  # decode rows + every token of the chunks that continue a sequence
+            cont = [c for c in prefills if c.context_start > 0]
+            rows = torch.cat([decode_rows] + [torch.arange(c.start, c.start + c.num_tokens) for c in cont])
+            seq = torch.cat([decode_idx] + [torch.full((c.num_tokens,), c.seq) for c in cont])
+            meta.paged_rows, meta.paged_seq = rows.to(dev), seq.to(dev)
+            ctx = positions[rows] + 1
+            meta.paged_ctx_lens = ctx.to(dev)
+            meta.paged_max_ctx = int(ctx.max()) if rows.numel() else 0
         return positions.to(dev), meta
 
     @staticmethod
@@ -130,7 +138,6 @@ class ModelRunner:
         A sequence finishing its prompt with choices waiting to fork (``Sequence.forks``) is followed
         by them: each samples its first token from the same logits."""
         seqs, num_tokens = batch.seqs, batch.num_tokens
-        self.cache.copy_blocks(batch.copies)
         ids = [t for s, k in zip(seqs, num_tokens) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + k]]
         positions, meta = self.build_attention(seqs, num_tokens)
         sample_idx = [i for i, (s, k) in enumerate(zip(seqs, num_tokens)) if s.num_computed_tokens + k == len(s)]
@@ -173,6 +180,11 @@ class ModelRunner:
             rows = [j for j, s in enumerate(sampling) for _ in range(1 + len(s.forks))]
             sampling = [c for s in sampling for c in (s, *s.forks)]
             logits = logits[torch.tensor(rows, device=logits.device)]
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):  # one host sync per step; a NaN row must never sample a token
+            for i in (~finite).nonzero().flatten().tolist():
+                where = f" with bank {sampling[i].bank!r}" if sampling[i].bank else ""
+                sampling[i].fault = f"the model produced NaN or infinite logits for this request{where}"
         sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_token_ids for s in sampling],
                                      [s.output_token_ids for s in sampling], [s.generator for s in sampling],
                                      self.device, eos_token_ids=self.eos_token_ids)

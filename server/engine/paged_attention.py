@@ -4,16 +4,20 @@ Built once per step from the scheduled sequences (``PagedAttentionMetadata``), t
 layer: it writes the step's new keys/values into their cache slots (one ``index_copy_``), then
 
 - decode tokens (chunks of one token) attend over their sequence's cached blocks in one call for
-  the whole batch: the C++ kernel on CPU (``paged_attention_cpu``), otherwise
+  the whole batch: the C++ kernel on CPU (``paged_attention_cpu``), the Triton kernel on CUDA
+  (``paged_attention_triton``: blocks read in place, long contexts split across programs), otherwise
   ``paged_attention_torch`` (gather the blocks in the batch's block tables, one masked SDPA);
-- prefill chunks run one causal SDPA each, over the chunk's own keys/values when it starts the
-  sequence, over its sequence's gathered blocks when it continues one (chunked prefill, recompute).
+- prefill chunks run one causal SDPA each over the chunk's own keys/values when they start the
+  sequence; a chunk that continues one (chunked prefill, recompute) attends over its sequence's
+  blocks: in the same Triton call as the decode rows on CUDA (each of its tokens a row with its own
+  context length), else over the gathered blocks.
 
 The backend is picked once, in ``select_backend``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +48,9 @@ class PagedAttentionMetadata:
         flat batch, their sequence's row in block_tables, and their context length (position + 1).
     prefills: the multi-token chunks.
     decode_max_ctx: the longest decode context (known on the host: no device sync per layer).
+    paged_rows / paged_seq / paged_ctx_lens / paged_max_ctx: with the Triton backend, the decode rows
+        followed by every token of the prefill chunks that continue a sequence (same meaning as the
+        decode_* fields); those chunks then skip the gather path. None with the other backends.
     """
 
     slot_mapping: torch.Tensor
@@ -53,6 +60,10 @@ class PagedAttentionMetadata:
     decode_ctx_lens: torch.Tensor
     prefills: list[PrefillChunk]
     decode_max_ctx: int = 0
+    paged_rows: torch.Tensor | None = None
+    paged_seq: torch.Tensor | None = None
+    paged_ctx_lens: torch.Tensor | None = None
+    paged_max_ctx: int = 0
 
 
 def paged_attention_torch(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -80,9 +91,18 @@ def paged_attention_torch(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Ten
 
 
 def select_backend(cache: KVCache) -> str:
-    """"cpu_kernel" when the C++ kernel can serve this cache, else "torch"."""
+    """"cpu_kernel" when the C++ kernel can serve this cache, "triton" on CUDA (block size a power of two
+    >= 16; ``MOLESERVE_TRITON_ATTENTION=0`` turns it off), else "torch"."""
     if cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 and load_library() is not None:
         return "cpu_kernel"
+    bs = cache.block_size
+    if (cache.k.device.type == "cuda" and bs >= 16 and bs & (bs - 1) == 0
+            and os.environ.get("MOLESERVE_TRITON_ATTENTION", "1") != "0"):
+        try:
+            import server.engine.paged_attention_triton  # noqa: F401, PLC0415 - needs triton
+        except ImportError:
+            return "torch"
+        return "triton"
     return "torch"
 
 
@@ -103,6 +123,16 @@ class PagedAttentionStep:
         kc.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
         vc.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
         out = q.new_empty(q.shape)  # contiguous, as the kernel wants
+        if meta.paged_rows is not None:
+            from .paged_attention_triton import paged_attention_triton  # noqa: PLC0415
+
+            paged_attention_triton(q, out, kc, vc, meta.paged_rows, meta.paged_seq, meta.paged_ctx_lens,
+                                   meta.block_tables, d ** -0.5, self.window, meta.paged_max_ctx)
+            for c in meta.prefills:
+                if c.context_start == 0:
+                    end = c.start + c.num_tokens
+                    out[c.start:end] = causal_attention(q[c.start:end], k[c.start:end], v[c.start:end], 0, self.window)
+            return out
         if meta.decode_rows.numel():
             scale = d ** -0.5
             if self.backend == "cpu_kernel":

@@ -20,6 +20,15 @@ class EngineError(Exception):
 
     status = 500
     type = "server_error"
+    param: str | None = None  # the request field at fault, when there is one (the API's ``param``)
+    code: str | None = None
+
+    def __init__(self, message: str = "", *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
 
 
 class InvalidRequest(EngineError):
@@ -69,27 +78,28 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def validate(self) -> None:
-        def bad(msg: str) -> InvalidRequest:
-            return InvalidRequest(msg)
+        def bad(msg: str, param: str) -> InvalidRequest:
+            return InvalidRequest(msg, param=param)
 
         if self.max_tokens < 1:
-            raise bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.temperature < 0:
-            raise bad(f"temperature must be >= 0, got {self.temperature}")
+            raise bad(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < -1:
-            raise bad(f"top_k must be -1, 0 or positive, got {self.top_k}")
+            raise bad(f"top_k must be -1, 0 or positive, got {self.top_k}", "top_k")
         if not 0 <= self.min_p <= 1:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
+            raise bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
-            raise bad("presence_penalty and frequency_penalty must be in [-2, 2]")
+            raise bad("presence_penalty and frequency_penalty must be in [-2, 2]",
+                      "presence_penalty" if not -2 <= self.presence_penalty <= 2 else "frequency_penalty")
         if self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+            raise bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            raise bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
 
 
 @dataclass
@@ -100,6 +110,9 @@ class GenerationRequest:
     bank: str | None = None  # a bank's name; None: the base model
     n: int = 1  # independent choices sampled from the prompt, computed once (choice j seeded seed + j)
     arrival_time: float = field(default_factory=time.monotonic)
+    # images in the prompt (server.multimodal.ImageInput), in prompt order; each occupies its
+    # placeholder span of prompt_token_ids
+    images: list[Any] = field(default_factory=list)
 
 
 @dataclass

@@ -1,12 +1,18 @@
 """Continuous batching with chunked prefill: which tokens of which sequences run in the next step.
 
 Every step builds one flat batch under a token budget (``max_num_batched_tokens``) and a sequence
-cap (``max_num_seqs``): first the running sequences (one decode token each, or the next chunk of an
-unfinished prefill), then waiting sequences in FIFO order, the last one admitted possibly with only
-a chunk of its prompt. When the cache has no block left for a running sequence, the most recently
-admitted running sequence is preempted: its blocks are freed and it goes back to the front of the
-waiting queue to be recomputed later (its outputs are kept). One sequence always fits in the whole
-cache (the engine caps max_model_len to it), so preemption cannot deadlock.
+cap (``max_num_seqs``), in three passes: first one decode token for every running sequence that has
+finished its prompt, then the next prefill chunk of every running sequence that has not, then
+waiting sequences in FIFO order, each admitted with a chunk of its prompt. While other sequences are
+running or waiting, one sequence's prefill chunk is capped at ``long_prefill_token_threshold``
+tokens (vLLM's flag of that name; 0: no cap), so a context-length prompt takes a share of each step
+instead of all of it: running streams keep their pace and a short request is admitted at once,
+beside it (a sequence alone in the engine still prefills with the whole budget).
+
+When the cache has no block left for a running sequence, the most recently admitted running
+sequence is preempted: its blocks are freed and it goes back to the front of the waiting queue to
+be recomputed later (its outputs are kept). One sequence always fits in the whole cache (the engine
+caps max_model_len to it), so preemption cannot deadlock.
 
 A sequence admitted without blocks first takes the cached blocks of its prefix (prefix caching,
 ``BlockManager.cached_prefix``): only the tokens after them count against the budget. A request with
@@ -38,10 +44,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -70,39 +78,63 @@ class Scheduler:
         self.running.append(child)
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        if seq in batch.seqs:  # scheduled by an earlier pass of this step: take it out again
+            i = batch.seqs.index(seq)
+            n = batch.num_tokens[i]
+            del batch.seqs[i], batch.num_tokens[i]
+            if self._is_decode(seq, n):
+                batch.num_decode_tokens -= n
+            else:
+                batch.num_prefill_tokens -= n
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens ``seq`` computes this step: all it has left, within the budget and, while other
+        sequences share the engine, within the long-prefill cap."""
+        n = min(seq.num_uncomputed_tokens, budget)
+        cap = self.long_prefill_token_threshold
+        if cap and n > cap and len(self.running) + len(self.waiting) > 1:
+            n = cap
+        return n
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
-            while not bm.can_allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running.pop()  # the newest running sequence goes back to waiting
-                self._preempt(victim, batch)
-                if victim is seq:
+        # Running sequences, decodes before prefill chunks (a preemption may remove a sequence
+        # either pass already scheduled; its tokens go back to the budget).
+        for decode in (True, False):
+            for seq in [s for s in self.running if (s.num_uncomputed_tokens == 1) == decode]:
+                if budget <= 0:
                     break
-            else:
-                bm.allocate(seq, seq.num_computed_tokens + n)
-                self._add(batch, seq, n)
-                budget -= n
-                i += 1
+                if seq.status is not SequenceStatus.RUNNING:  # preempted meanwhile
+                    continue
+                n = self._chunk(seq, budget)
+                while not bm.can_allocate(seq, seq.num_computed_tokens + n):
+                    victim = self.running.pop()  # the newest running sequence goes back to waiting
+                    if victim in batch.seqs:
+                        budget += batch.num_tokens[batch.seqs.index(victim)]
+                    self._preempt(victim, batch)
+                    if victim is seq:
+                        break
+                else:
+                    bm.allocate(seq, seq.num_computed_tokens + n)
+                    self._add(batch, seq, n)
+                    budget -= n
 
-        # No admission in a step that had to preempt: the cache is full.
+        # Then waiting sequences, with what is left. No admission in a step that had to preempt:
+        # the cache is full.
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.forks and len(self.running) + 1 + len(seq.forks) > self.max_num_seqs:
                 break
             cached = bm.cached_prefix(seq)
             start = len(cached) * bm.block_size if cached else seq.num_computed_tokens
-            n = min(len(seq) - start, budget)
+            n = min(self._chunk(seq, budget), len(seq) - start)
             if not bm.can_allocate(seq, start + n, cached):
                 break
             self.waiting.popleft()
@@ -116,10 +148,15 @@ class Scheduler:
         return batch
 
     @staticmethod
-    def _add(batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+    def _is_decode(seq: Sequence, n: int) -> bool:
+        """``n`` tokens of ``seq`` are its newest sampled token; anything else is (re)prefill."""
+        return n == 1 and seq.num_output_tokens > 0 and seq.num_computed_tokens == len(seq) - 1
+
+    @classmethod
+    def _add(cls, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         batch.seqs.append(seq)
         batch.num_tokens.append(n)
-        if n == 1 and seq.num_output_tokens > 0 and seq.num_computed_tokens == len(seq) - 1:
-            batch.num_decode_tokens += 1  # the newest sampled token; anything else is (re)prefill
+        if cls._is_decode(seq, n):
+            batch.num_decode_tokens += 1
         else:
             batch.num_prefill_tokens += n

@@ -62,6 +62,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)  # filled chunk by chunk when requested
     prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # and the top k, when logprobs = k > 0
+    fault: str | None = None  # set by the model runner when this step's logits were not finite: the engine ends it
     # timing
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

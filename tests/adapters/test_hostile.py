@@ -228,3 +228,88 @@ def test_resolve_bank_path(tmp_path):
         resolve_bank_path(root / "missing", [root])
     with pytest.raises(BankError, match="no folders are allowed"):
         resolve_bank_path(root / "good", [])
+
+
+# -- issue #19: files that hang, crash or overflow the loader ------------------------------------
+
+def _refused_within(seconds: float, path, match, **kwargs) -> BankError:
+    """``_refused``, on a thread, failing (not hanging the suite) if the load does not return in time."""
+    import threading
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("err", _try(path, kwargs)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"load_bank({path}) still running after {seconds}s"
+    err = box["err"]
+    assert isinstance(err, BankError) and "\n" not in str(err), err
+    assert __import__("re").search(match, str(err)), str(err)
+    return err
+
+
+def _try(path, kwargs):
+    try:
+        load_bank(path, **kwargs)
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("victim", ["weights.safetensors", "bank.json"])
+def test_fifo_in_a_bank_folder_is_refused_not_opened(saved, victim):
+    (saved / victim).unlink()
+    os.mkfifo(saved / victim)
+    _refused_within(10, saved, f"{victim}: is not a regular file")
+
+
+def test_fifo_in_a_checkpoint_folder(tmp_path):
+    write_peft_lora(tmp_path / "p")
+    (tmp_path / "p" / "adapter_model.safetensors").unlink()
+    os.mkfifo(tmp_path / "p" / "adapter_model.safetensors")
+    _refused_within(10, tmp_path / "p", "adapter_model.safetensors: is not a regular file", base=TINY)
+
+
+@pytest.mark.parametrize("value", [["lora"], {"kind": "lora"}, 7])
+def test_kind_of_the_wrong_type(saved, value):
+    _edit_meta(saved, kind=value)
+    _refused(saved, r"^bank 'x': bank.json: kind must be a string")
+
+
+@pytest.mark.parametrize("field", ["peft_type", "routing_strategy"])
+def test_checkpoint_names_of_the_wrong_type(tmp_path, field):
+    write_peft_lora(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    cfg[field] = ["LORA"] if field == "peft_type" else {"a": 1}
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(cfg))
+    _refused(tmp_path / "p", f"adapter_config.json: {field} must be a string", base=TINY)
+
+
+def test_deeply_nested_json(saved, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (saved / "bank.json").write_text(deep)
+    _refused(saved, "bank.json: not valid JSON \\(nested too deeply\\)")
+    write_peft_lora(tmp_path / "p")
+    (tmp_path / "p" / "adapter_config.json").write_text('{"r": ' + deep + "}")
+    _refused(tmp_path / "p", "adapter_config.json: not valid JSON \\(nested too deeply\\)", base=TINY)
+
+
+@pytest.mark.parametrize("shape", [[10**30], [2**40, 2**40], [1] * 9, [-1]])
+def test_huge_integers_in_extra(saved, shape):
+    _edit_meta(saved, kind="factor", extra={"w": shape})
+    _refused(saved, r"bank.json: extra.w: (invalid shape|shape .* byte limit)")
+
+
+def test_a_refusal_names_the_requested_bank(saved):
+    _edit_meta(saved, kind=["dynmole"])
+    _refused(saved, r"^bank 'asked-for': bank.json: kind must be a string", name="asked-for")
+    _edit_meta(saved, kind="dynmole")
+    (saved / "weights.safetensors").write_bytes(b"\0" * 4)
+    _refused(saved, r"^bank 'asked-for': weights.safetensors", name="asked-for")
+
+
+def test_declared_size_checked_against_the_budget_before_reading(saved, monkeypatch):
+    from adapters.errors import BankBudgetExceeded
+
+    monkeypatch.setattr(adapters.storage, "read_safetensors", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(BankBudgetExceeded, match=r"bank.json: declares \d+ bytes .* budget has 1000 bytes left"):
+        load_bank(saved, max_bytes=1000)

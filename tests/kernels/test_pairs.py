@@ -36,3 +36,20 @@ def test_k_is_as_small_as_the_step_allows():
     plan = plan_from_dense(w, torch.tensor([0, 6, 6, 12, 0]))
     assert plan.slots.shape == (5, 2)
     assert plan.num_pairs == 10
+
+
+def test_static_plan_has_the_same_pairs_without_a_host_sync():
+    slots = torch.tensor([[3, -1, 0], [0, 3, -1], [-1, -1, -1], [5, 0, 3]])
+    weights = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    plan = plan_from_slots(slots, weights, num_slots=7)
+    ref = plan_from_slots(slots, weights)
+    assert plan.num_pairs == 12 and plan.num_segments == 7 and plan.max_seg_len == 4
+    assert plan.seg_len.tolist() == [3, 0, 0, 3, 0, 1, 0]
+    p = ref.num_pairs  # the valid pairs come first, in the dynamic plan's order
+    assert plan.pair_slot[:p].tolist() == ref.pair_slot.tolist()
+    assert plan.pair_token[:p].tolist() == ref.pair_token.tolist()
+    assert plan.pair_weight[:p].tolist() == ref.pair_weight.tolist()
+    assert (plan.pair_slot[p:] == 6).all() and (plan.pair_weight[p:] == 0).all()
+    w = torch.tensor([[0.5, 0.0, 0.2], [0.1, 0.3, 0.6]])
+    s, _ = slots_from_dense(w, torch.tensor([0, 3]), static=True)
+    assert s.shape == (2, 3)  # K = E: no data-dependent size

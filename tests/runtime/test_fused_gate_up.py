@@ -209,3 +209,39 @@ def test_plain_lora_sites_in_one_call_equal_the_general_path(setup, dtype, monke
     assert fast._fast.used and all(d.plain for d in fast._fast.used) and not general._fast.used
     stats = fast.routing_stats().banks
     assert stats["lora"].tokens == 2 and stats["lora"].decisions == 0 and not stats["lora"].selections
+
+
+@pytest.mark.parametrize("names", [
+    ["a", "c", None, "d", "lora", "b", "a", None, "d", "c", "lora", "a"],
+    ["a", "b", "a", "b", "a", "a", "b", "b"],
+])
+def test_static_plans_equal_dynamic_plans(setup, names, monkeypatch):
+    """The GPU path's plans (static sizes, no host sync; forced here on the CPU) give the same deltas
+    as the dynamic plans, computed from the plans' pairs (what the segmented GPU kernels read)."""
+    cfg, banks = setup
+
+    def from_pairs(x, a, b, slots, weights, scaling, *, backend, plan):
+        seg = torch.repeat_interleave(torch.arange(plan.num_segments), plan.seg_len)  # pairs the segments cover
+        covered = torch.cat([torch.arange(s, s + n) for s, n in zip(plan.seg_start.tolist(), plan.seg_len.tolist())]
+                            + [torch.zeros(0, dtype=torch.long)])
+        slot = plan.seg_slot[seg]
+        assert torch.equal(slot, plan.pair_slot[covered])
+        tok = plan.pair_token[covered]
+        sc = scaling[slot] if isinstance(scaling, torch.Tensor) else scaling
+        h = torch.einsum("prd,pd->pr", a[slot].float(), x[tok].float())
+        y = torch.einsum("por,pr->po", b[slot].float(), h) * (plan.pair_weight[covered] * sc)[:, None]
+        return torch.zeros(x.shape[0], b.shape[1]).index_add_(0, tok, y)
+
+    monkeypatch.setattr("adapters.runtime.step.routed_lora", from_pairs)
+    dynamic, static = _steps(cfg, banks, names, backends=("torch", "torch"))
+    static.static_plans = True
+    gen = torch.Generator().manual_seed(11)
+    t, inter = len(names), cfg.intermediate_size
+    for layer in range(cfg.num_hidden_layers):
+        x = torch.randn(t, cfg.hidden_size, generator=gen)
+        base = torch.randn(t, 2 * inter, generator=gen)
+        a, b = base.clone(), base.clone()
+        dynamic.linear(layer, ("gate_proj", "up_proj"), x, a)
+        static.linear(layer, ("gate_proj", "up_proj"), x, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(a, base)

@@ -1,0 +1,1 @@
+"""Scale-out: moleserve engines behind Ray Serve (ray_serve.py); see docs/scale-out.md."""
