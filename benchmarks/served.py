@@ -80,13 +80,15 @@ async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bo
                 r = await client.post("/v1/completions", json={**body, "prompt": p})
                 r.raise_for_status()
                 return r.json()["usage"]["completion_tokens"]
-            chunks = 0
-            async with client.stream("POST", "/v1/completions", json={**body, "prompt": p}) as r:
+            tokens = 0  # from the usage chunk: a chunk may carry several tokens when the client lags
+            stream_body = {**body, "prompt": p, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/v1/completions", json=stream_body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
-                        chunks += bool(json.loads(line[6:])["choices"])
-            return chunks
+                        usage = json.loads(line[6:]).get("usage")
+                        tokens = usage["completion_tokens"] if usage else tokens
+            return tokens
 
         await one(prompts[0][:8])  # connection set-up and a warm server
         t0 = time.perf_counter()
