@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .fingerprint import ATTENTION_TARGETS, BaseFingerprint
 from .routing import RoutingConfig
+
+if TYPE_CHECKING:
+    from .parrot.bank import ParrotBankConfig
 
 
 def linear_name(layer: int, target: str) -> str:
@@ -83,6 +87,7 @@ class ExpertBank:
     layers: list[LayerAdapters]  # one per decoder layer of the base model
     extra: dict[str, Tensor] = field(default_factory=dict)  # kind-specific bank-level tensors
     act_fn: str | None = None  # mixlora: the experts' activation; None = the base model's own
+    parrot: "ParrotBankConfig | None" = None  # kind parrot: the visual adapter's config (adapters/parrot/bank.py)
 
     @property
     def scaling(self) -> float:

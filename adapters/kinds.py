@@ -23,6 +23,10 @@ KINDS: dict[str, KindSpec] = {
     # layer (neuron permutation, output scale, optional fine-tuned slices); rules in adapters/factor/bank.py.
     "factor": KindSpec(strategies=("topk",), linear_router=False, block_router=True, extra_tensors=True,
                        lora_experts=False),
+    # Parrot: a projector + visual mixture for a base with a vision tower; bank-level extra tensors
+    # with the release's keys, nothing per layer, no LoRA; rules in adapters/parrot/bank.py.
+    "parrot": KindSpec(strategies=("none",), linear_router=False, block_router=False, extra_tensors=True,
+                       lora_experts=False),
 }
 
 # Named by the format so that no other meaning can take the name; defined by a later issue.

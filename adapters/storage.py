@@ -37,7 +37,7 @@ MAX_META_BYTES = 4 << 20
 MAX_DIM = 1 << 31  # one tensor dimension; larger declared sizes are refused before any arithmetic on them
 _TOP_KEYS = {
     "format", "format_version", "name", "version", "kind", "base", "rank", "alpha", "use_rslora",
-    "routing", "targets", "act_fn", "layers", "extra",
+    "routing", "targets", "act_fn", "layers", "extra", "parrot",
 }
 
 
@@ -66,7 +66,7 @@ def bank_metadata(bank: ExpertBank) -> dict[str, Any]:
         if layer.extra:
             entry["extra"] = {k: list(t.shape) for k, t in layer.extra.items()}
         layers.append(entry)
-    return {
+    meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": bank.name,
@@ -82,6 +82,9 @@ def bank_metadata(bank: ExpertBank) -> dict[str, Any]:
         "layers": layers,
         "extra": {k: list(t.shape) for k, t in bank.extra.items()},
     }
+    if bank.parrot is not None:
+        meta["parrot"] = bank.parrot.to_dict()
+    return meta
 
 
 def load_saved_bank(folder: str | Path, *, base: BaseFingerprint | None = None, name: str | None = None,
@@ -137,7 +140,7 @@ def _skeleton(meta: dict[str, Any], max_bytes: int | None = None) -> tuple[Exper
     base = BaseFingerprint.from_hf_config(base_raw)
     kind = check_kind(meta.get("kind"))
     rank = check_rank(meta.get("rank"))
-    targets = check_targets(meta.get("targets"))
+    targets = check_targets(meta.get("targets"), allow_empty=not KINDS[kind].lora_experts)
     layers_raw = meta.get("layers")
     if not isinstance(layers_raw, list) or len(layers_raw) != base.num_hidden_layers:
         raise BankError(f"layers must be a list with one entry per base layer ({base.num_hidden_layers})")
@@ -189,6 +192,13 @@ def _skeleton(meta: dict[str, Any], max_bytes: int | None = None) -> tuple[Exper
         raise BankBudgetExceeded(f"declares {total} bytes of tensors; the bank memory budget has {max_bytes} bytes "
                                  "left (--bank-memory)")
     act_fn = meta.get("act_fn")
+    parrot = None
+    if kind == "parrot":
+        from .parrot.bank import ParrotBankConfig
+
+        parrot = ParrotBankConfig.from_dict(meta.get("parrot"), hidden_size=base.hidden_size)
+    elif "parrot" in meta:
+        raise BankError(f"field parrot is only meaningful for kind 'parrot', this bank is {kind!r}")
     bank = ExpertBank(
         name=check_name(meta.get("name")),
         version=meta.get("version"),
@@ -202,6 +212,7 @@ def _skeleton(meta: dict[str, Any], max_bytes: int | None = None) -> tuple[Exper
         layers=layers,
         extra=extra,
         act_fn=act_fn,
+        parrot=parrot,
     )
     return bank, expected
 

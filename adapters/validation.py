@@ -75,8 +75,9 @@ def check_act_fn(name: object) -> str | None:
     return name
 
 
-def check_targets(targets: object) -> tuple[str, ...]:
-    if not isinstance(targets, (list, tuple)) or not targets:
+def check_targets(targets: object, *, allow_empty: bool = False) -> tuple[str, ...]:
+    """``allow_empty``: a kind that adapts no linear (parrot)."""
+    if not isinstance(targets, (list, tuple)) or not (targets or allow_empty):
         raise BankError("targets must be a non-empty list")
     for t in targets:
         if t not in TARGETS:
@@ -113,10 +114,12 @@ def _validate(bank: ExpertBank, values: bool) -> None:
         raise BankError(
             f"kind {bank.kind!r} routes with {' or '.join(spec.strategies)}, not {bank.routing.strategy!r}"
         )
-    if tuple(bank.targets) != check_targets(bank.targets):
+    if tuple(bank.targets) != check_targets(bank.targets, allow_empty=not spec.lora_experts):
         raise BankError(f"targets must be listed in the order {TARGETS}, got {tuple(bank.targets)}")
     if bank.act_fn is not None and (bank.kind != "mixlora" or not isinstance(bank.act_fn, str)):
         raise BankError(f"act_fn is only meaningful for kind 'mixlora' (got {bank.act_fn!r} for {bank.kind!r})")
+    if bank.parrot is not None and bank.kind != "parrot":
+        raise BankError(f"a parrot config is only meaningful for kind 'parrot' (got one for {bank.kind!r})")
     check_act_fn(bank.act_fn)
     if len(bank.layers) != bank.base.num_hidden_layers:
         raise BankError(f"has {len(bank.layers)} layers, the base model has {bank.base.num_hidden_layers}")
@@ -165,6 +168,11 @@ def _validate(bank: ExpertBank, values: bool) -> None:
     if not spec.lora_experts:
         if used:
             raise BankError(f"kind {bank.kind!r} holds no LoRA experts, found some on {sorted(used)}")
+        if bank.kind == "parrot":
+            from .parrot.bank import validate_parrot_bank  # the parrot kind's own rules
+
+            validate_parrot_bank(bank, values)
+            return
         from .factor.bank import validate_factor_bank  # the factor kind's own rules
 
         validate_factor_bank(bank, values)

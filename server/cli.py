@@ -19,6 +19,7 @@ COMMANDS = {
     "factorize": "server.commands.factorize",
     "train": "server.commands.train",
     "eval": "server.commands.evaluate",
+    "vision-tower": "server.commands.vision_tower",
 }
 
 

@@ -311,6 +311,7 @@ class ServerMetrics:
         if routing.pool_slots_total is not None:
             self.pool_slots_total.set(routing.pool_slots_total)
         for bank, b in routing.banks.items():
+            bank = bank or self.model_name  # None: the served model's own routing (its visual mixture)
             self.routed_tokens.labels(bank).inc(b.tokens)
             self.routing_decisions.labels(bank).inc(b.decisions)
             self.broadcast_decisions.labels(bank).inc(b.broadcast)

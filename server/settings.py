@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     # Model and banks
-    model: str | None = Field(None, description="local Hugging Face folder of a Llama-family model (default: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = Field(None, description="local Hugging Face folder of a Llama-family model or a Parrot (parrot_qwen2) checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    vision_tower: Path | None = Field(None, description="local transformers folder of a vision tower (CLIP, SigLIP, Dinov2): a Parrot checkpoint's (wins over its mm_vision_tower), or one for a Llama-family model, whose image requests then name a parrot bank")
+    visual_routing: str = Field("dense", description="routing of Parrot's visual mixture: dense (the release: every expert), topk:K, or dynmole (only the chosen experts run)")
+    encoder_cache_memory: int = Field(256 << 20, ge=0, description="bytes of vision tower + projector outputs kept by image content hash")
     served_model_name: str | None = Field(None, description="the base model's name in the API (default: the model folder's name)")
     banks: Path | None = Field(None, description="folder whose sub-folders are expert banks, all loaded at start")
     bank_root: Annotated[list[Path], NoDecode] = Field(
@@ -84,7 +87,26 @@ class Settings(BaseSettings):
     max_connections: int = Field(1024, ge=1, description="open connections (and requests) at once; beyond it: 503")
     grace_period: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may run before they are aborted")
 
-    @field_validator("bank_root", mode="before")
+    # Images (chat content parts of type image_url; server/multimodal/media.py)
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts http(s) image URLs may be fetched from (repeatable; env: comma-separated; default: none, "
+        "remote images are refused)")
+    allowed_local_media_path: Path | None = Field(
+        None, description="folder file:// image URLs may read from (default: none, file:// is refused)")
+    max_image_bytes: int = Field(20_000_000, ge=1024, description="largest encoded image accepted")
+    max_image_pixels: int = Field(7680 * 4320, ge=1, description="largest image (width x height, read from its header "
+                                  "before decoding) accepted: the guard against decompression bombs")
+    media_fetch_timeout: float = Field(10.0, gt=0, description="seconds an http(s) image may take to download")
+
+    @field_validator("visual_routing")
+    @classmethod
+    def _routing(cls, value: str) -> str:
+        from adapters.parrot import VisualRouting  # noqa: PLC0415
+
+        return str(VisualRouting.parse(value))
+
+    @field_validator("bank_root", "allowed_media_domains", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -92,7 +114,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("api_key", "admin_key", "model", "served_model_name", "banks", "max_tokens_default",
-                     "max_tokens_limit", mode="before")
+                     "max_tokens_limit", "vision_tower", "allowed_local_media_path", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -115,7 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif get_origin(annotation) is list:
-            parser.add_argument(flag, dest=name, action="append", metavar="DIR", default=argparse.SUPPRESS,
+            parser.add_argument(flag, dest=name, action="append", metavar="HOST" if "domains" in name else "DIR",
+                                default=argparse.SUPPRESS,
                                 help=help_text)
         else:
             choices = get_args(annotation) if get_origin(annotation) is Literal else None

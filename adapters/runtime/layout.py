@@ -73,7 +73,12 @@ def build_layout(bank: ExpertBank, *, dtype: torch.dtype) -> BankLayout:
 
     A ``factor`` bank (FactorLLM) has no LoRA experts and never enters the slot pool: its
     ``block_router`` splits the base FFN (adapters/factor), it is not MixLoRA's. Its layout has no
-    sites and no blocks; ``packed`` is empty and only says how many experts it has."""
+    sites and no blocks; ``packed`` is empty and only says how many experts it has. Nor does a
+    ``parrot`` bank (its visual adapter is applied to images, not to the LLM's linears)."""
+    if bank.kind == "parrot":
+        packed = PackedBank(num_slots=bank.parrot.config.num_experts, rank=1, scaling=1.0, linears={})
+        return BankLayout(name=bank.name, kind=bank.kind, routing=bank.routing, act_fn=None, sites={}, blocks={},
+                          packed=packed, nbytes=0)
     if bank.kind == "factor":
         packed = PackedBank(num_slots=bank.num_experts(), rank=1, scaling=1.0, linears={})
         return BankLayout(name=bank.name, kind=bank.kind, routing=bank.routing, act_fn=None, sites={}, blocks={},

@@ -16,6 +16,11 @@ model's FFN weights packed in expert order (``adapters.factor.load_factor_weight
 registry needs the model (``model=`` or ``attach_model``; the engine attaches its model in
 ``set_adapter_provider``). A request may name ``factor+bank``: the factor bank's FFN with another
 bank's (non-MixLoRA) LoRA experts on top; ``acquire`` pins both versions.
+
+Parrot banks (``kind: parrot``) never enter the pool either: each version holds a ``VisualAdapter``
+(projector + visual mixture) that the engine applies to the request's images; the handle exposes
+it as ``visual_adapter``. They load only on a base with a vision tower the bank was trained for
+(``tower=``, a ``TowerSpec``), and apply nothing to the LLM's linears.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from adapters import BankError, BaseFingerprint, ExpertBank, load_bank, resolve_bank_path
+from adapters.parrot.bank import TowerSpec, check_tower, visual_adapter
 from adapters.errors import BankBudgetExceeded
 from server.engine.protocol import InvalidRequest, UnknownBank
 from server.model import ModelConfig
@@ -115,6 +121,7 @@ class BankVersion:
     offset: int | None = None  # slot offset in the device pool; None: host memory only
     factor: object | None = None  # kind factor: its FactorWeights (None until a model is attached)
     host_bank: ExpertBank | None = None  # kind factor, no model attached yet: the bank to pack later
+    visual: object | None = None  # kind parrot: its VisualAdapter on the registry's device
     last_used: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.time)
     failed: str | None = None  # why the engine took it out of service (see ``BankRegistry.fail``)
@@ -124,16 +131,22 @@ class BankVersion:
 class BankHandle:
     """What ``acquire`` returns: a request's pin on one version, or on two for ``factor+bank``.
 
-    bank: the pooled (LoRA-expert) bank's version, None for a factor bank alone; factor: the
-    factor bank's version, if any."""
+    bank: the pooled (LoRA-expert) bank's version, None for a factor or parrot bank alone; factor:
+    the factor bank's version, if any; visual: the parrot bank's version, if any."""
 
     bank: BankVersion | None
     released: bool = False
     factor: BankVersion | None = None
+    visual: BankVersion | None = None
 
     @property
     def versions(self) -> list[BankVersion]:
-        return [v for v in (self.factor, self.bank) if v is not None]
+        return [v for v in (self.factor, self.visual, self.bank) if v is not None]
+
+    @property
+    def visual_adapter(self):
+        """The parrot bank's ``VisualAdapter`` for this request's images (None: not a parrot bank)."""
+        return None if self.visual is None else self.visual.visual
 
     @property
     def name(self) -> str:
@@ -141,7 +154,7 @@ class BankHandle:
 
     @property
     def version(self) -> int:
-        return (self.bank or self.factor).version
+        return (self.bank or self.factor or self.visual).version
 
     @property
     def cache_key(self) -> tuple:
@@ -178,13 +191,16 @@ class BankRegistry:
         own daemon thread, and gives up on one after ``load_timeout`` seconds (the stuck thread
         can neither swap its bank in later nor keep the process from exiting).
     allowed_roots: folders client-supplied paths must resolve into.
+    tower: the served model's vision tower (None: no tower, parrot banks are refused).
     """
 
     def __init__(self, model_config: ModelConfig, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, pool_memory_bytes: int | None = None,
                  allowed_roots=(), collect_stats: bool = True, backend: str = "auto", model=None,
-                 memory_bytes: int | None = None, load_workers: int = 4, load_timeout: float | None = 120.0):
+                 tower: TowerSpec | None = None, memory_bytes: int | None = None, load_workers: int = 4,
+                 load_timeout: float | None = 120.0):
         self.config = model_config
+        self.tower = tower
         self.model = model  # needed by factor banks (their experts are the model's FFN weights)
         self.fingerprint = BaseFingerprint.from_hf_config(model_config.raw)
         self.device = torch.device(device)
@@ -220,12 +236,16 @@ class BankRegistry:
 
     def _describe(self, v: BankVersion) -> dict:
         factor = v.layout.kind == "factor"
+        if v.layout.kind == "parrot":
+            resident = v.visual is not None
+            nbytes = sum(t.numel() * t.element_size() for t in v.visual.state_dict().values()) if resident else 0
+        else:
+            resident = v.factor is not None if factor else v.offset is not None
+            nbytes = v.factor.nbytes() if factor and v.factor is not None else v.layout.nbytes
         return {"name": v.name, "version": v.version, "bank_version": v.label, "kind": v.layout.kind,
                 "num_experts": v.layout.packed.num_slots, "rank": v.layout.packed.rank, "source": v.source,
-                "resident": v.factor is not None if factor else v.offset is not None,
-                "in_flight": sum(x.refs for x in self._live if x.name == v.name),
-                "bytes": v.factor.nbytes() if factor and v.factor is not None else v.layout.nbytes,
-                "loaded_at": v.loaded_at, "state": "failed" if v.failed else "ready",
+                "resident": resident, "in_flight": sum(x.refs for x in self._live if x.name == v.name),
+                "bytes": nbytes, "loaded_at": v.loaded_at, "state": "failed" if v.failed else "ready",
                 **({"error": v.failed} if v.failed else {})}
 
     def attach_model(self, model) -> None:
@@ -326,12 +346,14 @@ class BankRegistry:
             layout = build_layout(bank, dtype=self.dtype)  # packing: outside the lock
         except BankError as exc:  # a weight the pool's dtype cannot hold
             raise BankLoadError(str(exc)) from None
-        factor = host = None
+        factor = host = visual = None
         if bank.kind == "factor":  # packed from the model's FFN weights, never in the slot pool
             if self.model is not None:
                 factor = _pack_factor(bank, self.model)
             else:
                 host = bank
+        elif bank.kind == "parrot":  # a projector + visual mixture for the request's images
+            visual = self._visual_adapter(bank)
         with self._lock:
             if given_up is not None and given_up.is_set():
                 raise BankLoadUnavailable(f"loading bank {name!r} was given up (timeout); it was not swapped in")
@@ -341,8 +363,8 @@ class BankRegistry:
                 raise BankOverBudget(f"bank {name!r} needs {size} bytes; loaded banks leave {room} of the "
                                      f"{self.memory_bytes} byte bank memory budget (--bank-memory); unload a bank first")
             v = BankVersion(name=name, version=next(self._counter), layout=layout, source=source, label=bank.version,
-                            factor=factor, host_bank=host)
-            if bank.kind != "factor":
+                            factor=factor, host_bank=host, visual=visual)
+            if bank.kind not in ("factor", "parrot"):
                 self._place(v, pinned=set(), over_budget_ok=False)
             old = self._current.get(name)
             self._current[name] = v
@@ -351,6 +373,17 @@ class BankRegistry:
             if old is not None:
                 self._retire(old)
             return self._describe(v)
+
+    def _visual_adapter(self, bank: ExpertBank):
+        """The parrot bank's VisualAdapter, checked against the served tower: on the registry's device,
+        fp32 on the CPU (exact, and its GEMMs are small next to the tower's), else the pool's dtype
+        (the model's, by default)."""
+        try:
+            check_tower(bank, self.tower)
+        except BankError as exc:
+            raise BankLoadError(str(exc)) from None
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        return visual_adapter(bank, device=self.device, dtype=dtype)
 
     def unload_sync(self, name: str) -> None:
         """Remove ``name``: new requests get UnknownBank; running ones finish on their version."""
@@ -419,6 +452,8 @@ class BankRegistry:
                     raise UnknownBank(f"bank {part!r} is not loaded")
                 versions.append(v)
             kinds = [v.layout.kind for v in versions]
+            if "parrot" in kinds and len(versions) > 1:
+                raise BankCombinationRefused(f"model {bank!r}: a parrot bank (a visual adapter) is named alone")
             if len(versions) == 2:
                 if kinds[0] != "factor":
                     raise BankCombinationRefused(
@@ -434,6 +469,8 @@ class BankRegistry:
                                       "its experts from (attach_model)")
             for v in versions:
                 v.refs += 1
+            if kinds[0] == "parrot":
+                return BankHandle(None, visual=versions[0])
             if kinds[0] == "factor":
                 return BankHandle(versions[1] if len(versions) == 2 else None, factor=versions[0])
             return BankHandle(versions[0])
@@ -481,6 +518,8 @@ class BankRegistry:
                 i = index[id(h.bank)] = len(versions)
                 versions.append(h.bank)
             seq_bank.append(i)
+        if not versions and not factors:  # only parrot banks (nothing on the LLM) and the base model
+            return None
         with self._lock:
             now = time.monotonic()
             pinned = {id(v) for v in versions}
@@ -525,7 +564,7 @@ class BankRegistry:
         if v.offset is not None:
             self.pool.free(v.offset)
             v.offset = None
-        v.factor = v.host_bank = None
+        v.factor = v.host_bank = v.visual = None
         if v in self._live:
             self._live.remove(v)
 

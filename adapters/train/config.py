@@ -18,11 +18,13 @@ from adapters.routing import RoutingConfig
 
 from .modules import BankSpec
 
-KINDS = ("dynmole", "mixlora", "lora")
+KINDS = ("dynmole", "mixlora", "lora", "parrot")
 _RECIPES: dict[str, dict[str, Any]] = {
     "dynmole": {"experts": 6, "rank": 24, "targets": ["gate_proj", "up_proj", "down_proj"]},
     "mixlora": {"experts": 8, "rank": 16, "targets": list(TARGETS)},
     "lora": {"experts": 1, "rank": 16, "targets": ["gate_proj", "up_proj", "down_proj"]},
+    # Parrot (adapters/parrot/train.py): E = 6 visual experts as released; no LoRA (rank unused).
+    "parrot": {"experts": 6, "rank": 1, "targets": []},
 }
 
 
@@ -58,6 +60,16 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     threads: int | None = None
     progress: bool = True
+    # kind parrot (ALGORITHMS.md §5): the frozen tower, the stage, the adapter's shape
+    vision_tower: str | None = None  # a local transformers folder (CLIP, SigLIP, Dinov2)
+    image_folder: str | None = None  # image paths are relative to it (default: each data file's folder)
+    stage: int = 2  # 1: the projector alone (mixture bypassed); 2: projector + mixture
+    init: str | None = None  # a parrot bank to start from (e.g. stage 1's, for stage 2)
+    projector_type: str = "mlp2x_gelu"
+    moe_intermediate_size: int | None = None  # the experts' I (default: the LLM's hidden size, as released)
+    moe_weight: float = 1.0  # lambda in sum_e w_e E_e(Hv) + lambda Hv (released 0.1; 1 keeps stage 1's output at init)
+    select_layer: int = -2  # the tower's hidden state fed to the projector
+    select_feature: str = "cls_patch"  # cls_patch (CLS kept, as released) or patch
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -116,10 +128,17 @@ class TrainConfig:
             raise ConfigError(f"top_k {cfg.top_k} exceeds the {cfg.experts} experts")
         if not 0 <= cfg.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        if cfg.kind == "parrot":
+            if not cfg.vision_tower:
+                raise ConfigError("kind parrot needs the frozen vision tower: give --vision-tower DIR")
+            if cfg.stage not in (1, 2):
+                raise ConfigError(f"stage must be 1 (projector) or 2 (projector + mixture), got {cfg.stage!r}")
         return cfg
 
     def bank_spec(self) -> BankSpec:
         cfg = self.resolved()
+        if cfg.kind == "parrot":
+            raise ConfigError("kind parrot trains a visual adapter, not LoRA experts (adapters/parrot/train.py)")
         if cfg.kind == "dynmole":
             routing = RoutingConfig(strategy="dynmole")
         elif cfg.kind == "mixlora":

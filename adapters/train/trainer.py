@@ -80,6 +80,12 @@ def train(config: TrainConfig, *, tokenizer=None, model=None, examples: list[Exa
     """Train a bank as ``config`` says and write it to ``config.out``. ``tokenizer``/``model``/
     ``examples`` may be passed in (tests, the first-run bank) to skip loading them again."""
     cfg = config.resolved()
+    if cfg.kind == "parrot":  # projector + visual mixture on a frozen LLM and tower: its own loop
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("kind parrot trains in one process (no torchrun)")
+        from adapters.parrot.train import train_parrot
+
+        return train_parrot(cfg, tokenizer=tokenizer, model=model)
     env = init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from server.metrics import ServerMetrics
+from server.multimodal.media import MediaPolicy
 from server.settings import Settings
 
 from . import banks as bank_routes
@@ -55,7 +56,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     ctx = ServingContext(engine=engine, model_name=model_name, max_model_len=max_model_len, admission=admission,
                          metrics=metrics, banks=banks, retry_after=settings.retry_after, tokenizers=tokenizers,
                          max_tokens_default=settings.max_tokens_default, max_tokens_limit=settings.max_tokens_limit,
-                         max_messages=settings.max_messages)
+                         max_messages=settings.max_messages, media=MediaPolicy.from_settings(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -70,6 +71,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
         finally:
             await engine.stop()
             tokenizers.shutdown()
+            chat.images.shutdown()
 
     app = FastAPI(title="moleserve", version="0.1.0", lifespan=lifespan, responses=NOT_ALLOWED,
                   description="OpenAI-compatible inference with mixture-of-LoRA-experts banks.")
@@ -80,7 +82,7 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     install_error_handlers(app)
     api_key, admin_key = Settings.secret(settings.api_key), Settings.secret(settings.admin_key)
     gate = AuthGate(api_key, admin_key, bank_routes.PATHS, ALWAYS_OPEN if not settings.metrics_auth else ALWAYS_OPEN[:2])
-    app.add_middleware(LimitsMiddleware, admission=admission, max_bytes=settings.max_request_bytes,
+    app.add_middleware(LimitsMiddleware, admission=admission, max_bytes=_body_limit(settings, engine),
                        retry_after=settings.retry_after, metrics=metrics, gate=gate, body_timeout=settings.body_timeout)
     guard = Depends(api_key_guard(api_key, admin_key))
     chat, completions = OpenAIServingChat(ctx), OpenAIServingCompletion(ctx)
@@ -135,6 +137,22 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
     if admin_key:
         app.include_router(bank_routes.build_router(admin_key_guard(admin_key)))
     return app
+
+
+def _body_limit(settings: Settings, engine: Any) -> int:
+    """``--max-request-bytes``; when it is not set and the model takes images, the default plus room
+    for its images as base64 ``data:`` URLs (4/3 of ``--max-image-bytes`` each), so that an image the
+    media limits accept is not refused as a too-large body first."""
+    limit = settings.max_request_bytes
+    if "max_request_bytes" in settings.model_fields_set:
+        return limit
+    try:
+        spec = getattr(engine, "multimodal_spec", None)
+    except Exception:  # noqa: BLE001 - an engine not built yet takes no images
+        spec = None
+    if spec is None:
+        return limit
+    return limit + spec.max_images * -(-settings.max_image_bytes * 4 // 3)
 
 
 def _openapi_with_events(app: FastAPI) -> dict[str, Any]:

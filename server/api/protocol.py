@@ -84,16 +84,30 @@ class _Sampling(_Request):
     include_stop_str_in_output: bool = False
 
 
-class TextPart(BaseModel):
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str = Field(..., description="data:image/...;base64,..., or http(s):// (--allowed-media-domains), or "
+                                      "file:// (--allowed-local-media-path)")
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    """A message content part: ``{"type": "text", "text"}`` or ``{"type": "image_url", "image_url": {"url"}}``
+    (other types are a 400 naming the part)."""
+
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = None
+
+
+TextPart = ContentPart  # the name before image parts
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
 

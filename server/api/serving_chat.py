@@ -8,15 +8,22 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engine.protocol import MAX_LOGPROBS, GenerationEvent, GenerationRequest, TokenLogprob
+from server.multimodal.inputs import ImageInput, MultiModalSpec
 
+from .banks import bank_infos
 from .errors import APIError
+from .images import ChatImages, PreparedImage, check_marker_free, image_parts, render_content, tokenize_with_images
 from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
                        ChatTokenLogprob, TopLogprob)
-from .serving_engine import SSE_HEADERS, OpenAIServing
+from .serving_engine import SSE_HEADERS, OpenAIServing, ServingContext
 
 
 class OpenAIServingChat(OpenAIServing):
     request_prefix = "chatcmpl"
+
+    def __init__(self, ctx: ServingContext):
+        super().__init__(ctx)
+        self.images = ChatImages(ctx.engine, ctx.media)
 
     async def create(self, req: ChatCompletionRequest, http: Request) -> JSONResponse | StreamingResponse:
         bank = self.resolve_bank(req.model)
@@ -30,11 +37,17 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
                            param="top_logprobs")
         self._check_size(req)
-        prompt_ids = await self.run_blocking(self._render, req)
+        parts = image_parts(req.messages)
+        spec, images = None, []
+        if parts:
+            spec = self.images.check(parts, bank, {b.name: b.kind for b in bank_infos(self.ctx.banks)})
+            check_marker_free(req.messages, spec.image_token)
+            images = await self.images.load(parts, spec)  # on the media threads
+        prompt_ids, image_inputs = await self.run_blocking(self._render, req, spec, images)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, len(prompt_ids), max_tokens, logprobs, "messages")
-        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank, n=req.n or 1)
+        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank, images=image_inputs, n=req.n or 1)
         model = req.model or self.ctx.model_name
         first, events = await self.start(http, gen)
         if req.stream:
@@ -60,25 +73,19 @@ class OpenAIServingChat(OpenAIServing):
                                     f"(this model's maximum context length) can cover", param="messages",
                                code="context_length_exceeded")
 
-    def _render(self, req: ChatCompletionRequest) -> list[int]:
-        messages = []
-        for i, m in enumerate(req.messages):
-            if isinstance(m.content, list):
-                texts = []
-                for part in m.content:
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"messages[{i}]: content parts of type {part.type!r} are not supported "
-                                            "(only text)", param="messages")
-                    texts.append(part.text)
-                content = "".join(texts)
-            else:
-                content = m.content or ""
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    def _render(self, req: ChatCompletionRequest, spec: MultiModalSpec | None,
+                images: list[PreparedImage]) -> tuple[list[int], list[ImageInput]]:
+        """The chat template's prompt as token ids, and the images' placeholder spans in it."""
+        marker = spec.image_token if images else None
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": render_content(m.content, marker)}
+                    for m in req.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - the template rejects a conversation (jinja raise_exception)
             raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if images:
+            return tokenize_with_images(self.tokenizer, text, images, spec)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), []
 
     def _logprobs(self, items: list[TokenLogprob] | None) -> list[ChatTokenLogprob]:
         out = []

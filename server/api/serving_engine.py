@@ -42,6 +42,7 @@ class ServingContext:
     metrics: Any  # server.metrics.ServerMetrics
     banks: Any = None  # server.api.banks.BankAdmin or None
     retry_after: int = 1
+    media: Any = None  # server.multimodal.media.MediaPolicy: where chat images may come from, how large
     tokenizers: TokenizerPool | None = None  # None: one worker on the engine's tokenizer
     max_tokens_default: int | None = None  # max_tokens of a request without one (None: the rest of the context)
     max_tokens_limit: int | None = None  # largest max_tokens accepted (None: the context window)

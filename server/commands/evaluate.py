@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_argument
+from .common import add_model_argument, add_vision_argument
 
 HELP = "accuracy of a bank or the base model on LLM-Adapters multiple-choice / true-false sets"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_vision_argument(parser)
     parser.add_argument("--bank", metavar="DIR", help="bank folder (or a converted checkpoint); default: the base model alone")
     parser.add_argument("--data", action="append", required=True, metavar="FILE", help="test file (repeatable)")
     parser.add_argument("--limit", type=int, help="the first N items of each file")
@@ -34,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from adapters.evaluate import EngineGenerator, LocalRunner, evaluate_set, format_table, load_eval_set, set_name, summary
     from adapters.train import DataError
     from server.cli import UserError
-    from server.model import load_model
+    from server.model.parrot import load_model_with_vision
 
     from .common import resolve_model_path
 
     path = resolve_model_path(args.model)
-    model = load_model(path)
+    model, _ = load_model_with_vision(path, vision_tower=args.vision_tower)  # text sets: the language model
     tokenizer = AutoTokenizer.from_pretrained(path)
     bank = None
     if args.bank:

@@ -102,16 +102,22 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
             kv_cache_memory=int(mem) if mem is not None and mem > 1 else mem, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             long_prefill_token_threshold=settings.long_prefill_token_threshold, max_model_len=settings.max_model_len,
-            max_waiting=settings.max_waiting, enable_prefix_caching=settings.enable_prefix_caching)
+            max_waiting=settings.max_waiting, vision_tower=settings.vision_tower,
+            visual_routing=settings.visual_routing, encoder_cache_memory=settings.encoder_cache_memory,
+            enable_prefix_caching=settings.enable_prefix_caching)
         config.resolved_device()
     except EngineConfigError as exc:
         raise UserError(str(exc)) from None
     llm = LLMEngine(config)
     bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device) if settings.bank_dtype == "auto"
                   else getattr(torch, settings.bank_dtype))
+    from adapters.parrot.bank import TowerSpec
+
+    vision = getattr(llm, "vision", None)  # parrot banks load only on a base with a vision tower they fit
     registry = BankRegistry(llm.model_config, device=llm.model.device, dtype=bank_dtype,
                             allowed_roots=settings.bank_root, memory_bytes=bank_memory_bytes(settings.bank_memory),
-                            load_workers=settings.bank_load_workers, load_timeout=settings.bank_load_timeout)
+                            load_workers=settings.bank_load_workers, load_timeout=settings.bank_load_timeout,
+                            tower=TowerSpec.of(vision.tower) if vision else None)
     if settings.banks is not None:
         try:
             loaded, errors = registry.load_dir(settings.banks)

@@ -9,12 +9,15 @@ import argparse
 
 from .common import add_model_argument
 
-HELP = "train an expert bank (dynmole, mixlora, lora) from LLM-Adapters JSON or chat JSONL"
+HELP = ("train an expert bank (dynmole, mixlora, lora) from LLM-Adapters JSON or chat JSONL, or a parrot bank "
+        "(projector + visual mixture) from LLaVA-format image-text JSON")
 
 # flag -> TrainConfig field, for flags given explicitly (they override the --config file)
 _FIELDS = ("model", "kind", "name", "experts", "rank", "alpha", "targets", "top_k", "lr", "weight_decay",
            "batch_size", "micro_batch_size", "epochs", "max_steps", "max_seconds", "cutoff", "limit", "dropout",
-           "entropy_coef", "balance_coef", "seed", "save_every", "threads", "out")
+           "entropy_coef", "balance_coef", "seed", "save_every", "threads", "out",
+           "vision_tower", "image_folder", "stage", "init", "projector_type", "moe_intermediate_size", "moe_weight",
+           "select_layer", "select_feature")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", metavar="FILE",
                         help="training file (repeatable): LLM-Adapters JSON or chat JSONL")
     parser.add_argument("--out", metavar="DIR", help="bank folder to write (checkpoints resume from it)")
-    parser.add_argument("--kind", choices=("dynmole", "mixlora", "lora"), help="default: dynmole")
+    parser.add_argument("--kind", choices=("dynmole", "mixlora", "lora", "parrot"), help="default: dynmole")
     parser.add_argument("--name", help="bank name (default: the output folder's name)")
     parser.add_argument("--experts", type=int, help="experts per router (dynmole 6, mixlora 8)")
     parser.add_argument("--rank", type=int, help="LoRA rank (dynmole 24, mixlora 16, lora 16)")
@@ -47,6 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parrot = parser.add_argument_group("kind parrot (ALGORITHMS.md §5; --data: LLaVA JSON, --experts: visual experts)")
+    parrot.add_argument("--vision-tower", metavar="DIR", help="the frozen vision tower: a local transformers folder")
+    parrot.add_argument("--image-folder", metavar="DIR", help="image paths are relative to it (default: the data file's folder)")
+    parrot.add_argument("--stage", type=int, choices=(1, 2), help="1: the projector alone; 2 (default): projector + mixture")
+    parrot.add_argument("--init", metavar="BANK", help="start from this parrot bank (e.g. stage 1's, for stage 2)")
+    parrot.add_argument("--projector-type", help="linear or mlp<N>x_gelu (default mlp2x_gelu)")
+    parrot.add_argument("--moe-intermediate-size", type=int, help="the experts' hidden size (default: the LLM's)")
+    parrot.add_argument("--moe-weight", type=float, help="lambda in sum_e w_e E_e(Hv) + lambda Hv (default 1)")
+    parrot.add_argument("--select-layer", type=int, help="the tower's hidden state to use (default -2)")
+    parrot.add_argument("--select-feature", choices=("cls_patch", "patch"), help="keep the CLS token (default) or not")
 
 
 def run(args: argparse.Namespace) -> int:

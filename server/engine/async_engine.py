@@ -152,6 +152,11 @@ class AsyncEngine:
         return self._need_engine().max_model_len
 
     @property
+    def multimodal_spec(self):
+        """``server.multimodal.MultiModalSpec`` of the served model, None for a text-only model."""
+        return self._need_engine().multimodal_spec
+
+    @property
     def num_waiting(self) -> int:
         """Requests not yet admitted (including those submitted since the last step)."""
         adds = sum(1 for kind, _ in list(self._inbox) if kind == "add")
@@ -220,6 +225,11 @@ class AsyncEngine:
         if self.num_waiting >= self.config.max_waiting:
             raise EngineOverloaded(f"{self.config.max_waiting} requests are already waiting; retry later")
         handle = engine.acquire_bank(request.bank)
+        try:
+            engine.check_images(request, handle)  # a tower-only base needs a parrot bank: 400 now
+        except Exception:
+            engine.release_bank(handle)
+            raise
         stream = RequestStream(request.request_id, self, request.n)
         self._streams[request.request_id] = stream
         self._inbox.append(("add", (request, handle)))

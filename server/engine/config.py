@@ -33,6 +33,11 @@ class EngineConfig:
     max_model_len: longest sequence (prompt + output); None: the model's max_position_embeddings.
     max_waiting: most requests waiting for admission; beyond it ``submit`` raises EngineOverloaded.
     seed: seeds the generator used by unseeded sampling requests.
+    vision_tower: a local transformers folder of a vision tower (CLIP, SigLIP, Dinov2): the tower of a
+        Parrot checkpoint (wins over its ``mm_vision_tower``), or a tower for a Llama-family model
+        (images then need a ``parrot`` bank).
+    visual_routing: the visual mixture's routing, ``dense`` (the release), ``topk:K`` or ``dynmole``.
+    encoder_cache_memory: bytes of tower + projector outputs kept by image content hash.
     enable_prefix_caching: reuse the KV blocks of equal prompt prefixes (same tokens, same bank
         version) across requests (``block_manager.py``).
     """
@@ -48,6 +53,9 @@ class EngineConfig:
     max_model_len: int | None = None
     max_waiting: int = 1024
     seed: int = 0
+    vision_tower: str | Path | None = None
+    visual_routing: str = "dense"
+    encoder_cache_memory: int = 256 << 20
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -74,6 +82,14 @@ class EngineConfig:
              f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         need(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
         need(self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}")
+        need(isinstance(self.encoder_cache_memory, int) and self.encoder_cache_memory >= 0,
+             f"encoder_cache_memory must be bytes >= 0, got {self.encoder_cache_memory!r}")
+        from adapters.parrot import VisualRouting  # noqa: PLC0415
+
+        try:
+            VisualRouting.parse(str(self.visual_routing))
+        except ValueError as exc:
+            raise EngineConfigError(str(exc)) from None
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from server.model import LlamaModel, ModelConfig, load_model
+from server.model import LlamaModel, ModelConfig
+from server.model.parrot import load_model_with_vision
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -24,6 +25,7 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .protocol import (AdapterProvider, GenerationEvent, GenerationRequest, InvalidRequest, RequestStats,
                        StatsSink, StepStats, UnknownBank)
+from .routing_stats import add_bank_stats
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -37,13 +39,18 @@ def load_tokenizer(path):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, *, model: LlamaModel | None = None, tokenizer: Any = None):
+    def __init__(self, config: EngineConfig, *, model: LlamaModel | None = None, tokenizer: Any = None,
+                 vision: Any = None):
+        """``model`` (and ``vision``, its ``server.model.parrot.ModelVision``): already loaded (tests)."""
         self.config = config
         device = config.resolved_device()
         dtype = config.resolved_dtype(device)
         if device.type == "cpu":
             tune_malloc()  # before the weights load: they and every step's activations use the heap
-        self.model = model if model is not None else load_model(config.model, device=device, dtype=dtype)
+        if model is None:
+            model, vision = load_model_with_vision(config.model, vision_tower=config.vision_tower,
+                                                   device=device, dtype=dtype)
+        self.model, self.vision = model, vision
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         cfg = self.model_config
         device, dtype = self.model.device, self.model.dtype
@@ -68,7 +75,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.resolved_long_prefill_token_threshold())
-        self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
+        self.visual = self._visual_embedder()
+        self.multimodal_spec = self._multimodal_spec()  # what the API layer builds image prompts with
+        self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids, visual=self.visual)
         self.runner.capture_block_ends = config.enable_prefix_caching
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
         self.sequences: dict[str, list[Sequence]] = {}  # request id -> its choices (finished ones included)
@@ -77,6 +86,42 @@ class LLMEngine:
         self.num_steps = 0
         self._cache_counted = (0, 0)  # the block manager's prefix-cache counters at the last step's report
         torch.manual_seed(config.seed)  # unseeded sampling draws from the global generator
+
+    def _visual_embedder(self) -> Any:
+        if self.vision is None:
+            return None
+        from adapters.parrot import VisualRouting  # noqa: PLC0415
+        from server.multimodal.embedder import VisualEmbedder  # noqa: PLC0415
+        from server.multimodal.encoder_cache import EncoderCache  # noqa: PLC0415
+
+        return VisualEmbedder(self.vision, self.model.embed_tokens, VisualRouting.parse(self.config.visual_routing),
+                              EncoderCache(self.config.encoder_cache_memory))
+
+    def _multimodal_spec(self) -> Any:
+        """What the served model takes (``server.multimodal.MultiModalSpec``), None for a text-only model:
+        placeholders per image, images per prompt, the placeholder id (any vocabulary id: those rows'
+        embeddings are replaced), the tower folder's processor (Parrot's pad-to-square unless the
+        checkpoint says ``square``); whether image requests must name a parrot bank."""
+        if self.visual is None:
+            return None
+        from server.model.errors import ModelLoadError  # noqa: PLC0415
+        from server.multimodal import MultiModalSpec  # noqa: PLC0415
+        from server.multimodal.image_processor import ImageProcessor, ImageProcessorError  # noqa: PLC0415
+
+        tower = self.vision.tower
+        try:
+            processor = ImageProcessor.from_folder(tower.folder, aspect_ratio=self.vision.config.image_aspect_ratio)
+        except ImageProcessorError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if processor.output_size != (tower.image_size, tower.image_size):
+            raise ModelLoadError(f"{tower.folder}: the processor makes {processor.output_size} images; the tower "
+                                 f"expects {tower.image_size}x{tower.image_size}")
+        tok = self.tokenizer
+        placeholder = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                            if isinstance(t, int) and 0 <= t < self.model_config.vocab_size), 0)
+        return MultiModalSpec(tokens_per_image=self.visual.tokens_per_image, max_images=self.visual.max_images,
+                              placeholder_token_id=placeholder, processor=processor,
+                              needs_bank=self.vision.adapter is None)
 
     # --- properties the server reads -------------------------------------------------------------
     @property
@@ -126,6 +171,17 @@ class LLMEngine:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
         if request.request_id in self.sequences:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        if request.images:
+            if self.visual is None:
+                raise InvalidRequest("this model takes no images (it has no vision tower)")
+            self.visual.validate(request)
+
+    def check_images(self, request: GenerationRequest, handle: Any) -> Any:
+        """(images state, spans) for ``request`` once its bank's handle is known, (None, ()) for a text
+        prompt; raises InvalidRequest when no visual adapter fits (a tower-only base and no parrot bank)."""
+        if not request.images:
+            return None, ()
+        return self.visual.bind(request, handle)
 
     def acquire_bank(self, bank: str | None) -> Any:
         """The adapter handle for ``bank`` (None for the base model); raises UnknownBank."""
@@ -146,6 +202,11 @@ class LLMEngine:
         """Validate and queue ``request``. ``acquired``: the caller already holds its bank's handle."""
         self.validate(request)
         handle = adapter_handle if acquired else self.acquire_bank(request.bank)
+        try:
+            images, spans = self.check_images(request, handle)
+        except Exception:
+            self.release_bank(handle)
+            raise
         # blocks computed with an adapter serve only the same bank version; a handle that cannot say
         # which version it pins shares nothing
         cache_key = () if handle is None else getattr(handle, "cache_key", None)
@@ -155,7 +216,8 @@ class LLMEngine:
             generator = None
             if seed is not None:  # choice j: seed + j (vLLM's), so choices differ and each is reproducible
                 generator = torch.Generator(device=self.model.device).manual_seed((seed + j) % 2**64)
-            seqs.append(Sequence(request, index=j, adapter_handle=handle, generator=generator, cache_key=cache_key))
+            seqs.append(Sequence(request, index=j, adapter_handle=handle, generator=generator, cache_key=cache_key,
+                                 images=images, mm_spans=spans))
         try:
             for seq in seqs:
                 self.outputs.start(seq)
@@ -238,9 +300,11 @@ class LLMEngine:
         bm = self.block_manager
         queries, hits = bm.num_queried_tokens - self._cache_counted[0], bm.num_hit_tokens - self._cache_counted[1]
         self._cache_counted = (bm.num_queried_tokens, bm.num_hit_tokens)
+        visual_routes = self.visual.take_routing_stats() if self.visual is not None else None
         if self.stats_sink is not None:
+            routing = add_bank_stats(self._routing_stats(adapters), visual_routes)
             self._report(self.stats_sink.on_step, StepStats(
-                routing=self._routing_stats(adapters),
+                routing=routing,
                 time=time.time(), duration_s=time.monotonic() - t0,
                 num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens,
                 num_running=self.num_running, num_waiting=self.num_waiting,

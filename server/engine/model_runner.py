@@ -1,8 +1,9 @@
 """Runs one scheduled step: builds the flat batch and its metadata once, runs the model, samples.
 
 Per step (never per layer): input ids, positions, each token's cache slot, the block tables, the
-decode rows / prefill chunks for attention, the rows whose logits are wanted, and the adapter step
-(token -> bank) from the provider. The per-token work is tensor ops; Python loops only over the
+decode rows / prefill chunks for attention, the rows whose logits are wanted, the adapter step
+(token -> bank) from the provider, and the rows fed precomputed embeddings (images' placeholder
+spans, from the visual embedder). The per-token work is tensor ops; Python loops only over the
 scheduled sequences.
 """
 
@@ -22,8 +23,9 @@ from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, eos_token_ids: tuple[int, ...]):
+    def __init__(self, model: LlamaModel, cache: KVCache, eos_token_ids: tuple[int, ...], visual: Any = None):
         self.model = model
+        self.visual = visual  # server.multimodal.VisualEmbedder for a model with a vision tower
         self.cache = cache
         self.device = model.device
         self.eos_token_ids = tuple(eos_token_ids)
@@ -155,9 +157,10 @@ class ModelRunner:
             logits_indices = torch.cat([logits_indices, torch.tensor(flat, dtype=torch.long)])
         logits_indices = logits_indices.to(self.device)
         captures = self._block_end_rows(seqs, num_tokens)
+        input_embeds = self.visual.step_inputs(seqs, num_tokens) if self.visual is not None else None
         ctx = StepContext(positions=positions,
                           attention=PagedAttentionStep(self.cache, meta, self.backend, self.model.config.sliding_window),
-                          adapters=adapters, logits_indices=logits_indices)
+                          adapters=adapters, logits_indices=logits_indices, input_embeds=input_embeds)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         with step_context(ctx):
             if stored or captures:  # the model's forward, in its two halves, to read and add hidden states

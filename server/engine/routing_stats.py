@@ -94,3 +94,35 @@ def entropy_bucket_counts(entropy: Any) -> Any:
     edges = torch.tensor(ENTROPY_BUCKETS, dtype=entropy.dtype, device=entropy.device)
     idx = torch.bucketize(entropy, edges)  # value <= edge[i] -> i
     return torch.bincount(idx, minlength=len(ENTROPY_BUCKETS) + 1)
+
+
+def add_bank_stats(routing: RoutingStats | None, extra: Mapping[str | None, BankRoutingStats] | None
+                   ) -> RoutingStats | None:
+    """``routing`` with ``extra`` banks' stats added (the visual mixture's, reported outside the
+    adapter step); a bank in both gets the sum. Key None: the served model's own (metrics label:
+    the model's name)."""
+    if not extra:
+        return routing
+    import torch
+
+    def add(x: Any, y: Any) -> Any:
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if x.numel() == 0 or y.numel() == 0:
+            return x if y.numel() == 0 else y
+        n = max(x.numel(), y.numel())
+        return torch.nn.functional.pad(x, (0, n - x.numel())) + torch.nn.functional.pad(y, (0, n - y.numel()))
+
+    routing = routing if routing is not None else RoutingStats()
+    for bank, b in extra.items():
+        a = routing.banks.get(bank)
+        if a is not None:
+            sel = dict(a.selections)
+            for k, v in b.selections.items():
+                sel[k] = add(sel[k], v) if k in sel else v
+            b = BankRoutingStats(tokens=a.tokens + b.tokens, decisions=a.decisions + b.decisions,
+                                 broadcast=a.broadcast + b.broadcast, selections=sel,
+                                 experts_per_decision=add(a.experts_per_decision, b.experts_per_decision),
+                                 entropy_counts=add(a.entropy_counts, b.entropy_counts),
+                                 entropy_sum=a.entropy_sum + b.entropy_sum)
+        routing.banks[bank] = b
+    return routing

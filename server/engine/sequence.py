@@ -62,6 +62,11 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)  # filled chunk by chunk when requested
     prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)  # and the top k, when logprobs = k > 0
+    # images: what embeds them and their embeddings once made (server.multimodal.embedder.SequenceImages,
+    # kept for the sequence's lifetime: a preempted sequence recomputes its KV, not its images), None
+    # for a text prompt; mm_spans: their placeholder spans with the cache keys the prefix cache mixes in
+    images: Any = None
+    mm_spans: tuple = ()
     fault: str | None = None  # set by the model runner when this step's logits were not finite: the engine ends it
     # timing
     first_scheduled_time: float | None = None

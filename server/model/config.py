@@ -10,6 +10,8 @@ from typing import Any
 from .errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Multimodal checkpoints whose language model is one of the above (the vision side: server/model/parrot.py).
+LANGUAGE_MODEL_OF = {"parrot_qwen2": "qwen2"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], name: str = "model") -> "ModelConfig":
+        if raw.get("model_type") in LANGUAGE_MODEL_OF:  # the language model of a multimodal checkpoint
+            raw = {**raw, "model_type": LANGUAGE_MODEL_OF[raw["model_type"]]}
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(

@@ -50,12 +50,15 @@ class StepContext:
     adapters: the step's adapter work (token -> bank -> expert slots), or None for base-only steps.
     logits_indices: [L] int64 rows whose logits are wanted (e.g. each sequence's last token);
         None means every row.
+    input_embeds: (rows [R] int64, embeds [R, hidden]): rows whose input embeddings are precomputed
+        (an image's visual tokens) instead of looked up from their token ids; None: none.
     """
 
     positions: torch.Tensor
     attention: AttentionStep
     adapters: AdapterStep | None = None
     logits_indices: torch.Tensor | None = None
+    input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 _local = threading.local()

@@ -114,6 +114,9 @@ class LlamaModel(nn.Module):
         """input_ids [T] -> final normed hidden states [T, hidden]."""
         ctx = get_step_context()
         h = self.embed_tokens(input_ids)
+        if ctx.input_embeds is not None:  # positions with precomputed embeddings (images)
+            rows, embeds = ctx.input_embeds
+            h = h.index_copy(0, rows, embeds.to(h.dtype))
         cos, sin = self.rotary(ctx.positions, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin)
@@ -189,11 +192,13 @@ class LlamaModel(nn.Module):
                 mlp.down_proj.bias.copy_(state[p + "mlp.down_proj.bias"])
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LlamaModel:
-    """Load a local Hugging Face Llama-family folder. Raises ModelLoadError with one clear line."""
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               state: dict[str, torch.Tensor] | None = None) -> LlamaModel:
+    """Load a local Hugging Face Llama-family folder (or the language model of a multimodal one).
+    ``state``: the folder's tensors, already read. Raises ModelLoadError with one clear line."""
     folder = Path(path)
     cfg = ModelConfig.from_folder(folder)
-    state = load_state(folder, cfg)
+    state = load_state(folder, cfg, state)
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model = model.to_empty(device="cpu")

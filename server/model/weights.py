@@ -91,9 +91,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_state(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Read and validate a checkpoint against the config: every tensor present, shaped, finite dtype."""
-    state = read_checkpoint(folder)
+def load_state(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Read (unless ``state`` holds the folder's tensors already) and validate a checkpoint against the
+    config: every tensor present, shaped, finite dtype. Returns the language model's tensors only."""
+    state = dict(read_checkpoint(folder) if state is None else state)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shapes = expected_shapes(cfg)

@@ -7,6 +7,6 @@ each new image once (tower + projector, cached by content hash) and feeds the re
 positions.
 """
 
-from .inputs import ImageInput, MultiModalSpec
+from .inputs import ImageInput, ImageSpan, MultiModalSpec
 
-__all__ = ["ImageInput", "MultiModalSpec"]
+__all__ = ["ImageInput", "ImageSpan", "MultiModalSpec"]

@@ -50,3 +50,18 @@ class MultiModalSpec:
     processor: Callable[[Any], torch.Tensor]
     image_token: str = "<image>"
     needs_bank: bool = False
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """An image's placeholder span as the engine keeps it on a ``Sequence`` (``Sequence.mm_spans``).
+
+    cache_key: a digest of everything that shapes the embeddings fed at the span (the image's
+    content hash, every text token of the prompt, the visual adapter's identity and the routing
+    mode): the mixture reads the prompt's text, so a KV block overlapping the span may be shared
+    only between prompts with the same key (ALGORITHMS.md §5, serving consequence (a)).
+    """
+
+    offset: int
+    length: int
+    cache_key: str
