@@ -291,7 +291,7 @@ def throughput(dev: torch.device, root: Path, size: str, seqs: int, tokens: int,
     b, k = max(base), max(banked)
     row("tokens/s", f"{size}: base model, {seqs} seqs x {tokens} tokens (engine in-process, {dtype})", f"{b:.0f}")
     row("tokens/s", f"{size}: 8 DynMoLE banks (6 experts, r=16, gate/up/down)", f"{k:.0f} = {k / b:.2f}x base (goal >= 0.9x)")
-    del engine, registry, model
+    engine = registry = model = None  # free the device memory before the peer loads  # noqa: F841
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     if not peer:
@@ -324,7 +324,6 @@ def throughput(dev: torch.device, root: Path, size: str, seqs: int, tokens: int,
     p = max(run_peer() for _ in range(2))
     row("tokens/s", f"{size}: transformers + PEFT, one LoRA on all linears (batched generate)",
         f"{p:.0f}; moleserve with 8 DynMoLE banks = {k / p:.2f}x it")
-    del hf
 
 
 def main() -> None:

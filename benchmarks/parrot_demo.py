@@ -378,7 +378,7 @@ def print_tables(report: dict) -> None:
             cells.append(f"{100 * sum(h[0] for h in hit) / max(1, sum(h[1] for h in hit)):.1f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     sel = acc["mixture, top-2"]["selections"]
-    n_exp = max((len(v) for v in sel.values()), default=0)
+    n_exp = max([report["args"]["experts"]] + [len(v) for v in sel.values()])
     print("\nVisual expert selections per language (top-2 server, /metrics moleserve_expert_selections_total"
           "{layer=\"visual\"}), share of the language's selections\n")
     print("| language | " + " | ".join(f"expert {e}" for e in range(n_exp)) + " |")

@@ -117,13 +117,13 @@ def _combine_kernel(
     for p in range(num_parts):
         m = tl.maximum(m, tl.load(part_max_ptr + (base + p) * BLOCK_G + offs_g))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     for p in range(num_parts):
         w = tl.exp(tl.load(part_max_ptr + (base + p) * BLOCK_G + offs_g) - m_safe)
-        l += w * tl.load(part_sum_ptr + (base + p) * BLOCK_G + offs_g)
+        total += w * tl.load(part_sum_ptr + (base + p) * BLOCK_G + offs_g)
         acc += w[:, None] * tl.load(part_out_ptr + ((base + p) * BLOCK_G + offs_g[:, None]) * BLOCK_D + offs_d[None, :])
-    o = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    o = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     heads = kvh * G + offs_g
     tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])

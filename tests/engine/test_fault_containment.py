@@ -5,7 +5,6 @@ re-run and answered as if nothing had happened."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from adapters.runtime import BankRegistry
 from adapters.runtime.registry import BankOutOfService
