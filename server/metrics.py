@@ -223,6 +223,10 @@ class ServerMetrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", m, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens of finished requests.", m, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens (of sequences admitted).",
+                                      m, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens (KV reused, not computed).",
+                                   m, registry=r)
 
         # moleserve
         self.requests = Counter("moleserve_requests", "Finished requests by bank and finish reason.",
@@ -261,6 +265,8 @@ class ServerMetrics:
             r.register(c)
         for g in (self.running, self.waiting, self.kv_usage):
             g.labels(model_name).set(0)
+        for c in (self.prefix_queries, self.prefix_hits):
+            c.labels(model_name)  # present (at 0) before the first request
         self._set_lora_info((), ())
 
     # -- StatsSink -------------------------------------------------------------------------------
@@ -272,6 +278,9 @@ class ServerMetrics:
         self.kv_usage.labels(name).set(stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0)
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
+        if stats.prefix_cache_queries:
+            self.prefix_queries.labels(name).inc(stats.prefix_cache_queries)
+            self.prefix_hits.labels(name).inc(stats.prefix_cache_hits)
         self._set_lora_info(stats.running_banks, stats.waiting_banks)
         if isinstance(stats.routing, RoutingStats):
             self._on_routing(stats.routing)

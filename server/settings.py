@@ -82,6 +82,8 @@ class Settings(BaseSettings):
         None, ge=0, description="most prompt tokens one sequence prefills per step while others share the engine "
         "(decode tokens go first, waiting requests are admitted with the rest); 0: no cap; "
         "default: a quarter of --max-num-batched-tokens")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes already computed "
+                                        "(same tokens, same bank version) across requests")
 
     # Limits and backpressure
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine runs at once")

@@ -183,6 +183,12 @@ class BankHandle:
     def version(self) -> int:
         return (self.bank or self.factor or self.visual).version
 
+    @property
+    def cache_key(self) -> tuple:
+        """What KV blocks computed with this handle depend on (the prefix cache's extra key): every
+        pinned version, which is unique registry-wide, so a reloaded bank never reuses old blocks."""
+        return tuple((v.name, v.version) for v in self.versions)
+
 
 def serving_bank_dtype(model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The pool's storage dtype for ``serve --bank-dtype auto``: the model's dtype, except float16 for

@@ -154,6 +154,7 @@ class RemoteEngine:
             call = self.handle.options(**options).generate.remote(request, banks)
             self._calls[request.request_id] = call
             started = False
+            unfinished = request.n  # each choice ends with its own finished event
             try:
                 async for item in call:
                     if isinstance(item, Refused):
@@ -164,7 +165,8 @@ class RemoteEngine:
                         continue
                     started = True
                     yield item
-                    if item.finished:
+                    unfinished -= item.finished
+                    if unfinished <= 0:
                         return
                 raise EngineError("the replica ended the request without a final event")
             except (EngineError, asyncio.CancelledError, GeneratorExit):

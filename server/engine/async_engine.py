@@ -27,17 +27,43 @@ from .protocol import (AdapterProvider, EngineOverloaded, EngineStopped, Generat
 log = logging.getLogger(__name__)
 
 
-class RequestStream:
-    """Async iterator over one request's events; ends after the event with ``finished`` set."""
+def merge_into(event: GenerationEvent, later: GenerationEvent) -> None:
+    """Append ``later`` (the same choice's next event) to ``event``, as if one step had made both."""
+    event.text += later.text
+    event.token_ids = event.token_ids + later.token_ids
+    if later.logprobs is not None:
+        event.logprobs = (event.logprobs or []) + later.logprobs
+    event.finished, event.finish_reason = later.finished, later.finish_reason
+    event.error, event.usage = later.error, later.usage
 
-    def __init__(self, request_id: str, engine: "AsyncEngine"):
+
+class RequestStream:
+    """Async iterator over one request's events; ends after the event with ``finished`` set (of each
+    of its ``n`` choices, whose events interleave).
+
+    Events a reader has not taken yet are merged per choice (vLLM's output collector): a reader that
+    falls behind the engine (a busy event loop, a slow client) gets one event with every token since
+    its last read instead of a queue of them, so the work per step on the event loop does not grow
+    with its backlog."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine", n: int = 1):
         self.request_id = request_id
         self._engine = engine
-        self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self._pending: dict[int, GenerationEvent] = {}  # choice index -> its unread (merged) event, oldest first
+        self._ready: asyncio.Future | None = None
+        self.n = n
         self.finished = False
+        self.unfinished_choices = n  # finished events not yet read
+        self.delivered_finals: set[int] = set()  # choices whose finished event was delivered
 
     def _put(self, event: GenerationEvent) -> None:
-        self._queue.put_nowait(event)
+        unread = self._pending.get(event.index)
+        if unread is not None:
+            merge_into(unread, event)
+        else:
+            self._pending[event.index] = event
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -45,9 +71,13 @@ class RequestStream:
     async def __anext__(self) -> GenerationEvent:
         if self.finished:
             raise StopAsyncIteration
-        event = await self._queue.get()
+        while not self._pending:
+            self._ready = asyncio.get_running_loop().create_future()
+            await self._ready
+        event = self._pending.pop(next(iter(self._pending)))
         if event.finished:
-            self.finished = True
+            self.unfinished_choices -= 1
+            self.finished = self.unfinished_choices <= 0
         return event
 
     async def aclose(self) -> None:
@@ -97,7 +127,9 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         for stream in list(self._streams.values()):  # anything the loop did not get to
-            stream._put(GenerationEvent(request_id=stream.request_id, finished=True, finish_reason="abort"))
+            for index in set(range(stream.n)) - stream.delivered_finals:
+                stream._put(GenerationEvent(request_id=stream.request_id, index=index, finished=True,
+                                            finish_reason="abort"))
         self._streams.clear()
 
     shutdown = stop
@@ -198,7 +230,7 @@ class AsyncEngine:
         except Exception:
             engine.release_bank(handle)
             raise
-        stream = RequestStream(request.request_id, self)
+        stream = RequestStream(request.request_id, self, request.n)
         self._streams[request.request_id] = stream
         self._inbox.append(("add", (request, handle)))
         self._wake.set()
@@ -223,9 +255,7 @@ class AsyncEngine:
                     events.append(GenerationEvent(request_id=request.request_id, finished=True,
                                                   finish_reason="error", error=str(exc)))
             else:
-                event = self.engine.abort(arg)
-                if event is not None:
-                    events.append(event)
+                events += self.engine.abort(arg)
         return events
 
     def _run(self) -> None:
@@ -251,7 +281,7 @@ class AsyncEngine:
                     time.sleep(0.1)
         # Stopping: apply the last commands, then abort whatever is left so every block is returned.
         events = self._drain_inbox()
-        events += [engine.abort(rid) for rid in list(engine.sequences)]
+        events += [e for rid in list(engine.sequences) for e in engine.abort(rid)]
         if events:
             self._loop.call_soon_threadsafe(self._deliver, events)
 
@@ -263,4 +293,6 @@ class AsyncEngine:
                 continue
             stream._put(event)
             if event.finished:
-                del self._streams[event.request_id]
+                stream.delivered_finals.add(event.index)
+                if len(stream.delivered_finals) >= stream.n:
+                    del self._streams[event.request_id]

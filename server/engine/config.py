@@ -42,6 +42,8 @@ class EngineConfig:
         (images then need a ``parrot`` bank).
     visual_routing: the visual mixture's routing, ``dense`` (the release), ``topk:K`` or ``dynmole``.
     encoder_cache_memory: bytes of tower + projector outputs kept by image content hash.
+    enable_prefix_caching: reuse the KV blocks of equal prompt prefixes (same tokens, same bank
+        version) across requests (``block_manager.py``).
     """
 
     model: str | Path
@@ -59,6 +61,7 @@ class EngineConfig:
     vision_tower: str | Path | None = None
     visual_routing: str = "dense"
     encoder_cache_memory: int = 256 << 20
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

@@ -53,3 +53,11 @@ class KVCache:
         # zeros, not empty: a never-written slot must not hold NaN (it is masked, but 0 * NaN = NaN)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (source, destination) in every layer: a shared block about to be written."""
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.k.device)
+            dst = torch.tensor([d for _, d in copies], device=self.k.device)
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]

@@ -1,7 +1,8 @@
 """The synchronous engine: requests in, one scheduled step at a time, events out.
 
-``add_request`` validates and queues a request; ``step`` schedules one flat batch, runs it, samples,
-and returns the events of that step; ``abort`` drops a request and frees its blocks. Not
+``add_request`` validates and queues a request (one sequence per choice when ``n`` > 1); ``step``
+schedules one flat batch, runs it, samples, and returns the events of that step; ``abort`` drops a
+request and frees its blocks. Not
 thread-safe: ``AsyncEngine`` drives it from one thread. Tests and benchmarks drive it directly.
 """
 
@@ -73,18 +74,20 @@ class LLMEngine:
         self.max_model_len = max_len
         self.eos_token_ids = tuple(cfg.eos_token_ids)
         self.cache = KVCache(cfg, num_blocks, bs, device, dtype)
-        self.block_manager = BlockManager(num_blocks, bs)
+        self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.resolved_long_prefill_token_threshold())
         self.visual = self._visual_embedder()
         self.multimodal_spec = self._multimodal_spec()  # what the API layer builds image prompts with
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids, visual=self.visual)
+        self.runner.capture_block_ends = config.enable_prefix_caching
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, list[Sequence]] = {}  # request id -> its choices (finished ones included)
         self.stats_sink: StatsSink | None = None
         self.adapter_provider: AdapterProvider | None = None
         self.num_steps = 0
+        self._cache_counted = (0, 0)  # the block manager's prefix-cache counters at the last step's report
         torch.manual_seed(config.seed)  # unseeded sampling draws from the global generator
 
     def _visual_embedder(self) -> Any:
@@ -152,6 +155,9 @@ class LLMEngine:
     def validate(self, request: GenerationRequest) -> None:
         """Raise InvalidRequest when ``request`` cannot run here (thread-safe: reads config only)."""
         request.params.validate()
+        if not 1 <= request.n <= self.config.max_num_seqs:
+            raise InvalidRequest(f"n must be in [1, {self.config.max_num_seqs}] (max_num_seqs), got {request.n}",
+                                 param="n")
         n = len(request.prompt_token_ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty")
@@ -204,48 +210,76 @@ class LLMEngine:
         except Exception:
             self.release_bank(handle)
             raise
-        generator = None
-        if request.params.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(request.params.seed)
-        seq = Sequence(request, adapter_handle=handle, generator=generator, images=images, mm_spans=spans)
+        # blocks computed with an adapter serve only the same bank version; a handle that cannot say
+        # which version it pins shares nothing
+        cache_key = () if handle is None else getattr(handle, "cache_key", None)
+        seed = request.params.seed
+        seqs = []
+        for j in range(request.n):
+            generator = None
+            if seed is not None:  # choice j: seed + j (vLLM's), so choices differ and each is reproducible
+                generator = torch.Generator(device=self.model.device).manual_seed((seed + j) % 2**64)
+            seqs.append(Sequence(request, index=j, adapter_handle=handle, generator=generator, cache_key=cache_key,
+                                 images=images, mm_spans=spans))
         try:
-            if request.params.structured is not None:
-                seq.grammar = self.grammars.matcher(request.params.structured)
-            self.outputs.start(seq)
+            for seq in seqs:  # each choice constrained by its own matcher
+                if request.params.structured is not None:
+                    seq.grammar = self.grammars.matcher(request.params.structured)
+                self.outputs.start(seq)
         except Exception:
             self.release_bank(handle)
             raise
-        self.sequences[request.request_id] = seq
-        self.scheduler.add(seq)
+        for child in seqs[1:]:
+            child.status = SequenceStatus.FORK_PENDING
+        seqs[0].forks = seqs[1:]
+        self.sequences[request.request_id] = seqs
+        self.scheduler.add(seqs[0])
 
-    def abort(self, request_id: str) -> GenerationEvent | None:
-        """Drop a request now (its blocks are freed at once); its final event, or None if unknown."""
-        seq = self.sequences.get(request_id)
-        if seq is None:
-            return None
-        return self._finish(seq, GenerationEvent(request_id=request_id), "abort")
+    def abort(self, request_id: str) -> list[GenerationEvent]:
+        """Drop a request now (its blocks are freed at once); the final event of each of its unfinished
+        choices (none if the request is unknown)."""
+        return self._end_request(request_id, "abort")
 
     def fail_all(self, message: str) -> list[GenerationEvent]:
         """Finish every request with an error (last resort when the loop itself failed)."""
-        return [self._finish(seq, GenerationEvent(request_id=seq.request_id), "error", message)
-                for seq in list(self.sequences.values())]
+        return [e for rid in list(self.sequences) for e in self._end_request(rid, "error", message)]
 
-    def _finish(self, seq: Sequence, event: GenerationEvent, reason: str, error: str | None = None) -> GenerationEvent:
+    def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[GenerationEvent]:
+        events: list[GenerationEvent] = []
+        for seq in self.sequences.get(request_id, ()):
+            if seq.status is not SequenceStatus.FINISHED:  # (ending a choice may end those forking from it)
+                events += self._finish(seq, GenerationEvent(request_id=request_id, index=seq.index), reason, error)
+        return events
+
+    def _finish(self, seq: Sequence, event: GenerationEvent, reason: str, error: str | None = None) -> list[GenerationEvent]:
+        """End one choice: its final event, and those of the choices still waiting to fork from it
+        (a choice that ends before its prompt is done ends them too)."""
         if not event.finished:
             OutputProcessor.finish(seq, event, reason, error)
+        pending = list(seq.forks)
         self.scheduler.remove(seq)
+        events = [event]
+        for child in pending:
+            child.status = SequenceStatus.FINISHED
+            events.append(OutputProcessor.finish(child, GenerationEvent(request_id=seq.request_id, index=child.index),
+                                                 reason, error))
+        group = self.sequences.get(seq.request_id, [])
+        if any(s.status is not SequenceStatus.FINISHED for s in group):
+            return events
         self.sequences.pop(seq.request_id, None)
         self.release_bank(seq.adapter_handle)
-        if self.stats_sink is not None:
+        if self.stats_sink is not None:  # one report per request, its choices summed
             now = time.monotonic()
             arrival = seq.request.arrival_time
+            first_scheduled = group[0].first_scheduled_time
+            first_tokens = [s.first_token_time for s in group if s.first_token_time is not None]
             self._report(self.stats_sink.on_request_finished, RequestStats(
                 request_id=seq.request_id, bank=seq.bank, prompt_tokens=seq.num_prompt_tokens,
-                completion_tokens=seq.num_output_tokens, finish_reason=reason,
-                queue_time_s=(seq.first_scheduled_time or now) - arrival,
-                ttft_s=None if seq.first_token_time is None else seq.first_token_time - arrival,
-                e2e_s=now - arrival, inter_token_s=list(seq.inter_token_s)))
-        return event
+                completion_tokens=sum(s.num_output_tokens for s in group), finish_reason=reason,
+                queue_time_s=(first_scheduled or now) - arrival,
+                ttft_s=min(first_tokens) - arrival if first_tokens else None,
+                e2e_s=now - arrival, inter_token_s=[t for s in group for t in s.inter_token_s]))
+        return events
 
     @staticmethod
     def _report(fn, stats) -> None:
@@ -265,8 +299,12 @@ class LLMEngine:
             for seq in batch.seqs:
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = t0
+            self.cache.copy_blocks(batch.copies)  # shared blocks about to be written (forks), once per step
             adapters = self._run_contained(list(batch.seqs), list(batch.num_tokens), events)
         self.num_steps += 1
+        bm = self.block_manager
+        queries, hits = bm.num_queried_tokens - self._cache_counted[0], bm.num_hit_tokens - self._cache_counted[1]
+        self._cache_counted = (bm.num_queried_tokens, bm.num_hit_tokens)
         visual_routes = self.visual.take_routing_stats() if self.visual is not None else None
         if self.stats_sink is not None:
             routing = add_bank_stats(self._routing_stats(adapters), visual_routes)
@@ -276,7 +314,7 @@ class LLMEngine:
                 num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens,
                 num_running=self.num_running, num_waiting=self.num_waiting,
                 kv_blocks_used=self.block_manager.num_used_blocks, kv_blocks_total=self.block_manager.num_blocks,
-                num_preempted=len(batch.preempted),
+                num_preempted=len(batch.preempted), prefix_cache_queries=queries, prefix_cache_hits=hits,
                 running_banks=tuple(sorted({s.bank for s in self.scheduler.running if s.bank is not None})),
                 waiting_banks=tuple(sorted({s.bank for s in self.scheduler.waiting if s.bank is not None}))))
         return events
@@ -342,20 +380,26 @@ class LLMEngine:
                 except Exception:  # noqa: BLE001 - the requests below fail either way
                     log.exception("adapter provider: fail() raised")
             failure = getattr(self.adapter_provider, "failure", None)
-            others = [s for s in self.sequences.values() if s not in seqs and failure is not None
+            others = [s for group in self.sequences.values() for s in group
+                      if s not in seqs and s.status is not SequenceStatus.FINISHED and failure is not None
                       and s.adapter_handle is not None and failure(s.adapter_handle) is not None]
             seqs = seqs + others
         for seq in seqs:
-            events.append(self._finish(seq, GenerationEvent(request_id=seq.request_id), "error", msg))
+            if seq.status is not SequenceStatus.FINISHED:  # (a choice ended with the one it forks from)
+                events += self._finish(seq, GenerationEvent(request_id=seq.request_id, index=seq.index), "error", msg)
 
     def _emit(self, seqs: list[Sequence], num_tokens: list[int], sampled: list[Sequence], out: Any,
               events: list[GenerationEvent]) -> None:
         """Advance ``seqs`` after a forward and turn each sampled token into its sequence's event."""
         for seq, k in zip(seqs, num_tokens):
             seq.num_computed_tokens += k
+            self.block_manager.cache_blocks(seq)
+        for seq in sampled:  # choices waiting for this prompt start now, before any choice can end
+            for child in list(seq.forks):
+                self.scheduler.fork(seq, child)
         for j, seq in enumerate(sampled):
             if seq.fault is not None:  # non-finite logits: never a token sampled from them
-                event = GenerationEvent(request_id=seq.request_id)
+                event = GenerationEvent(request_id=seq.request_id, index=seq.index)
                 OutputProcessor.finish(seq, event, "error", seq.fault)
             else:
                 try:
@@ -366,11 +410,12 @@ class LLMEngine:
                             event.prompt_top = list(seq.prompt_top)
                 except Exception as exc:  # noqa: BLE001 - one request's failure is that request's
                     log.exception("output processing failed for %s", seq.request_id)
-                    event = GenerationEvent(request_id=seq.request_id)
+                    event = GenerationEvent(request_id=seq.request_id, index=seq.index)
                     OutputProcessor.finish(seq, event, "error", f"{type(exc).__name__}: {exc}")
             if event.finished:
-                self._finish(seq, event, event.finish_reason, event.error)
-            events.append(event)
+                events += self._finish(seq, event, event.finish_reason, event.error)
+            else:
+                events.append(event)
 
     def _routing_stats(self, adapters: Any) -> Any:
         """The step's routing statistics, reduced once after the forward (one host sync per step)."""
@@ -385,7 +430,8 @@ class LLMEngine:
             return None
 
     def generate(self, requests: list[GenerationRequest]) -> dict[str, list[GenerationEvent]]:
-        """Run ``requests`` to completion (tests, benchmarks): every request's events, in order."""
+        """Run ``requests`` to completion (tests, benchmarks): every request's events, in order (the
+        choices of an n > 1 request interleaved; ``GenerationEvent.index`` tells them apart)."""
         result: dict[str, list[GenerationEvent]] = {}
         for r in requests:
             self.add_request(r)

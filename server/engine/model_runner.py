@@ -32,6 +32,8 @@ class ModelRunner:
         self.backend = select_backend(cache)
         self.sampler = Sampler()
         self.packed_weights = model.pack_weights()  # CPU fp32: oneDNN-blocked copies for the GEMMs
+        # prefix caching: keep the hidden state at each block end of prompts scored with log-probabilities
+        self.capture_block_ends = False
 
     def build_attention(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, PagedAttentionMetadata]:
         """positions [T] and the step's paged attention metadata (see ``PagedAttentionMetadata``)."""
@@ -67,23 +69,46 @@ class ModelRunner:
 
     @staticmethod
     def _prompt_logprob_rows(seqs: list[Sequence], num_tokens: list[int]):
-        """(flat rows, target token ids, [(sequence, count)]) of this step's prompt positions whose next
+        """(rows, target token ids, [(sequence, count)]) of this step's prompt positions whose next
         token is a prompt token, for sequences that asked for prompt log-probabilities; None if none.
+        A row is a flat row index, or the hidden state [hidden] of the cached position just before a
+        sequence's first computed one (prefix caching: ``Sequence.pending_prompt_hidden``).
         Positions already recorded (a preempted sequence recomputing its prompt) are skipped."""
-        rows: list[int] = []
+        rows: list[int | torch.Tensor] = []
         targets: list[int] = []
         owners: list[tuple[Sequence, int]] = []
         start = 0
         for seq, k in zip(seqs, num_tokens):
             if seq.params.prompt_logprobs:
-                first = max(seq.num_computed_tokens, len(seq.prompt_logprobs))
-                last = min(seq.num_computed_tokens + k, seq.num_prompt_tokens - 1)  # exclusive
+                c, count = seq.num_computed_tokens, 0
+                if seq.pending_prompt_hidden is not None and len(seq.prompt_logprobs) == c - 1 < seq.num_prompt_tokens - 1:
+                    rows.append(seq.pending_prompt_hidden)
+                    targets.append(seq.token_ids[c])
+                    count = 1
+                first = max(c, len(seq.prompt_logprobs))
+                last = min(c + k, seq.num_prompt_tokens - 1)  # exclusive
                 if last > first:
-                    rows.extend(range(start + first - seq.num_computed_tokens, start + last - seq.num_computed_tokens))
+                    rows.extend(range(start + first - c, start + last - c))
                     targets.extend(seq.token_ids[first + 1:last + 1])
-                    owners.append((seq, last - first))
+                    count += last - first
+                if count:
+                    owners.append((seq, count))
             start += k
         return (rows, targets, owners) if rows else None
+
+    def _block_end_rows(self, seqs: list[Sequence], num_tokens: list[int]) -> list[tuple[Sequence, int, int]]:
+        """(sequence, block index, flat row) of each prompt block end computed this step by a sequence
+        scoring its prompt, whose hidden state its block's cache record keeps."""
+        if not self.capture_block_ends:
+            return []
+        bs, out, start = self.cache.block_size, [], 0
+        for seq, k in zip(seqs, num_tokens):
+            if seq.params.prompt_logprobs and seq.cache_key is not None:
+                c = seq.num_computed_tokens
+                for p in range(c + (-(c + 1)) % bs, min(c + k, seq.num_prompt_tokens - 1), bs):
+                    out.append((seq, p // bs, start + p - c))
+            start += k
+        return out
 
     @staticmethod
     def _record_prompt_logprobs(logits: torch.Tensor, num_sampling: int, prompt_rows) -> torch.Tensor:
@@ -111,7 +136,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, adapters: Any = None) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run the model over ``batch``; return the sequences that reached their end (in batch order) and
-        their sampled tokens. Sequences whose prefill chunk stops short of their end sample nothing."""
+        their sampled tokens. Sequences whose prefill chunk stops short of their end sample nothing.
+        A sequence finishing its prompt with choices waiting to fork (``Sequence.forks``) is followed
+        by them: each samples its first token from the same logits."""
         seqs, num_tokens = batch.seqs, batch.num_tokens
         ids = [t for s, k in zip(seqs, num_tokens) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + k]]
         positions, meta = self.build_attention(seqs, num_tokens)
@@ -119,20 +146,43 @@ class ModelRunner:
         ends = torch.tensor(num_tokens, dtype=torch.long).cumsum(0) - 1
         logits_indices = ends[torch.tensor(sample_idx, dtype=torch.long)]
         prompt_rows = self._prompt_logprob_rows(seqs, num_tokens)
+        stored = []  # hidden states of cached positions, rows T, T+1, ... after the step's own
         if prompt_rows is not None:
-            logits_indices = torch.cat([logits_indices, torch.tensor(prompt_rows[0], dtype=torch.long)])
+            flat = []
+            for r in prompt_rows[0]:
+                if isinstance(r, torch.Tensor):
+                    stored.append(r)
+                    r = len(ids) + len(stored) - 1
+                flat.append(r)
+            logits_indices = torch.cat([logits_indices, torch.tensor(flat, dtype=torch.long)])
         logits_indices = logits_indices.to(self.device)
+        captures = self._block_end_rows(seqs, num_tokens)
         input_embeds = self.visual.step_inputs(seqs, num_tokens) if self.visual is not None else None
         ctx = StepContext(positions=positions,
                           attention=PagedAttentionStep(self.cache, meta, self.backend, self.model.config.sliding_window),
                           adapters=adapters, logits_indices=logits_indices, input_embeds=input_embeds)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         with step_context(ctx):
-            logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device))
+            if stored or captures:  # the model's forward, in its two halves, to read and add hidden states
+                hidden = self.model.hidden_states(input_ids)
+                for seq, j, row in captures:
+                    seq.block_end_hidden[j] = hidden[row].clone()
+                if stored:
+                    hidden = torch.cat([hidden, torch.stack(stored).to(hidden.dtype)])
+                logits = self.model.lm_head(hidden.index_select(0, logits_indices))
+            else:
+                logits = self.model(input_ids)
         if prompt_rows is not None:
+            for seq, _ in prompt_rows[2]:
+                seq.pending_prompt_hidden = None
             logits = self._record_prompt_logprobs(logits, len(sample_idx), prompt_rows)
         sampling = [seqs[i] for i in sample_idx]
         if not sampling:
             return [], None
+        if any(s.forks for s in sampling):
+            rows = [j for j, s in enumerate(sampling) for _ in range(1 + len(s.forks))]
+            sampling = [c for s in sampling for c in (s, *s.forks)]
+            logits = logits[torch.tensor(rows, device=logits.device)]
         finite = torch.isfinite(logits).all(dim=-1)
         if not bool(finite.all()):  # one host sync per step; a NaN row must never sample a token
             for i in (~finite).nonzero().flatten().tolist():

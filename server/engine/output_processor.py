@@ -52,7 +52,7 @@ class OutputProcessor:
             finish = "length"
         if finish is not None and seq.stop_matcher is not None and not stopped:
             text += seq.stop_matcher.flush()  # held back as a possible stop string's start: it was not
-        event = GenerationEvent(request_id=seq.request_id, text=text, token_ids=[token_id],
+        event = GenerationEvent(request_id=seq.request_id, index=seq.index, text=text, token_ids=[token_id],
                                 logprobs=[logprob] if logprob is not None else None)
         if finish is not None:
             self.finish(seq, event, finish)

@@ -121,6 +121,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     bank: str | None = None  # a bank's name; None: the base model
+    n: int = 1  # independent choices sampled from the prompt, computed once (choice j seeded seed + j)
     arrival_time: float = field(default_factory=time.monotonic)
     # images in the prompt (server.multimodal.ImageInput), in prompt order; each occupies its
     # placeholder span of prompt_token_ids
@@ -151,10 +152,12 @@ class GenerationEvent:
     ``text`` is the newly decoded text since the previous event (never a partial UTF-8 character,
     never a held-back prefix of a stop string); ``token_ids`` / ``logprobs`` the new tokens.
     ``finish_reason``: "stop" (EOS, stop token or stop string), "length", "abort" or "error"
-    (then ``error`` says why).
+    (then ``error`` says why). ``index`` is the choice (0..n-1) of a request with ``n`` > 1; each
+    choice ends with its own finished event.
     """
 
     request_id: str
+    index: int = 0
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
@@ -179,6 +182,8 @@ class StepStats:
     kv_blocks_used: int
     kv_blocks_total: int
     num_preempted: int = 0
+    prefix_cache_queries: int = 0  # tokens of sequences admitted this step that were looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found (their KV blocks reused, not computed)
     running_banks: tuple[str, ...] = ()
     waiting_banks: tuple[str, ...] = ()
     routing: Any = None  # adapter routing statistics of this step (see the adapter runtime)

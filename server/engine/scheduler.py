@@ -13,6 +13,10 @@ When the cache has no block left for a running sequence, the most recently admit
 sequence is preempted: its blocks are freed and it goes back to the front of the waiting queue to
 be recomputed later (its outputs are kept). One sequence always fits in the whole cache (the engine
 caps max_model_len to it), so preemption cannot deadlock.
+
+A sequence admitted without blocks first takes the cached blocks of its prefix (prefix caching,
+``BlockManager.cached_prefix``): only the tokens after them count against the budget. A request with
+``n`` > 1 choices is admitted when the running batch has room for all of them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class ScheduledBatch:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # KV blocks to copy (source, destination) first
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -61,8 +66,16 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        seq.forks = []
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start the pending choice ``child`` from ``parent``'s computed prompt (their blocks shared)."""
+        self.block_manager.fork(parent, child)
+        parent.forks.remove(child)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         if seq in batch.seqs:  # scheduled by an earlier pass of this step: take it out again
@@ -117,15 +130,21 @@ class Scheduler:
         # the cache is full.
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = self._chunk(seq, budget)
-            if not bm.can_allocate(seq, seq.num_computed_tokens + n):
+            if seq.forks and len(self.running) + 1 + len(seq.forks) > self.max_num_seqs:
+                break
+            cached = bm.cached_prefix(seq)
+            start = len(cached) * bm.block_size if cached else seq.num_computed_tokens
+            n = min(self._chunk(seq, budget), len(seq) - start)
+            if not bm.can_allocate(seq, start + n, cached):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, seq.num_computed_tokens + n)
+            bm.count_query(seq, start)
+            bm.allocate(seq, start + n, cached)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._add(batch, seq, n)
             budget -= n
+        batch.copies = bm.take_copies()
         return batch
 
     @staticmethod

@@ -15,6 +15,7 @@ from .protocol import GenerationRequest, SamplingParams, TokenLogprob
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    FORK_PENDING = "fork_pending"  # a choice of an n > 1 request, waiting for its parent's prompt
     FINISHED = "finished"
 
 
@@ -26,15 +27,32 @@ class Sequence:
     have keys/values in the cache (the next step computes the rest, in chunks for a long prefill);
     ``block_table`` the cache blocks holding them, in order. A preempted sequence drops its blocks
     and ``num_computed_tokens`` goes back to 0 (recomputed later, outputs kept).
+
+    A request with ``n`` > 1 is one sequence per choice (``index`` 0..n-1): choice 0 computes the
+    prompt; the others wait in ``forks`` (status FORK_PENDING) and are forked from it when its
+    prompt is done, sharing its blocks and sampling from the same logits.
     """
 
     request: GenerationRequest
+    index: int = 0
     adapter_handle: Any = None
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # prefix caching (block_manager.py): what the blocks' hashes depend on besides the tokens (the bank
+    # and its version), the hashes of the full blocks so far, how many of the table's blocks are registered
+    cache_key: tuple | None = ()  # None: never share blocks (an adapter handle without a cache key)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0  # tokens taken from the prefix cache instead of computed (over the lifetime)
+    forks: list["Sequence"] = field(default_factory=list)
+    # prompt log-probabilities across the prefix cache: the final hidden state at the last position of
+    # each block this sequence computed (for the block's cache record), and that of the cached position
+    # before the first computed one, whose row scores the first computed token
+    block_end_hidden: dict[int, Any] = field(default_factory=dict)
+    pending_prompt_hidden: Any = None
     status: SequenceStatus = SequenceStatus.WAITING
     # output state (the detokenizer / stop matcher are owned by the engine's output processing)
     detokenizer: Any = None

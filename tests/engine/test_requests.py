@@ -24,9 +24,9 @@ def test_abort_mid_generation_returns_every_block(make_engine):
     for _ in range(5):
         engine.step()
     assert engine.block_manager.num_free_blocks < start
-    ev = engine.abort("r1")
+    [ev] = engine.abort("r1")
     assert ev.finished and ev.finish_reason == "abort" and ev.usage.completion_tokens == 5  # prefill step + 4 decode steps
-    assert engine.abort("r1") is None  # unknown now
+    assert engine.abort("r1") == []  # unknown now
     assert engine.num_running == 3
     for i in (0, 2, 3):
         engine.abort(f"r{i}")

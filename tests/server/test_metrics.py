@@ -55,6 +55,11 @@ def test_step_and_request_stats():
     assert s[(itl + "_bucket", (("bank", "a"), ("le", "0.01")))] == 1
     assert s[(itl + "_bucket", (("bank", "a"), ("le", "0.05")))] == 2
     assert abs(s[(itl + "_sum", (("bank", "a"),))] - 0.24) < 1e-9
+    assert s[("vllm:prefix_cache_queries_total", mn)] == 0 and s[("vllm:prefix_cache_hits_total", mn)] == 0
+    m.on_step(step(prefix_cache_queries=900, prefix_cache_hits=640))
+    m.on_step(step(prefix_cache_queries=100, prefix_cache_hits=0))
+    assert samples(m)[("vllm:prefix_cache_queries_total", mn)] == 1000
+    assert samples(m)[("vllm:prefix_cache_hits_total", mn)] == 640
     # the info series is replaced, not accumulated
     m.on_step(step())
     assert len([k for k in samples(m) if k[0] == "vllm:lora_requests_info"]) == 1
