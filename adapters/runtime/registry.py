@@ -190,6 +190,22 @@ class BankHandle:
         return tuple((v.name, v.version) for v in self.versions)
 
 
+def checked_bank_request(name: str, path: str | Path, allowed_roots) -> Path:
+    """The checks of a load request before any file is read: a valid bank name, and a path that
+    resolves inside the allowed roots (BankAdminError; a missing path is a 404). Returns the
+    resolved path. Shared by the registry and the Ray Serve ingress's catalog."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise BankAdminError(f"bank name {name!r} is invalid: 1-128 characters from A-Z a-z 0-9 . _ -, "
+                             "starting with a letter or digit")
+    try:
+        return resolve_bank_path(path, allowed_roots)
+    except BankError as exc:
+        err = BankPathRefused(str(exc))
+        if "does not exist" in str(exc):
+            err.status, err.type = 404, "not_found_error"
+        raise err from None
+
+
 def serving_bank_dtype(model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The pool's storage dtype for ``serve --bank-dtype auto``: the model's dtype, except float16 for
     a float32 model on the CPU. There a decode step with many banks is bound by the bytes of expert
@@ -378,16 +394,7 @@ class BankRegistry:
 
     def _load_sync(self, name: str, path: str | Path, *, given_up: threading.Event | None, pinned: bool,
                    hold: float = 0.0) -> dict:
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise BankAdminError(f"bank name {name!r} is invalid: 1-128 characters from A-Z a-z 0-9 . _ -, "
-                                 "starting with a letter or digit")
-        try:
-            real = resolve_bank_path(path, self.allowed_roots)
-        except BankError as exc:
-            err = BankPathRefused(str(exc))
-            if "does not exist" in str(exc):
-                err.status, err.type = 404, "not_found_error"
-            raise err from None
+        real = checked_bank_request(name, path, self.allowed_roots)
         try:
             max_bytes = self._room_for(name, reclaim=self.max_loaded is not None)
             cached = self.converted is not None and is_ecosystem_checkpoint(real)

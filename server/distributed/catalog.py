@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import BankError, BaseFingerprint, load_bank, resolve_bank_path
-from adapters.runtime.registry import NAME_RE, BankAdminError, BankLoadError, BankNotFound, BankPathRefused
+from adapters import BankError, BaseFingerprint, load_bank
+from adapters.runtime.registry import (BankAdminError, BankLoadError, BankNotFound, checked_bank_request)
 from server.api.banks import BankInfo
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,7 @@ class BankCatalog:
     def load_sync(self, name: str, path: str | Path) -> CatalogEntry:
         """Validate the bank at ``path`` (the same checks and errors as a replica's registry), then
         record it under ``name``; replicas load it when a request needs it."""
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise BankAdminError(f"bank name {name!r} is invalid: 1-128 characters from A-Z a-z 0-9 . _ -, "
-                                 "starting with a letter or digit")
-        try:
-            real = resolve_bank_path(path, self.allowed_roots)
-        except BankError as exc:
-            err = BankPathRefused(str(exc))
-            if "does not exist" in str(exc):
-                err.status, err.type = 404, "not_found_error"
-            raise err from None
+        real = checked_bank_request(name, path, self.allowed_roots)
         try:
             bank = load_bank(real, base=self.fingerprint, name=name)
         except BankError as exc:
