@@ -43,7 +43,9 @@ def test_route_plan_equals_torch(d_in, per_token):
         rl, rw, re, rp = _reference(x, routers[i], offsets, n, **dict(prm))
         torch.testing.assert_close(logits[i], rl, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(w[i], rw, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ent[i], re, rtol=1e-5, atol=1e-6)
+        # H_q = (1 - sum p^q) / (1 - N^(1-q)) divides two small numbers when q is near 1 (a per-token q of
+        # 0.994 here): fp32 rounding is amplified ~1/|1-q| there, so the entropy gets a looser bound
+        torch.testing.assert_close(ent[i], re, rtol=1e-4, atol=5e-5)
         for f in ("pair_token", "pair_slot", "seg_slot", "seg_start", "seg_len"):
             assert torch.equal(getattr(plans[i], f), getattr(rp, f)), f
         torch.testing.assert_close(plans[i].pair_weight, rp.pair_weight, rtol=1e-5, atol=1e-6)
