@@ -212,7 +212,7 @@ class FakeBanks:
     def list(self):
         return list(self.loaded.values())
 
-    async def load(self, name: str, path: str):
+    async def load(self, name: str, path: str, *, pinned: bool = True):
         import os
 
         real = os.path.realpath(path)
