@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 # Logits rows up to which the int8 LM head beats the float one on the CPU (measured: 2.4x faster at
 # 1 row, even at 8, 2.8x slower at 32; BENCHMARKS.md "Quantized base").
-QUANTIZED_HEAD_MAX_ROWS = 8
+# Steps with at most this many logits rows would use the int8 LM head (faster at 1 row). Off (0):
+# a row's logits must not depend on how many other rows the step has (batched and one-by-one
+# scoring, as lm-evaluation-harness compares them, differed by 0.14 nats with it on).
+QUANTIZED_HEAD_MAX_ROWS = 0
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):

@@ -102,4 +102,7 @@ def test_a_request_whose_bank_is_evicted_before_it_runs_loads_it_again(served, m
     before = banks.residency_stats().loads[("on_demand", "ok")]
     r = _complete(client, "b3")
     assert r.status_code == 200, r.text
-    assert raced and banks.residency_stats().loads[("on_demand", "ok")] >= before + 3
+    # b3 was evicted after its first load (asserted in racing_ensure) and answered: it was loaded again.
+    # (How many of b1/b2/b3 were loads rather than hits depends on what earlier tests left resident.)
+    assert raced and "b3" in {b["name"] for b in banks.list()}
+    assert banks.residency_stats().loads[("on_demand", "ok")] >= before + 2
