@@ -111,12 +111,6 @@ class BlockManager:
         prompt position whose log-probability it asked for and does not have yet. No side effects."""
         if not self.enable_prefix_caching or seq.block_table or seq.cache_key is None:
             return []
-        if seq.params.prompt_logprobs:
-            # Scoring requests compute their whole prompt: restoring their log-probabilities from
-            # cached records gave values off by up to 0.2 nats against an uncached run
-            # (tests/server/test_live_api_surface.py::test_batched_loglikelihood_equals_one_by_one);
-            # until that is found, they neither reuse blocks nor need records.
-            return []
         bs, want, k = self.block_size, seq.params.prompt_logprobs, seq.params.logprobs or 0
         hits = []
         for j, h in enumerate(self._hashes(seq, (len(seq) - 1) // bs)):

@@ -133,7 +133,6 @@ def test_prompt_logprobs_are_computed_when_the_prompt_is_cached(make_engine):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="scoring requests do not reuse cached blocks for now: restored prompt log-probabilities were off by up to 0.2 nats (BlockManager.cached_prefix)")
 def test_loglikelihood_choices_reuse_their_context_with_the_same_scores(make_engine):
     """lm-eval's loglikelihood requests: every choice of a question is its context plus the choice,
     scored with prompt log-probabilities (k = 2 alternatives). Later choices reuse the context's
