@@ -165,6 +165,14 @@ def test_removing_a_node_loses_no_request_that_had_not_started(cluster):
         victim = next(w for w in cluster["workers"] if w.node_id in node_of.values())
     c.remove_node(victim, allow_graceful=False)
     cluster["workers"].remove(victim)
+    # Wait until the cluster knows the node's replica is dead: a request that had already started on
+    # it before that may be lost (the promise is for requests that had not started); every
+    # request sent after it, even one routed to the dead replica, must be answered.
+    deadline = time.monotonic() + 90
+    while any(a["Address"]["NodeID"] == victim.node_id and a["State"] == "ALIVE"
+              and "EngineReplica" in (a.get("Name") or "") for a in actors().values()):
+        assert time.monotonic() < deadline, "the removed node's replica is still reported alive"
+        time.sleep(0.5)
     # requests sent now may be routed to the dead replica: they must all be answered
     with client(url) as http, ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: http.post("/v1/completions", json=body), range(8)))
