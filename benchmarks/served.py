@@ -43,12 +43,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(threads: int, max_num_seqs: int, extra: list[str], tree: Path | None = None,
+def serve_flags(max_num_seqs: int, extra: list[str]) -> list[str]:
+    """The ``moleserve serve`` flags of every served system; the in-process engine is built from the
+    same flags (``in_process_engine``), so both run the same weights (the served default quantizes
+    the base to int4: an unquantized in-process engine would compare different models)."""
+    return ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", "512", "--kv-cache-memory",
+            str(512 << 20), "--log-level", "warning", *extra]
+
+
+def in_process_engine(flags: list[str]):
+    """The ``LLMEngine`` ``moleserve serve <flags>`` runs (``build_engine``, one source of settings)."""
+    from server.commands.serve import build_engine
+    from server.settings import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    engine, _ = build_engine(settings_from_args(parser.parse_args(flags)))
+    return engine.engine
+
+
+def start_server(threads: int, flags: list[str], tree: Path | None = None,
                  env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, MOLESERVE_API_KEY=KEY, OMP_NUM_THREADS=str(threads), **(env_extra or {}))
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", str(max_num_seqs),
-           "--max-num-batched-tokens", "512", "--kv-cache-memory", str(512 << 20), "--log-level", "warning", *extra]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *flags]
     proc = subprocess.Popen(cmd, env=env, cwd=tree or Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -105,6 +123,18 @@ def in_process(engine, prompts: list[list[int]], new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def process_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of process ``pid``'s main thread (the server's event loop) and of
+    all its threads (the step thread, OpenMP's, the tokenizer workers' too); Linux /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(stat: Path) -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    return cpu(Path(f"/proc/{pid}/task/{pid}/stat")), cpu(Path(f"/proc/{pid}/stat"))
+
+
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> float:
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
@@ -134,20 +164,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from server.engine.config import EngineConfig
-    from server.engine.llm_engine import LLMEngine
     from server.model import ensure_default_model
 
     folder = ensure_default_model()
     env_extra = dict(kv.split("=", 1) for kv in args.server_env)
-    servers = {"served": start_server(args.threads, max(64, args.concurrency), args.server_args.split(),
-                                      env_extra=env_extra)}
+    flags = serve_flags(max(64, args.concurrency), args.server_args.split())
+    servers = {"served": start_server(args.threads, flags, env_extra=env_extra)}
     if args.baseline_tree is not None:
-        servers["served (baseline)"] = start_server(args.threads, max(64, args.concurrency), args.server_args.split(),
-                                                    tree=args.baseline_tree)
+        servers["served (baseline)"] = start_server(args.threads, flags, tree=args.baseline_tree)
     try:
-        engine = LLMEngine(EngineConfig(model=folder, device="cpu", dtype="float32", kv_cache_memory=512 << 20,
-                                        max_num_seqs=max(64, args.concurrency), max_num_batched_tokens=512))
+        engine = in_process_engine(flags)
         hf = None
         if not args.skip_hf:
             from transformers import AutoModelForCausalLM
@@ -157,6 +183,8 @@ def main() -> None:
         vocab = engine.model_config.vocab_size
         in_process(engine, prompts_for(2, vocab, 8, 8, 99), 4)  # warm-up
         n, nt = args.concurrency, args.new_tokens
+        # CPU seconds per 1000 tokens, summed over the runs: [event loop, whole process]
+        cpu: dict[str, list[float]] = {}
         print("| workload | system | tok/s (runs) | vs engine in-process | vs transformers generate |")
         print("| --- | --- | --- | --- | --- |")
         for name in args.workloads:
@@ -164,12 +192,23 @@ def main() -> None:
             prompts = prompts_for(n, vocab, lo, hi, seed=n + lo)
             rates: dict[str, list[float]] = {}
             for _ in range(args.repeats):  # alternate the systems within each repeat
+                c0 = time.process_time()
                 rates.setdefault("engine in-process", []).append(n * nt / in_process(engine, prompts, nt))
-                for label, (_, url) in servers.items():
+                acc = cpu.setdefault("engine in-process", [0.0, 0.0, 0])
+                acc[1] += time.process_time() - c0
+                acc[2] += n * nt
+                for label, (proc, url) in servers.items():
                     for stream in (False, True):
+                        system = f"{label}, {'streaming' if stream else 'non-streaming'}"
+                        loop0, all0 = process_cpu(proc.pid)
                         wall, tokens, counts = asyncio.run(served(url, prompts, nt, stream))
+                        loop1, all1 = process_cpu(proc.pid)
                         assert tokens == n * nt, (tokens, counts)
-                        rates.setdefault(f"{label}, {'streaming' if stream else 'non-streaming'}", []).append(tokens / wall)
+                        rates.setdefault(system, []).append(tokens / wall)
+                        acc = cpu.setdefault(system, [0.0, 0.0, 0])
+                        acc[0] += loop1 - loop0
+                        acc[1] += all1 - all0
+                        acc[2] += tokens
                 if hf is not None:
                     rates.setdefault("transformers generate", []).append(n * nt / hf_generate(hf, prompts, nt, pad))
             best = {k: max(v) for k, v in rates.items()}
@@ -178,6 +217,13 @@ def main() -> None:
                 print(f"| {name} ({lo}-{hi} tok), {n} concurrent | {system} | {best[system]:.1f} "
                       f"({', '.join(f'{r:.1f}' for r in runs)}) | {best[system] / best['engine in-process']:.2f}x | {vs_hf} |",
                       flush=True)
+        # CPU time does not depend on how busy the machine is the way wall time does: where the
+        # served path spends more than the engine, per token, whatever the load.
+        print("\n| system | CPU s / 1000 tokens, whole process | of which the event loop (main thread) |")
+        print("| --- | --- | --- |")
+        for system, (loop_s, all_s, tokens) in cpu.items():
+            loop = f"{1000 * loop_s / tokens:.2f}" if system != "engine in-process" else "-"
+            print(f"| {system} | {1000 * all_s / tokens:.2f} | {loop} |", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
