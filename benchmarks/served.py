@@ -3,13 +3,19 @@ and not) and through the engine in-process, plus transformers' batched ``generat
 BENCHMARKS.md table ("Served throughput").
 
     python benchmarks/served.py [--threads 2] [--concurrency 32] [--new-tokens 64] [--repeats 2]
-                                [--workloads short long] [--skip-hf]
+                                [--workloads short long] [--skip-hf] [--skip-mixlora]
 
 Workloads: N requests of prompt token ids (seeded random), ``short`` 30-44 tokens (a chat turn's
 size), ``long`` 64-128 tokens (benchmarks/engine.py's); N new tokens each, greedy, ignore_eos. The
 server runs as its own process, started once, as a user runs it; the client (httpx, all N requests
 at once on one event loop, as a load generator does) runs in this process. Systems alternate within
-each repeat so the machine's load hits them alike; the best run of each is reported.
+each repeat so the machine's load hits them alike; the best run of each is reported. The in-process
+engine is the one ``moleserve serve`` builds from the same flags (int4 base weights by default).
+
+A second table gives CPU seconds per 1000 tokens, of the whole server process and of its event loop
+(the main thread), next to the in-process engine's: CPU time is what the served path adds whatever
+the machine's load. A third: 16 requests over 4 MixLoRA banks served (``--banks``) vs transformers +
+the ``mixlora`` package (benchmarks/banks.py's peer).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/banks.py's MixLoRA peer
 
 import torch  # noqa: E402
 
@@ -85,21 +92,24 @@ def start_server(threads: int, flags: list[str], tree: Path | None = None,
     raise RuntimeError("the server did not become ready")
 
 
-async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bool) -> tuple[float, int, list]:
-    """Wall time, completion tokens and each request's token count, all requests at once."""
+async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bool,
+                 models: list[str] | None = None) -> tuple[float, int, list]:
+    """Wall time, completion tokens and each request's token count, all requests at once (request i
+    asks for ``models[i]``, a bank, when given)."""
     import httpx
 
     body = dict(max_tokens=new_tokens, temperature=0, ignore_eos=True, stream=stream)
     headers = {"Authorization": f"Bearer {KEY}"}
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
-        async def one(p: list[int]) -> int:
+        async def one(p: list[int], model: str | None = None) -> int:
+            body_p = {**body, "prompt": p, **({"model": model} if model else {})}
             if not stream:
-                r = await client.post("/v1/completions", json={**body, "prompt": p})
+                r = await client.post("/v1/completions", json=body_p)
                 r.raise_for_status()
                 return r.json()["usage"]["completion_tokens"]
             tokens = 0  # from the usage chunk: a chunk may carry several tokens when the client lags
-            stream_body = {**body, "prompt": p, "stream_options": {"include_usage": True}}
+            stream_body = {**body_p, "stream_options": {"include_usage": True}}
             async with client.stream("POST", "/v1/completions", json=stream_body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
@@ -110,7 +120,7 @@ async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bo
 
         await one(prompts[0][:8])  # connection set-up and a warm server
         t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
+        counts = await asyncio.gather(*(one(p, models[i] if models else None) for i, p in enumerate(prompts)))
         return time.perf_counter() - t0, sum(counts), counts
 
 
@@ -149,6 +159,50 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> f
 WORKLOADS = {"short": (30, 44), "long": (64, 128)}
 
 
+def mixlora_table(args: argparse.Namespace, flags: list[str], folder: Path) -> None:
+    """16 requests over 4 MixLoRA banks served (``--banks``, streaming and not) vs transformers + the
+    ``mixlora`` package (benchmarks/banks.py's peer and requests: 16-token prompts, greedy)."""
+    import tempfile
+
+    from banks import PROMPT_LEN, mixlora_peer, requests
+
+    from adapters import BaseFingerprint
+    from server.model import ModelConfig
+    from tests.adapters.bank_builders import write_mixlora
+
+    cfg = ModelConfig.from_folder(folder)
+    fp, vocab = BaseFingerprint.from_hf_config(cfg.raw), cfg.vocab_size
+    names, nt = [f"mix{i}" for i in range(4)], min(args.new_tokens, 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = [Path(tmp) / name for name in names]
+        for i, bank in enumerate(folders):
+            write_mixlora(bank, fp, r=16, alpha=32, num_experts=8, top_k=2, seed=i,
+                          targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        reqs = requests(16, names, nt, vocab, seed=4)
+        prompts, models = [r.prompt_token_ids for r in reqs], [r.bank for r in reqs]
+        proc, url = start_server(args.threads, [*flags, "--banks", tmp])
+        try:
+            rates: dict[str, list[float]] = {}
+            for _ in range(args.repeats):  # alternate
+                for stream in (False, True):
+                    wall, tokens, counts = asyncio.run(served(url, prompts, nt, stream, models))
+                    assert tokens == 16 * nt, (tokens, counts)
+                    rates.setdefault(f"served, {'streaming' if stream else 'non-streaming'}", []).append(tokens / wall)
+                if not args.skip_hf:
+                    wall, tokens = mixlora_peer(folder, folders, reqs, nt)
+                    rates.setdefault("transformers + mixlora", []).append(tokens / wall)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    best = {k: max(v) for k, v in rates.items()}
+    peer = best.get("transformers + mixlora")
+    print(f"\n| 16 requests over 4 MixLoRA banks ({PROMPT_LEN}-token prompts, {nt} new tokens; 8 experts top-2, r=16, "
+          "all 7 targets) | tok/s (runs) | vs transformers + mixlora (goal >= 5x) |\n| --- | --- | --- |")
+    for system, runs in rates.items():
+        print(f"| {system} | {best[system]:.1f} ({', '.join(f'{r:.1f}' for r in runs)}) | "
+              f"{f'{best[system] / peer:.2f}x' if peer else '-'} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -156,7 +210,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="no transformers baselines (generate, + mixlora)")
+    ap.add_argument("--skip-mixlora", action="store_true", help="no 4-MixLoRA-banks table")
     ap.add_argument("--server-args", default="", help="extra `moleserve serve` flags, space-separated")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also serve from this checkout (e.g. the commit before a change), alternating with this one")
@@ -224,6 +279,9 @@ def main() -> None:
         for system, (loop_s, all_s, tokens) in cpu.items():
             loop = f"{1000 * loop_s / tokens:.2f}" if system != "engine in-process" else "-"
             print(f"| {system} | {1000 * all_s / tokens:.2f} | {loop} |", flush=True)
+        if not args.skip_mixlora:
+            del engine, hf  # their memory, before the banks' server and the peer's models load
+            mixlora_table(args, flags, folder)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
