@@ -1,0 +1,216 @@
+"""CUDA graphs for decode steps: static buffers, padding, copy-in, replay (or eager), slice out.
+
+A decode step (every scheduled sequence adds one token) launches hundreds of small kernels; on a GPU
+their launch cost, not the math, bounds batch-1..32 decode. As vLLM and SGLang do, the decode
+forward is captured once per batch size of ``batch_sizes`` (1, 2, 4, 8, 16, 24, 32, ... up to
+``--cuda-graph-max-batch``) and replayed:
+
+- every tensor the graph reads lives at a fixed address: ``input_ids``, ``positions``,
+  ``slot_mapping``, ``block_tables`` [B, max_blocks], ``ctx_lens`` (each row's context length), the
+  row indices, the KV cache and the weights; a step copies its values into the first n rows;
+- the batch is padded up to the smallest captured size >= n: padding rows write their key/value to
+  the cache's ``scratch_block`` (never a block a sequence holds) and attend over that one slot;
+- the attention's longest context is static (``max_blocks * block_size``), so the Triton kernel's
+  split and the torch reference's gather do not depend on the step;
+- the logits of all B rows land in one output buffer; the caller reads the first n.
+
+Capture happens once, at start (``capture``), after a warm-up forward per size, largest size first,
+with one memory pool shared by every size (a smaller graph reuses the larger one's blocks); it is
+timed and logged. Off CUDA ``capture`` is a no-op and ``run`` executes the same static-buffer path
+eagerly: what the tests check on the CPU (equal outputs to the plain path; no host sync inside the
+region, see ``forbid_host_syncs``).
+
+What is not captured (``ModelRunner`` runs it eagerly): steps with prefill chunks, images, prompt
+log-probabilities or hidden-state captures, steps with adapter banks (the per-step ``BankStep``
+builds data-dependent metadata; see the README), and batches larger than the largest size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Iterator
+
+import torch
+
+from server.model import LlamaModel, StepContext, step_context
+
+from .kv_cache import KVCache
+from .paged_attention import PagedAttentionMetadata, PagedAttentionStep
+
+log = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to ``max_batch`` (and ``max_batch`` itself): vLLM's list."""
+    sizes = [s for s in (1, 2, 4) if s <= max_batch] + list(range(8, max_batch + 1, 8))
+    if max_batch not in sizes:
+        sizes.append(max_batch)
+    return sorted(set(sizes))
+
+
+class HostSyncError(RuntimeError):
+    """A host sync (or data-dependent shape) inside a region a CUDA graph would capture."""
+
+
+_SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "unique_consecutive", "masked_select",
+            "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_syncs() -> Iterator[None]:
+    """Make every Python-level host sync raise ``HostSyncError`` inside the block: reading a tensor's
+    value on the host (``item``, ``tolist``, ``cpu``, ``bool(t)``, ``int(t)``, ``if t:``) or ops whose
+    output shape depends on values (``nonzero``, ``unique``, ``masked_select``, boolean-mask
+    indexing). On CUDA these would stall the stream (or fail capture); on the CPU they are free,
+    so this is how the CPU tests prove the decode region is graph-safe. Not thread-safe (patches
+    ``torch.Tensor``): for tests and the GPU check's dry run."""
+    saved = {name: getattr(torch.Tensor, name) for name in _SYNCING}
+    saved_fns = {name: getattr(torch, name) for name in ("nonzero", "unique", "unique_consecutive", "masked_select")}
+    getitem = torch.Tensor.__getitem__
+
+    def refuse(name):
+        def fn(*args, **kwargs):
+            raise HostSyncError(f"host sync inside a captured region: {name}")
+        return fn
+
+    def checked_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise HostSyncError("host sync inside a captured region: boolean-mask indexing")
+        return getitem(self, index)
+
+    try:
+        for name in _SYNCING:
+            setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+        for name in saved_fns:
+            setattr(torch, name, refuse(f"torch.{name}"))
+        torch.Tensor.__getitem__ = checked_getitem
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        for name, fn in saved_fns.items():
+            setattr(torch, name, fn)
+        torch.Tensor.__getitem__ = getitem
+
+
+class DecodeGraphRunner:
+    """Decode steps of up to ``max(batch_sizes)`` sequences through static buffers (see the module
+    docstring). ``max_blocks``: block-table width (a sequence's most blocks: ceil(max_model_len /
+    block_size)). ``run`` works before and without ``capture`` (eagerly, same buffers)."""
+
+    def __init__(self, model: LlamaModel, cache: KVCache, backend: str, *, batch_sizes: list[int], max_blocks: int):
+        if not batch_sizes:
+            raise ValueError("batch_sizes is empty")
+        self.model = model
+        self.cache = cache
+        self.backend = backend
+        self.window = model.config.sliding_window
+        self.batch_sizes = sorted(set(batch_sizes))
+        self.max_batch = self.batch_sizes[-1]
+        self.max_blocks = max_blocks
+        self.max_ctx = max_blocks * cache.block_size
+        b, dev = self.max_batch, model.device
+        self.device = dev
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.zeros(b, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(b, max_blocks, dtype=torch.long, device=dev)
+        self.ctx_lens = torch.zeros(b, dtype=torch.long, device=dev)
+        self.rows = torch.arange(b, device=dev)  # decode row i is sequence row i of the block tables
+        self._pad(0)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's logits [size, vocab]
+        self.pool = None
+        self.capture_seconds = 0.0
+
+    def size_for(self, n: int) -> int | None:
+        """The smallest captured size that holds ``n`` rows, or None (n is past the largest)."""
+        for size in self.batch_sizes:
+            if size >= n:
+                return size
+        return None
+
+    def _pad(self, start: int) -> None:
+        """Rows ``start``.. become padding: token 0 at position 0, writing and reading the scratch slot."""
+        scratch = self.cache.scratch_block
+        self.input_ids[start:] = 0
+        self.positions[start:] = 0
+        self.slot_mapping[start:] = scratch * self.cache.block_size
+        self.block_tables[start:] = scratch
+        self.ctx_lens[start:] = 1
+
+    def _forward(self, size: int) -> torch.Tensor:
+        """The region a graph captures: the model over the first ``size`` rows of the static buffers."""
+        rows = self.rows[:size]
+        ctx_lens = self.ctx_lens[:size]
+        meta = PagedAttentionMetadata(slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+                                      decode_rows=rows, decode_seq=rows, decode_ctx_lens=ctx_lens, prefills=[],
+                                      decode_max_ctx=self.max_ctx)
+        if self.backend == "triton":
+            meta.paged_rows, meta.paged_seq, meta.paged_ctx_lens, meta.paged_max_ctx = rows, rows, ctx_lens, self.max_ctx
+        ctx = StepContext(positions=self.positions[:size],
+                          attention=PagedAttentionStep(self.cache, meta, self.backend, self.window))
+        with step_context(ctx):
+            return self.model(self.input_ids[:size])
+
+    def copy_in(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> int:
+        """Write one decode step (row i: its token, its position, its sequence's block table) into the
+        static buffers, padded up to the captured size; that size."""
+        n = len(token_ids)
+        size = self.size_for(n)
+        if size is None:
+            raise ValueError(f"{n} rows exceed the largest captured size {self.max_batch}")
+        bs, scratch = self.cache.block_size, self.cache.scratch_block
+        pos = torch.tensor(positions + [0] * (size - n), dtype=torch.long)
+        bt = torch.full((size, self.max_blocks), scratch, dtype=torch.long)
+        for i, table in enumerate(block_tables):
+            bt[i, :len(table)] = torch.tensor(table, dtype=torch.long)
+        slots = bt[torch.arange(size), pos // bs] * bs + pos % bs  # padding rows: the scratch block's slot 0
+        ids = torch.tensor(token_ids + [0] * (size - n), dtype=torch.long)
+        host = torch.stack([ids, pos, slots, pos + 1])  # one host->device copy for the four row vectors
+        dev = host.to(self.device, non_blocking=True)
+        self.input_ids[:size].copy_(dev[0])
+        self.positions[:size].copy_(dev[1])
+        self.slot_mapping[:size].copy_(dev[2])
+        self.ctx_lens[:size].copy_(dev[3])
+        self.block_tables[:size].copy_(bt.to(self.device, non_blocking=True))
+        return size
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """The step's logits [n, vocab]: replayed when ``size`` was captured, else the same region eagerly."""
+        n = len(token_ids)
+        size = self.copy_in(token_ids, positions, block_tables)
+        graph = self.graphs.get(size)
+        if graph is not None:
+            graph.replay()
+            return self.outputs[size][:n]
+        return self._forward(size)[:n]
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every size (CUDA only; a no-op returning 0 elsewhere): the seconds it took."""
+        if self.device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        self._pad(0)
+        self.pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.batch_sizes):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                self._forward(size)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        for size in reversed(self.batch_sizes):  # largest first: the smaller graphs reuse its pool blocks
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[size] = self._forward(size)
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - t0
+        log.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.batch_sizes, self.capture_seconds)
+        return self.capture_seconds
