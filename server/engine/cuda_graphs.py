@@ -20,9 +20,20 @@ timed and logged. Off CUDA ``capture`` is a no-op and ``run`` executes the same 
 eagerly: what the tests check on the CPU (equal outputs to the plain path; no host sync inside the
 region, see ``forbid_host_syncs``).
 
+Banks in the batch. A ``BankStep`` (``adapters/runtime/step.py``) builds its per-step metadata (each
+site's groups of rows, gather indices, routing parameter tables) on first use, with host syncs
+(``nonzero``, ``unique``), then caches it; what remains per layer is routing on x, static-size pair
+plans and routed-LoRA calls, none of which syncs. So a step with banks is captured per *bank
+signature*: the padded size, each row's bank index, the banks (layout and pool offset) and the pool
+state. The first time a signature is seen, the runner builds a ``BankStep`` over the padded rows
+(padding rows: no bank; static plans, as on CUDA) and runs it eagerly, which builds and caches that
+metadata, syncs included, outside any graph; the second time, it captures the forward through the
+same step; later steps with the signature replay it. Signatures live in a small LRU
+(``max_bank_graphs``). The replayed step's routing records are handed to the engine's step
+(``BankStep.share_records``) for the metrics. Factor banks run eagerly.
+
 What is not captured (``ModelRunner`` runs it eagerly): steps with prefill chunks, images, prompt
-log-probabilities or hidden-state captures, steps with adapter banks (the per-step ``BankStep``
-builds data-dependent metadata; see the README), and batches larger than the largest size.
+log-probabilities or hidden-state captures, factor banks, and batches larger than the largest size.
 """
 
 from __future__ import annotations
@@ -30,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Iterator
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 
@@ -96,12 +109,32 @@ def forbid_host_syncs() -> Iterator[None]:
         torch.Tensor.__getitem__ = getitem
 
 
+@dataclass
+class BankGraph:
+    """A decode graph with banks: the padded ``BankStep`` it runs (its cached metadata and records
+    live as long as the graph), the graph (None off CUDA: the step runs eagerly) and its logits."""
+
+    step: Any
+    graph: "torch.cuda.CUDAGraph | None" = None
+    output: torch.Tensor | None = None
+    keep: tuple = ()  # the objects the signature names by id (layouts, pool state): kept alive
+
+
+def bank_signature(step: Any, size: int) -> tuple:
+    """What a captured graph with banks depends on: the padded size, each row's bank (padding: -1),
+    each bank's layout and pool offset, the pool state, and how the step routes and records."""
+    rows = step.token_bank.tolist()  # the one host read of a step with banks (before the region)
+    return (size, tuple(rows + [-1] * (size - len(rows))), tuple((id(b.layout), b.offset) for b in step.banks),
+            id(step.state), step.collect_stats, step.backend)
+
+
 class DecodeGraphRunner:
     """Decode steps of up to ``max(batch_sizes)`` sequences through static buffers (see the module
     docstring). ``max_blocks``: block-table width (a sequence's most blocks: ceil(max_model_len /
     block_size)). ``run`` works before and without ``capture`` (eagerly, same buffers)."""
 
-    def __init__(self, model: LlamaModel, cache: KVCache, backend: str, *, batch_sizes: list[int], max_blocks: int):
+    def __init__(self, model: LlamaModel, cache: KVCache, backend: str, *, batch_sizes: list[int], max_blocks: int,
+                 max_bank_graphs: int = 8):
         if not batch_sizes:
             raise ValueError("batch_sizes is empty")
         self.model = model
@@ -125,6 +158,9 @@ class DecodeGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's logits [size, vocab]
         self.pool = None
         self.capture_seconds = 0.0
+        self.captured = False  # capture() ran on CUDA: bank graphs are captured too
+        self.max_bank_graphs = max_bank_graphs
+        self.bank_graphs: OrderedDict[tuple, BankGraph] = OrderedDict()
 
     def size_for(self, n: int) -> int | None:
         """The smallest captured size that holds ``n`` rows, or None (n is past the largest)."""
@@ -142,8 +178,9 @@ class DecodeGraphRunner:
         self.block_tables[start:] = scratch
         self.ctx_lens[start:] = 1
 
-    def _forward(self, size: int) -> torch.Tensor:
-        """The region a graph captures: the model over the first ``size`` rows of the static buffers."""
+    def _forward(self, size: int, adapters: Any = None) -> torch.Tensor:
+        """The region a graph captures: the model over the first ``size`` rows of the static buffers
+        (with ``adapters``: a ``BankStep`` over those ``size`` rows)."""
         rows = self.rows[:size]
         ctx_lens = self.ctx_lens[:size]
         meta = PagedAttentionMetadata(slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
@@ -152,7 +189,7 @@ class DecodeGraphRunner:
         if self.backend == "triton":
             meta.paged_rows, meta.paged_seq, meta.paged_ctx_lens, meta.paged_max_ctx = rows, rows, ctx_lens, self.max_ctx
         ctx = StepContext(positions=self.positions[:size],
-                          attention=PagedAttentionStep(self.cache, meta, self.backend, self.window))
+                          attention=PagedAttentionStep(self.cache, meta, self.backend, self.window), adapters=adapters)
         with step_context(ctx):
             return self.model(self.input_ids[:size])
 
@@ -180,15 +217,58 @@ class DecodeGraphRunner:
         return size
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """The step's logits [n, vocab]: replayed when ``size`` was captured, else the same region eagerly."""
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
+            adapters: Any = None) -> torch.Tensor:
+        """The step's logits [n, vocab]: replayed when ``size`` (with ``adapters``: the step's bank
+        signature) was captured, else the same region eagerly."""
         n = len(token_ids)
         size = self.copy_in(token_ids, positions, block_tables)
+        if adapters is not None:
+            return self._run_banks(size, adapters)[:n]
         graph = self.graphs.get(size)
         if graph is not None:
             graph.replay()
             return self.outputs[size][:n]
         return self._forward(size)[:n]
+
+    def _run_banks(self, size: int, adapters: Any) -> torch.Tensor:
+        """A step with banks (see the module docstring): replay its signature's graph, capturing it
+        the second time the signature is seen; the first time (and off CUDA) the signature's padded
+        step runs eagerly."""
+        key = bank_signature(adapters, size)
+        entry = self.bank_graphs.get(key)
+        if entry is None:
+            entry = self._bank_graph(key, size, adapters)
+        elif entry.graph is None and self.captured:  # its step's metadata was built by the first run
+            t0 = time.perf_counter()
+            entry.step._records.clear()
+            entry.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(entry.graph, pool=self.pool):
+                entry.output = self._forward(size, entry.step)
+            log.debug("captured a decode graph with banks (size %d) in %.3f s", size, time.perf_counter() - t0)
+        self.bank_graphs.move_to_end(key)
+        if entry.graph is not None:
+            entry.graph.replay()
+            out = entry.output
+        else:  # the padded step eagerly, as a replay would run it (its records afresh)
+            entry.step._records.clear()
+            out = self._forward(size, entry.step)
+        adapters.share_records(entry.step)
+        return out
+
+    def _bank_graph(self, key: tuple, size: int, adapters: Any) -> BankGraph:
+        """A new LRU entry: the ``BankStep`` of ``adapters`` over ``size`` rows (padding: no bank),
+        with static plans and no CPU fast path (what runs on CUDA)."""
+        from adapters.runtime.step import BankStep  # noqa: PLC0415 - the engine does not need adapters
+
+        pad = torch.full((size - adapters.num_tokens,), -1, dtype=torch.long, device=adapters.token_bank.device)
+        step = BankStep(adapters.cfg, adapters.state, adapters.banks, torch.cat([adapters.token_bank, pad]),
+                        collect_stats=adapters.collect_stats, backend=adapters.backend, static_plans=True)
+        entry = BankGraph(step, keep=(adapters.state, *(b.layout for b in adapters.banks)))
+        self.bank_graphs[key] = entry
+        while len(self.bank_graphs) > self.max_bank_graphs:
+            self.bank_graphs.popitem(last=False)
+        return entry
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -211,6 +291,7 @@ class DecodeGraphRunner:
                 self.outputs[size] = self._forward(size)
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
+        self.captured = True
         self.capture_seconds = time.perf_counter() - t0
         log.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.batch_sizes, self.capture_seconds)
         return self.capture_seconds

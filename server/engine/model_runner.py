@@ -47,10 +47,11 @@ class ModelRunner:
         return self.graphs
 
     def _graph_covers(self, seqs: list[Sequence], num_tokens: list[int], adapters: Any) -> bool:
-        """Whether this step may run through ``self.graphs``: every row one decode token, no adapter
+        """Whether this step may run through ``self.graphs``: every row one decode token, no factor
         bank, no prompt row that is an image's or scores log-probabilities, at most the largest size."""
         g = self.graphs
-        return (g is not None and adapters is None and len(seqs) <= g.max_batch and all(k == 1 for k in num_tokens)
+        banks_ok = adapters is None or (hasattr(adapters, "share_records") and not adapters.factors)
+        return (g is not None and banks_ok and len(seqs) <= g.max_batch and all(k == 1 for k in num_tokens)
                 and not any((s.params.prompt_logprobs or s.mm_spans) and s.num_computed_tokens < s.num_prompt_tokens
                             for s in seqs)
                 and all(len(s.block_table) <= g.max_blocks for s in seqs))
@@ -163,7 +164,7 @@ class ModelRunner:
         ids = [t for s, k in zip(seqs, num_tokens) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + k]]
         sample_idx = [i for i, (s, k) in enumerate(zip(seqs, num_tokens)) if s.num_computed_tokens + k == len(s)]
         if self._graph_covers(seqs, num_tokens, adapters):
-            logits = self.graphs.run(ids, [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs])
+            logits = self.graphs.run(ids, [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs], adapters)
             if len(sample_idx) < len(seqs):
                 logits = logits[torch.tensor(sample_idx, dtype=torch.long, device=logits.device)]
             return self._sample([seqs[i] for i in sample_idx], logits)

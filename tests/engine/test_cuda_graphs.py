@@ -139,3 +139,73 @@ def test_banks_prefill_and_prompt_logprobs_run_eagerly(make_engine, tiny_model):
     image = SimpleNamespace(params=SamplingParams(), mm_spans=((0, 2),), num_computed_tokens=3, num_prompt_tokens=4,
                             block_table=[1])
     assert not runner._graph_covers([image], [1], adapters=None)  # an image's prompt row: eager
+
+
+KINDS = ("lora", "mixlora", "dynmole", "mola")
+
+
+def _bank_engine(tiny_model_dir, graphs: bool):
+    from adapters.runtime import BankRegistry
+    from tests.adapters.bank_builders import fingerprint_of, random_bank
+    from tests.runtime.helpers import make_engine as make_bank_engine
+
+    engine = make_bank_engine(tiny_model_dir, None, max_num_seqs=8)
+    registry = BankRegistry(engine.model_config)
+    fp = fingerprint_of(tiny_model_dir)
+    for i, kind in enumerate(KINDS):
+        bank = random_bank(kind, fp, r=4, experts_per_layer=(3 + i % 2, 2), seed=i, name=kind)
+        for layer in bank.layers:  # moderate deltas: greedy tokens not near ties
+            for ex in layer.linears.values():
+                ex.lora_b.mul_(0.05)
+        registry.add(bank)
+    engine.set_adapter_provider(registry)
+    if graphs:
+        engine.runner.enable_graphs(8, engine.max_model_len, capture=False)
+    return engine
+
+
+def _bank_requests(vocab, banks):
+    g = torch.Generator().manual_seed(5)
+    return [GenerationRequest(f"b{i}", torch.randint(3, vocab, (3 + 2 * i,), generator=g).tolist(),
+                              SamplingParams(max_tokens=4 + i % 3, temperature=0.0, ignore_eos=True), bank=bank)
+            for i, bank in enumerate(banks)]
+
+
+def test_banks_through_the_graph_runner_equal_plain_path(tiny_model_dir):
+    """Steps with banks go through the padded, cached ``BankStep`` of their signature (what a capture
+    records and a replay reruns): same tokens as the plain path, every kind of bank, padding rows."""
+    banks = [*KINDS, None, "dynmole", "mixlora"]  # 7 sequences: padded to 8
+    vocab = _bank_engine(tiny_model_dir, False).model_config.vocab_size
+    expected = _tokens(_bank_engine(tiny_model_dir, False).generate(_bank_requests(vocab, banks)))
+    engine = _bank_engine(tiny_model_dir, True)
+    graphs = engine.runner.graphs
+    reused = []
+    real = graphs._run_banks
+
+    def run_banks(size, adapters):
+        from server.engine.cuda_graphs import bank_signature
+
+        reused.append(bank_signature(adapters, size) in graphs.bank_graphs)
+        return real(size, adapters)
+
+    graphs._run_banks = run_banks
+    assert _tokens(engine.generate(_bank_requests(vocab, banks))) == expected
+    assert any(reused), "no step with banks reused its signature's step"
+    # the cached padded steps now hold their metadata: a forward through each has no host sync
+    for key, entry in graphs.bank_graphs.items():
+        size = key[0]
+        with torch.inference_mode(), forbid_host_syncs():
+            graphs._forward(size, entry.step)
+
+
+def test_bank_graph_routing_stats_reach_the_engine(tiny_model_dir):
+    vocab = _bank_engine(tiny_model_dir, False).model_config.vocab_size
+    stats = {}
+    for use in (False, True):
+        engine = _bank_engine(tiny_model_dir, use)
+        seen = []
+        engine.set_stats_sink(SimpleNamespace(on_step=lambda s, seen=seen: seen.append(s), on_request_finished=lambda s: None))
+        engine.generate(_bank_requests(vocab, ["dynmole", "dynmole", None]))
+        stats[use] = [sorted((name, b.tokens, b.decisions, b.broadcast) for name, b in s.routing.banks.items())
+                      for s in seen if s.routing is not None]
+    assert stats[True] == stats[False] and any(stats[True])
