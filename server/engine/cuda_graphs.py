@@ -74,18 +74,26 @@ _SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "unique_conse
 @contextlib.contextmanager
 def forbid_host_syncs() -> Iterator[None]:
     """Make every Python-level host sync raise ``HostSyncError`` inside the block: reading a tensor's
-    value on the host (``item``, ``tolist``, ``cpu``, ``bool(t)``, ``int(t)``, ``if t:``) or ops whose
+    value on the host (``item``, ``tolist``, ``cpu``, ``bool(t)``, ``int(t)``, ``if t:``), ops whose
     output shape depends on values (``nonzero``, ``unique``, ``masked_select``, boolean-mask
-    indexing). On CUDA these would stall the stream (or fail capture); on the CPU they are free,
+    indexing), and tensors made from host data on a device (``torch.tensor(..., device=...)``). On CUDA these would stall the stream (or fail capture); on the CPU they are free,
     so this is how the CPU tests prove the decode region is graph-safe. Not thread-safe (patches
     ``torch.Tensor``): for tests and the GPU check's dry run."""
     saved = {name: getattr(torch.Tensor, name) for name in _SYNCING}
     saved_fns = {name: getattr(torch, name) for name in ("nonzero", "unique", "unique_consecutive", "masked_select")}
+    made = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
     getitem = torch.Tensor.__getitem__
 
     def refuse(name):
         def fn(*args, **kwargs):
             raise HostSyncError(f"host sync inside a captured region: {name}")
+        return fn
+
+    def host_data(name):
+        def fn(data, *args, **kwargs):  # host data put on the model's device: a host->device copy on CUDA
+            if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
+                raise HostSyncError(f"host sync inside a captured region: torch.{name} from host data")
+            return made[name](data, *args, **kwargs)
         return fn
 
     def checked_getitem(self, index):
@@ -99,12 +107,14 @@ def forbid_host_syncs() -> Iterator[None]:
             setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
         for name in saved_fns:
             setattr(torch, name, refuse(f"torch.{name}"))
+        for name in made:
+            setattr(torch, name, host_data(name))
         torch.Tensor.__getitem__ = checked_getitem
         yield
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
-        for name, fn in saved_fns.items():
+        for name, fn in (saved_fns | made).items():
             setattr(torch, name, fn)
         torch.Tensor.__getitem__ = getitem
 
@@ -118,6 +128,7 @@ class BankGraph:
     graph: "torch.cuda.CUDAGraph | None" = None
     output: torch.Tensor | None = None
     keep: tuple = ()  # the objects the signature names by id (layouts, pool state): kept alive
+    failed: bool = False  # its capture failed: it runs eagerly
 
 
 def bank_signature(step: Any, size: int) -> tuple:
@@ -239,13 +250,19 @@ class DecodeGraphRunner:
         entry = self.bank_graphs.get(key)
         if entry is None:
             entry = self._bank_graph(key, size, adapters)
-        elif entry.graph is None and self.captured:  # its step's metadata was built by the first run
+        elif entry.graph is None and self.captured and not entry.failed:  # metadata built by the first run
             t0 = time.perf_counter()
             entry.step._records.clear()
-            entry.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(entry.graph, pool=self.pool):
-                entry.output = self._forward(size, entry.step)
-            log.debug("captured a decode graph with banks (size %d) in %.3f s", size, time.perf_counter() - t0)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: a bank load copying into the pool from another thread must not break it
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    entry.output = self._forward(size, entry.step)
+                entry.graph = graph
+                log.debug("captured a decode graph with banks (size %d) in %.3f s", size, time.perf_counter() - t0)
+            except RuntimeError:
+                entry.failed = True  # this signature stays eager
+                log.exception("capturing a decode graph with banks failed; those steps run eagerly")
         self.bank_graphs.move_to_end(key)
         if entry.graph is not None:
             entry.graph.replay()
@@ -265,6 +282,8 @@ class DecodeGraphRunner:
         step = BankStep(adapters.cfg, adapters.state, adapters.banks, torch.cat([adapters.token_bank, pad]),
                         collect_stats=adapters.collect_stats, backend=adapters.backend, static_plans=True)
         entry = BankGraph(step, keep=(adapters.state, *(b.layout for b in adapters.banks)))
+        for stale in [k for k in self.bank_graphs if k[3] != key[3]]:  # another pool state: never again,
+            del self.bank_graphs[stale]  # and its graphs would keep the old pool's memory alive
         self.bank_graphs[key] = entry
         while len(self.bank_graphs) > self.max_bank_graphs:
             self.bank_graphs.popitem(last=False)
@@ -287,7 +306,7 @@ class DecodeGraphRunner:
         torch.cuda.synchronize(self.device)
         for size in reversed(self.batch_sizes):  # largest first: the smaller graphs reuse its pool blocks
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.outputs[size] = self._forward(size)
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
