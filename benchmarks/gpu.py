@@ -387,7 +387,7 @@ def graphs_vs_eager(dev: torch.device, root: Path, size: str, tokens: int) -> No
         row("graphs", f"{size}: decode batch {batch} x {new} tokens (prompt 16), eager vs graph runner, {dtype}",
             f"{e:.0f} vs {g:.0f} tok/s = {g / e:.2f}x; greedy tokens equal in {same}/{batch}")
     engine.runner.graphs = None
-    del engine, graphs, model
+    engine = graphs = model = None  # noqa: F841 - free the device memory
     if cuda:
         torch.cuda.empty_cache()
 

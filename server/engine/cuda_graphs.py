@@ -42,8 +42,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -125,7 +126,7 @@ class BankGraph:
     live as long as the graph), the graph (None off CUDA: the step runs eagerly) and its logits."""
 
     step: Any
-    graph: "torch.cuda.CUDAGraph | None" = None
+    graph: torch.cuda.CUDAGraph | None = None
     output: torch.Tensor | None = None
     keep: tuple = ()  # the objects the signature names by id (layouts, pool state): kept alive
     failed: bool = False  # its capture failed: it runs eagerly
@@ -276,7 +277,7 @@ class DecodeGraphRunner:
     def _bank_graph(self, key: tuple, size: int, adapters: Any) -> BankGraph:
         """A new LRU entry: the ``BankStep`` of ``adapters`` over ``size`` rows (padding: no bank),
         with static plans and no CPU fast path (what runs on CUDA)."""
-        from adapters.runtime.step import BankStep  # noqa: PLC0415 - the engine does not need adapters
+        from adapters.runtime.step import BankStep
 
         pad = torch.full((size - adapters.num_tokens,), -1, dtype=torch.long, device=adapters.token_bank.device)
         step = BankStep(adapters.cfg, adapters.state, adapters.banks, torch.cat([adapters.token_bank, pad]),

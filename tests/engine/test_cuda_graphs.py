@@ -9,7 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.engine.cuda_graphs import DecodeGraphRunner, HostSyncError, capture_sizes, forbid_host_syncs
+from server.engine.cuda_graphs import (
+    DecodeGraphRunner,
+    HostSyncError,
+    capture_sizes,
+    forbid_host_syncs,
+)
 from server.engine.protocol import GenerationRequest, SamplingParams
 
 

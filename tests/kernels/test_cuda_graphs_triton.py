@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("server.engine.paged_attention_triton")
 
-from server.engine.cuda_graphs import DecodeGraphRunner, forbid_host_syncs  # noqa: E402
-from server.engine.kv_cache import KVCache  # noqa: E402
-from server.model import load_model  # noqa: E402
+from server.engine.cuda_graphs import DecodeGraphRunner, forbid_host_syncs
+from server.engine.kv_cache import KVCache
+from server.model import load_model
 
 
 def test_triton_backend_static_region_matches_torch(tiny_model_dir):
