@@ -1,8 +1,9 @@
-"""The GPU check: kernels on CUDA, greedy equality with transformers, routed-LoRA bandwidth, and
-tokens/s with 8 DynMoLE banks vs the base model vs transformers + PEFT, on random-initialised Llama
+"""The GPU check: kernels on CUDA, greedy equality with transformers, routed-LoRA bandwidth, decode
+tok/s eager vs CUDA graphs, and tokens/s with 8 DynMoLE banks vs the base model vs transformers + PEFT, on random-initialised Llama
 configs. Prints the tables for BENCHMARKS.md ("GPU"). Run by ``scripts/gpu_check.sh``; fetches nothing.
 
     python benchmarks/gpu.py [--sizes 1b,8b] [--seqs 64] [--tokens 128] [--device cuda] [--skip-peer]
+                             [--sections kernels,greedy,bandwidth,graphs,tokens]
 
 ``--device cpu --sizes tiny`` runs every section on the CPU at toy sizes (how the script itself is
 tested on machines without a GPU; its numbers mean nothing there).
@@ -326,6 +327,71 @@ def throughput(dev: torch.device, root: Path, size: str, seqs: int, tokens: int,
         f"{p:.0f}; moleserve with 8 DynMoLE banks = {k / p:.2f}x it")
 
 
+# -- 5. decode: CUDA graphs vs eager -------------------------------------------------------------
+
+def graphs_vs_eager(dev: torch.device, root: Path, size: str, tokens: int) -> None:
+    """Decode tok/s of the base model with every decode step eager vs through ``DecodeGraphRunner``
+    (one engine; the runner switched on and off between alternating runs), at batch 1, 8 and 32.
+    Off CUDA nothing is captured: the graph runner's static-buffer path runs eagerly (the dry run)."""
+    from server.engine.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine, load_tokenizer
+    from server.engine.protocol import GenerationRequest, SamplingParams
+
+    cuda = dev.type == "cuda"
+    folder = model_folder(root / "graphs", size)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = random_model(folder, dev, dtype)
+    engine = LLMEngine(EngineConfig(model=folder, device=str(dev), dtype="bfloat16" if cuda else "float32",
+                                    kv_cache_memory=0.3 if cuda else 32 << 20, max_num_seqs=32, enforce_eager=True),
+                       model=model, tokenizer=load_tokenizer(folder))
+    graphs = engine.runner.enable_graphs(32, engine.max_model_len, capture=cuda)
+    row("graphs", f"{size}: capture of decode batch sizes {graphs.batch_sizes} (one shared pool)",
+        f"{graphs.capture_seconds:.2f} s" if cuda else "not captured off CUDA: the static-buffer path runs eagerly")
+    replays = [0]
+    run_graph = graphs.run
+
+    def counted(*args):
+        replays[0] += 1
+        return run_graph(*args)
+
+    graphs.run = counted
+    vocab = SIZES[size]["vocab_size"]
+    gen = torch.Generator().manual_seed(4)
+    new = tokens if cuda else 8
+    for batch in (1, 8, 32) if cuda else (1, 3):
+        prompts = [torch.randint(3, vocab, (16,), generator=gen).tolist() for _ in range(batch)]
+        params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+
+        def run(use: bool) -> tuple[float, list[list[int]]]:
+            engine.runner.graphs = graphs if use else None
+            reqs = [GenerationRequest(f"{use}{i}", p, params) for i, p in enumerate(prompts)]
+            sync(dev)
+            t0 = time.perf_counter()
+            out = engine.generate(reqs)
+            sync(dev)
+            dt = time.perf_counter() - t0
+            got = [[t for e in out[r.request_id] for t in e.token_ids] for r in reqs]
+            return sum(map(len, got)) / dt, got
+
+        _, eager_tokens = run(False)
+        before = replays[0]
+        _, graph_tokens = run(True)
+        if replays[0] == before:
+            raise SystemExit("graphs: no decode step went through the graph runner")
+        same = sum(a == b for a, b in zip(eager_tokens, graph_tokens))
+        eager, graphed = [], []
+        for _ in range(2 if cuda else 1):  # alternating
+            eager.append(run(False)[0])
+            graphed.append(run(True)[0])
+        e, g = max(eager), max(graphed)
+        row("graphs", f"{size}: decode batch {batch} x {new} tokens (prompt 16), eager vs graph runner, {dtype}",
+            f"{e:.0f} vs {g:.0f} tok/s = {g / e:.2f}x; greedy tokens equal in {same}/{batch}")
+    engine.runner.graphs = None
+    engine = graphs = model = None  # noqa: F841 - free the device memory
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -334,7 +400,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--skip-peer", action="store_true")
-    ap.add_argument("--sections", default="kernels,greedy,bandwidth,tokens")
+    ap.add_argument("--sections", default="kernels,greedy,bandwidth,graphs,tokens")
     args = ap.parse_args()
     dev = torch.device(args.device)
     # Triton reads this when its kernels are first decorated (their modules are imported lazily)
@@ -351,6 +417,8 @@ def main() -> None:
             check_greedy(dev, root)
         if "bandwidth" in sections:
             lora_bandwidth(dev)
+        if "graphs" in sections:
+            graphs_vs_eager(dev, root, args.sizes.split(",")[0], min(args.tokens, 64))  # the smallest: launch-bound
         if "tokens" in sections:
             for size in args.sizes.split(","):
                 throughput(dev, root, size, args.seqs, args.tokens, args.prompt, not args.skip_peer)

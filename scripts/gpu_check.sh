@@ -2,6 +2,7 @@
 # The GPU check (issue #18): one run of at most ~8 minutes on one GPU that proves the CUDA path and
 # prints the table for BENCHMARKS.md ("GPU"). It needs only what a bare GPU machine holds: torch,
 # triton, transformers (tokenizers and safetensors come with it) and numpy; it fetches nothing.
+#   - benchmarks/gpu.py includes decode tok/s eager vs CUDA graphs (section "graphs", the first size).
 #   - wheels placed under .whl/ are installed first with --no-deps: peft (the transformers + PEFT
 #     comparison; without it that row says "not measured") and pytest (the kernel tests on CUDA;
 #     without it the same checks still run inside benchmarks/gpu.py).

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes already computed "
                                         "(same tokens, same bank version) across requests")
 
+    enforce_eager: bool = Field(False, description="never capture CUDA graphs: every decode step runs eagerly "
+                                "(default on CUDA: decode steps replay graphs captured at start)")
+    cuda_graph_max_batch: int = Field(32, ge=1, description="largest decode batch captured as a CUDA graph (sizes 1, "
+                                      "2, 4, 8, 16, 24, ... up to it); larger decode steps run eagerly")
+
     # Limits and backpressure
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine runs at once")
     max_waiting: int = Field(256, ge=0, description="requests that may wait for a slot; beyond it: 429")

@@ -99,6 +99,7 @@ class SiteSpec:
     full: bool  # one group covering every token, nothing plain
     rows_mask: Tensor | None = None  # [T] bool: tokens with any work at this site (blocks only)
     acts: list = field(default_factory=list)  # blocks: (activation, [P?] selector) per distinct act
+    act_names: set | None = None  # blocks: the activations of the groups' banks (``_act``), once known
 
 
 def _topp_route(logits: Tensor, top_p: float, temperature: float) -> Tensor:
@@ -189,7 +190,7 @@ class BankStep:
 
     def __init__(self, cfg: ModelConfig, state: PoolState, banks: list[StepBank], token_bank: Tensor, *,
                  collect_stats: bool = True, backend: str = "auto", factors: list | None = None,
-                 token_factor: Tensor | None = None, factor_names: list[str] | None = None):
+                 token_factor: Tensor | None = None, factor_names: list[str] | None = None, static_plans: bool = False):
         self.cfg = cfg
         self.factors = list(factors or [])
         self.factor_names = list(factor_names or [w.name for w in self.factors])  # as the registry names them
@@ -214,9 +215,10 @@ class BankStep:
         self._records: list[tuple[object, RouteGroup, Tensor, Tensor, Tensor | None]] = []
         self._routers: dict[tuple, Tensor] = {}  # sites -> their routers concatenated ([M*S, in])
         self._stacked_groups: dict[tuple, RouteGroup] = {}
-        self._cpu_plans = dev.type == "cpu" and backend in ("auto", "cpu")
-        # GPU: plans of static sizes, built without a host sync inside the layer loop
-        self.static_plans = dev.type == "cuda"
+        self._cpu_plans = dev.type == "cpu" and backend in ("auto", "cpu") and not static_plans
+        # GPU: plans of static sizes, built without a host sync inside the layer loop (``static_plans``:
+        # also off CUDA, without the CPU fast path: the step a CUDA graph captures, run eagerly)
+        self.static_plans = dev.type == "cuda" or static_plans
         self._decide = self._decisions()  # (layer, targets) -> WholeLinear | _NOTHING | None (general path)
         self._group_steps: dict[tuple, RouteLoraStep] = {}  # (members, n) -> the step's route_lora group
         self._fast = _FastRecords()  # what the route_lora calls did (shared with sub-steps)
@@ -699,7 +701,10 @@ class BankStep:
         return torch.where(spec.rows_mask.unsqueeze(1), mixed, dense)
 
     def _act(self, spec: SiteSpec, plan: PairPlan, gp: Tensor) -> Tensor:
-        names = {self.banks[int(b)].layout.act_fn for g in spec.groups for b in g.bank.unique()}
+        names = spec.act_names
+        if names is None:  # once per step and site: ``unique`` syncs the host (no sync in a replayed graph)
+            names = spec.act_names = {self.banks[int(b)].layout.act_fn for g in spec.groups for b in g.bank.unique()}
+        names = set(names)
         if len(names) == 1:
             return _activation(names.pop(), self.cfg)(gp)
         # banks with different activations in one layer: each pair gets its own bank's
@@ -712,6 +717,12 @@ class BankStep:
         return out
 
     # -- statistics ----------------------------------------------------------------------------
+
+    def share_records(self, other: "BankStep") -> None:
+        """Reduce ``other``'s routing records in ``routing_stats``: the step ran as a replayed CUDA
+        graph of ``other`` (same banks, this step's rows first), whose records the replay refreshed."""
+        self._records = other._records
+        self._fast = other._fast
 
     def routing_stats(self, pool_slots_used: int | None = None) -> RoutingStats:
         """Reduce the step's routing records (call once, after the forward)."""

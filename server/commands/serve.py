@@ -106,7 +106,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
             long_prefill_token_threshold=settings.long_prefill_token_threshold, max_model_len=settings.max_model_len,
             max_waiting=settings.max_waiting, vision_tower=settings.vision_tower,
             visual_routing=settings.visual_routing, encoder_cache_memory=settings.encoder_cache_memory,
-            enable_prefix_caching=settings.enable_prefix_caching)
+            enable_prefix_caching=settings.enable_prefix_caching, enforce_eager=settings.enforce_eager,
+            cuda_graph_max_batch=settings.cuda_graph_max_batch)
         config.resolved_device()
     except EngineConfigError as exc:
         raise UserError(str(exc)) from None

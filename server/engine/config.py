@@ -44,6 +44,10 @@ class EngineConfig:
     encoder_cache_memory: bytes of tower + projector outputs kept by image content hash.
     enable_prefix_caching: reuse the KV blocks of equal prompt prefixes (same tokens, same bank
         version) across requests (``block_manager.py``).
+    enforce_eager: never capture CUDA graphs (vLLM's flag); on CUDA, decode steps of at most
+        ``cuda_graph_max_batch`` sequences (and ``max_num_seqs``) otherwise replay graphs
+        captured at start (``cuda_graphs.py``).
+    cuda_graph_max_batch: the largest decode batch captured (sizes 1, 2, 4, 8, 16, 24, ... up to it).
     """
 
     model: str | Path
@@ -62,6 +66,8 @@ class EngineConfig:
     visual_routing: str = "dense"
     encoder_cache_memory: int = 256 << 20
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 32
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +95,8 @@ class EngineConfig:
              f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         need(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
         need(self.max_waiting >= 1, f"max_waiting must be >= 1, got {self.max_waiting}")
+        need(isinstance(self.cuda_graph_max_batch, int) and self.cuda_graph_max_batch >= 1,
+             f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch!r}")
         need(isinstance(self.encoder_cache_memory, int) and self.encoder_cache_memory >= 0,
              f"encoder_cache_memory must be bytes >= 0, got {self.encoder_cache_memory!r}")
         from adapters.parrot import VisualRouting  # noqa: PLC0415

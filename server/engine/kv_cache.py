@@ -44,12 +44,16 @@ class KVCache:
 
     A token at position p of a sequence lives in block ``block_table[p // block_size]`` at offset
     ``p % block_size``; its flat slot is ``block * block_size + offset``.
+
+    One more block, ``scratch_block`` (index ``num_blocks``), is never handed out: the padding rows of
+    a decode step padded up to a captured CUDA-graph size (``cuda_graphs.py``) write there.
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.scratch_block = num_blocks
+        shape = (cfg.num_hidden_layers, num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # zeros, not empty: a never-written slot must not hold NaN (it is masked, but 0 * NaN = NaN)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)

@@ -81,6 +81,8 @@ class LLMEngine:
         self.multimodal_spec = self._multimodal_spec()  # what the API layer builds image prompts with
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids, visual=self.visual)
         self.runner.capture_block_ends = config.enable_prefix_caching
+        if device.type == "cuda" and not config.enforce_eager:  # after the cache: graphs read its address
+            self.runner.enable_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs), max_len)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, max_len)
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
         self.sequences: dict[str, list[Sequence]] = {}  # request id -> its choices (finished ones included)

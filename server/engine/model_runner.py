@@ -15,6 +15,7 @@ import torch
 
 from server.model import LlamaModel, StepContext, step_context
 
+from .cuda_graphs import DecodeGraphRunner, capture_sizes
 from .kv_cache import KVCache
 from .paged_attention import PagedAttentionMetadata, PagedAttentionStep, PrefillChunk, select_backend
 from .sampler import Sampler, SamplerOutput, SamplingBatch
@@ -34,6 +35,26 @@ class ModelRunner:
         self.packed_weights = model.pack_weights()  # CPU fp32: oneDNN-blocked copies for the GEMMs
         # prefix caching: keep the hidden state at each block end of prompts scored with log-probabilities
         self.capture_block_ends = False
+        self.graphs: DecodeGraphRunner | None = None  # decode steps through CUDA graphs (``enable_graphs``)
+
+    def enable_graphs(self, max_batch: int, max_model_len: int, capture: bool = True) -> DecodeGraphRunner:
+        """Run plain decode steps of up to ``max_batch`` sequences through ``DecodeGraphRunner``
+        (captured on CUDA when ``capture``; eager through the same static buffers elsewhere)."""
+        self.graphs = DecodeGraphRunner(self.model, self.cache, self.backend, batch_sizes=capture_sizes(max_batch),
+                                        max_blocks=-(-max_model_len // self.cache.block_size))
+        if capture:
+            self.graphs.capture()
+        return self.graphs
+
+    def _graph_covers(self, seqs: list[Sequence], num_tokens: list[int], adapters: Any) -> bool:
+        """Whether this step may run through ``self.graphs``: every row one decode token, no factor
+        bank, no prompt row that is an image's or scores log-probabilities, at most the largest size."""
+        g = self.graphs
+        banks_ok = adapters is None or (hasattr(adapters, "share_records") and not adapters.factors)
+        return (g is not None and banks_ok and len(seqs) <= g.max_batch and all(k == 1 for k in num_tokens)
+                and not any((s.params.prompt_logprobs or s.mm_spans) and s.num_computed_tokens < s.num_prompt_tokens
+                            for s in seqs)
+                and all(len(s.block_table) <= g.max_blocks for s in seqs))
 
     def build_attention(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, PagedAttentionMetadata]:
         """positions [T] and the step's paged attention metadata (see ``PagedAttentionMetadata``)."""
@@ -141,8 +162,13 @@ class ModelRunner:
         by them: each samples its first token from the same logits."""
         seqs, num_tokens = batch.seqs, batch.num_tokens
         ids = [t for s, k in zip(seqs, num_tokens) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + k]]
-        positions, meta = self.build_attention(seqs, num_tokens)
         sample_idx = [i for i, (s, k) in enumerate(zip(seqs, num_tokens)) if s.num_computed_tokens + k == len(s)]
+        if self._graph_covers(seqs, num_tokens, adapters):
+            logits = self.graphs.run(ids, [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs], adapters)
+            if len(sample_idx) < len(seqs):
+                logits = logits[torch.tensor(sample_idx, dtype=torch.long, device=logits.device)]
+            return self._sample([seqs[i] for i in sample_idx], logits)
+        positions, meta = self.build_attention(seqs, num_tokens)
         ends = torch.tensor(num_tokens, dtype=torch.long).cumsum(0) - 1
         logits_indices = ends[torch.tensor(sample_idx, dtype=torch.long)]
         prompt_rows = self._prompt_logprob_rows(seqs, num_tokens)
@@ -176,7 +202,10 @@ class ModelRunner:
             for seq, _ in prompt_rows[2]:
                 seq.pending_prompt_hidden = None
             logits = self._record_prompt_logprobs(logits, len(sample_idx), prompt_rows)
-        sampling = [seqs[i] for i in sample_idx]
+        return self._sample([seqs[i] for i in sample_idx], logits)
+
+    def _sample(self, sampling: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Sample the next token of each of ``sampling`` (and its forks) from its row of ``logits``."""
         if not sampling:
             return [], None
         if any(s.forks for s in sampling):
