@@ -41,7 +41,7 @@ class ServingContext:
     banks: Any = None  # server.api.banks.BankAdmin or None
     retry_after: int = 1
     max_prompts: int = 128  # prompts in one /v1/completions request (settings.max_prompts)
-    max_n: int = 16  # largest n / best_of (settings.max_n)
+    max_n: int = 16  # largest n / best_of (settings.max_n, at most settings.max_num_seqs)
     tool_call_parser: str = "hermes"  # settings.tool_call_parser
     media: Any = None  # server.multimodal.media.MediaPolicy: where chat images may come from, how large
     tokenizers: TokenizerPool | None = None  # None: one worker on the engine's tokenizer
@@ -102,11 +102,11 @@ class OpenAIServing:
         n = 1 if n is None else n
         most = self.ctx.max_n
         if not 1 <= n <= most:
-            raise APIError(400, f"n must be in [1, {most}] (--max-n), got {n}", param="n")
+            raise APIError(400, f"n must be in [1, {most}] (--max-n, --max-num-seqs), got {n}", param="n")
         if best_of is None:
             return n, n
         if not 1 <= best_of <= most:
-            raise APIError(400, f"best_of must be in [1, {most}] (--max-n), got {best_of}", param="best_of")
+            raise APIError(400, f"best_of must be in [1, {most}] (--max-n, --max-num-seqs), got {best_of}", param="best_of")
         if best_of < n:
             raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", param="best_of")
         if stream and best_of > n:

@@ -5,6 +5,7 @@ prompt computed once per request whatever ``n``, and a disconnect aborting every
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from server.api.app import create_app
+from server.api.errors import APIError
 from server.settings import Settings
 from tests.server.conftest import ServerThread, wait_until
 
@@ -209,3 +211,103 @@ def test_disconnect_aborts_every_choice_and_frees_blocks(live):
         with pytest.raises(httpx.ReadTimeout):
             h.post("/v1/completions", json={**body, "stream": False, "max_tokens": 480})
     wait_until(lambda: _idle(llm), timeout=30, what=lambda: f"blocks still held: {llm.sequences}")
+
+
+def test_stop_strings_apply_to_every_choice(live):
+    c, model = live["client"], live["model"]
+    r = c.completions.create(model=model, prompt=PROMPT, n=4, max_tokens=12, seed=4, stop=[" "],
+                             extra_body={"ignore_eos": True})
+    assert all(" " not in ch.text for ch in r.choices)
+    assert any(ch.finish_reason == "stop" for ch in r.choices)  # the random model writes spaces
+    free = c.completions.create(model=model, prompt=PROMPT, n=4, max_tokens=12, seed=4,
+                                extra_body={"ignore_eos": True})
+    for cut, whole in zip(r.choices, free.choices):  # each choice cut at its own first space
+        assert whole.text.startswith(cut.text)
+        assert cut.finish_reason == ("stop" if " " in whole.text else "length")
+
+
+# -- ChoiceFanOut alone ----------------------------------------------------------------------------------
+
+
+def _fan(events, n):
+    from server.api.serving_engine import ChoiceFanOut
+    from server.engine.protocol import GenerationEvent
+
+    aborted = []
+
+    async def source():
+        try:
+            for index, finished in events:
+                await asyncio.sleep(0)
+                if isinstance(index, Exception):
+                    raise index
+                yield GenerationEvent("r", index=index, text=f"{index}", finished=finished)
+        finally:
+            aborted.append("closed")
+
+    async def abort():
+        aborted.append("abort")
+
+    return ChoiceFanOut(source(), n, abort), aborted
+
+
+async def _drain(choice):
+    return [e.text async for e in choice]
+
+
+def test_fan_out_splits_by_index_and_closes_once_all_are_closed():
+    async def main():
+        fan, closed = _fan([(1, False), (0, False), (1, True), (0, False), (0, True)], 2)
+        texts = await asyncio.gather(*(_drain(ch) for ch in fan.choices))
+        assert texts == [["0", "0", "0"], ["1", "1"]]
+        await fan.choices[1].aclose()  # finished: the stream stays open for the other
+        assert closed == []
+        await fan.choices[0].aclose()
+        assert closed == ["closed"]
+
+    asyncio.run(main())
+
+
+def test_fan_out_closing_an_unfinished_choice_ends_the_request():
+    async def main():
+        fan, closed = _fan([(0, False), (1, False), (0, False), (1, False)], 2)
+        assert (await fan.choices[0].__anext__()).index == 0
+        await fan.choices[1].aclose()  # not finished: the request's stream is closed (the engine aborts it)
+        assert closed == ["closed"]
+        with pytest.raises(APIError):  # the other choice learns its stream ended without a final event
+            await fan.choices[0].__anext__()
+
+    asyncio.run(main())
+
+
+def test_fan_out_error_reaches_every_choice():
+    async def main():
+        fan, _ = _fan([(0, False), (ValueError("boom"), False)], 2)
+        results = await asyncio.gather(*(_drain(ch) for ch in fan.choices), return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results)
+
+    asyncio.run(main())
+
+
+def test_fan_out_closing_while_another_choice_reads_aborts():
+    from server.api.serving_engine import ChoiceFanOut
+
+    async def main():
+        gate, aborted = asyncio.Event(), []
+
+        async def source():
+            await gate.wait()  # the engine has nothing yet
+            yield None
+
+        async def abort():
+            aborted.append(True)
+
+        fan = ChoiceFanOut(source(), 2, abort)
+        reader = asyncio.ensure_future(fan.choices[0].__anext__())
+        await asyncio.sleep(0.01)  # choice 0 is inside the stream now
+        await fan.choices[1].aclose()
+        assert aborted == [True]  # the stream could not be closed under its reader: the request is aborted
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+    asyncio.run(main())
