@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=0, description="requests that may wait for a slot; beyond it: 429")
     max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's max_position_embeddings)")
     max_prompts: int = Field(128, ge=1, description="most prompts in one /v1/completions request (one choice each)")
+    max_n: int = Field(16, ge=1, description="largest n (choices per prompt) and best_of (samples per prompt) a request "
+                       "may ask for; beyond it: 400 (the engine also caps them at max_num_seqs)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted; beyond it: 413")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
     max_tokens_default: int | None = Field(

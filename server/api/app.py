@@ -65,7 +65,8 @@ def create_app(settings: Settings, engine: Any, banks: Any = None, metrics: Serv
                          metrics=metrics, banks=banks, retry_after=settings.retry_after, tokenizers=tokenizers,
                          max_tokens_default=settings.max_tokens_default, max_tokens_limit=settings.max_tokens_limit,
                          max_messages=settings.max_messages, media=MediaPolicy.from_settings(settings),
-                         max_prompts=settings.max_prompts, tool_call_parser=settings.tool_call_parser)
+                         max_prompts=settings.max_prompts, max_n=min(settings.max_n, settings.max_num_seqs),
+                         tool_call_parser=settings.tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -6,6 +6,7 @@ Structured outputs (``response_format``, vLLM's ``guided_*``) constrain the outp
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,8 +21,8 @@ from .banks import bank_infos
 from .errors import APIError
 from .images import ChatImages, PreparedImage, check_marker_free, image_parts, render_content, tokenize_with_images
 from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
-                       ChatTokenLogprob, ToolCall, TopLogprob)
-from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, ServingContext
+                       ChatTokenLogprob, ToolCall, TopLogprob, UsageInfo)
+from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, ServingContext, sum_usage
 from .tool_parsers import ParsedCall, get_parser
 
 
@@ -40,6 +41,7 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
                            param="top_logprobs")
         self._check_size(req)
+        n, _ = self.num_choices(req.n)
         plan = tools.plan(req.tools, req.tool_choice)
         structured, structured_param = structured_outputs.from_request(req)
         if plan.structured is not None:
@@ -60,17 +62,33 @@ class OpenAIServingChat(OpenAIServing):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, len(prompt_ids), max_tokens, logprobs, "messages")
         params.structured = structured
-        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank, images=image_inputs)
+        gen = GenerationRequest(self.new_id(), prompt_ids, params, bank=bank, images=image_inputs, n=n)
         model = req.model or self.ctx.model_name
-        first, events = await self.start(http, gen)
+        started = await self.start_all(http, [gen])  # one (first event, the rest) per choice
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            choice = self._choice_stream(0, gen, first, events, plan)
-            return StreamingResponse(self.stream_sse(gen.request_id, model, [choice], include_usage,
+            choices = [self._choice_stream(j, gen, first, events, plan) for j, (first, events) in enumerate(started)]
+            return StreamingResponse(self.stream_sse(gen.request_id, model, choices, include_usage,
                                                      obj="chat.completion.chunk"),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await self.until_disconnect(http, gen.request_id,
-                                           self._full(gen, model, first, events, req.logprobs, plan))
+
+        async def collect() -> ChatCompletionResponse:
+            tasks = [asyncio.ensure_future(self._full(j, gen, first, events, req.logprobs, plan))
+                     for j, (first, events) in enumerate(started)]
+            try:  # the first failure ends the response: the other choices are aborted
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                results = [t.result() for t in tasks]
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            return ChatCompletionResponse(id=gen.request_id, model=model, choices=[c for c, _ in results],
+                                          usage=sum_usage([u for _, u in results]))
+
+        try:
+            return await self.until_disconnect(http, gen.request_id, collect())
+        finally:
+            await asyncio.gather(*(events.aclose() for _, events in started), return_exceptions=True)
 
     def _check_size(self, req: ChatCompletionRequest) -> None:
         """Cheap refusals before the template renders: too many messages, or more text than the
@@ -134,9 +152,10 @@ class OpenAIServingChat(OpenAIServing):
         parser = get_parser(self.ctx.tool_call_parser) if plan.mode == "auto" else None
         return parser.parse(text) if parser is not None else (text, [])
 
-    async def _full(self, gen: GenerationRequest, model: str, first: GenerationEvent,
+    async def _full(self, index: int, gen: GenerationRequest, first: GenerationEvent,
                     events: AsyncIterator[GenerationEvent], want_logprobs: bool | None,
-                    plan: tools.ToolPlan) -> ChatCompletionResponse:
+                    plan: tools.ToolPlan) -> tuple[ChatChoice, UsageInfo]:
+        """One choice, collected: (its ChatChoice, its usage; the prompt counted by choice 0 only)."""
         texts, logprobs, n_tokens, event = [], [], 0, first
         try:
             while True:
@@ -156,12 +175,9 @@ class OpenAIServingChat(OpenAIServing):
             finish = "tool_calls"
         message = AssistantMessage(content=content if calls else (content or ""),
                                    tool_calls=[ToolCall(**c.as_openai()) for c in calls])
-        return ChatCompletionResponse(
-            id=gen.request_id, model=model,
-            choices=[ChatChoice(message=message, finish_reason=finish,
-                                logprobs=ChatChoiceLogprobs(content=logprobs) if want_logprobs else None)],
-            usage=self.usage(event, len(gen.prompt_token_ids), n_tokens),
-        )
+        choice = ChatChoice(index=index, message=message, finish_reason=finish,
+                            logprobs=ChatChoiceLogprobs(content=logprobs) if want_logprobs else None)
+        return choice, self.usage(event, len(gen.prompt_token_ids), n_tokens, count_prompt=index == 0)
 
     def _choice_stream(self, index: int, gen: GenerationRequest, first: GenerationEvent,
                        events: AsyncIterator[GenerationEvent], plan: tools.ToolPlan) -> ChoiceStream:
@@ -209,7 +225,7 @@ class OpenAIServingChat(OpenAIServing):
             return ("tool_calls" if sent_calls and plan.mode in ("auto", "required") and reason in ("stop", "length")
                     else reason)
 
-        return ChoiceStream(index, gen, first, events, content=content,
+        return ChoiceStream(index, gen, first, events, content=content, counts_prompt=index == 0,
                             logprobs=lambda lps: {"content": [x.model_dump() for x in self._logprobs(lps)]},
                             empty={"delta": {}}, preamble={"delta": {"role": "assistant", "content": ""}},
                             finish_reason=finish_reason)

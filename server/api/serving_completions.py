@@ -23,7 +23,7 @@ from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogp
 
 from . import structured_outputs
 from .errors import APIError
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, sum_usage
 
 
@@ -34,8 +34,7 @@ class OpenAIServingCompletion(OpenAIServing):
         bank = self.resolve_bank(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of not in (None, 1):
-            raise APIError(400, f"best_of must be 1, got {req.best_of}", param="best_of")
+        n, samples = self.num_choices(req.n, req.best_of, req.stream)
         prompts = self._prompt_list(req.prompt)
         structured, structured_param = structured_outputs.from_request(req)
         if structured is not None:
@@ -49,29 +48,34 @@ class OpenAIServingCompletion(OpenAIServing):
                                           "prompt")
             params.prompt_logprobs = req.echo and req.logprobs is not None
             params.structured = structured
+            if samples > n and params.logprobs is None:
+                params.logprobs = 0  # best_of ranks the samples by their tokens' log-probabilities
             rid = request_id if len(prompt_ids) == 1 else f"{request_id}-{i}"
-            gens.append(GenerationRequest(rid, ids, params, bank=bank))
+            gens.append(GenerationRequest(rid, ids, params, bank=bank, n=samples))
         model = req.model or self.ctx.model_name
-        started = await self.start_all(http, gens)
-        echoes: list[tuple | None] = [None] * len(gens)
+        started = await self.start_all(http, gens)  # prompt i's sample j at i * samples + j
+        gen_of = [gen for gen in gens for _ in range(samples)]
+        echoes: list[tuple | None] = [None] * len(started)
         if req.echo:
-            for i, (gen, (first, _)) in enumerate(zip(gens, started)):
+            for i, gen in enumerate(gens):
+                first = started[i * samples][0]  # the prompt's log-probabilities come with its first choice
                 text = prompts[i] if isinstance(prompts[i], str) else await self.run_blocking(
                     lambda ids: self.tokenizer.decode(ids), gen.prompt_token_ids)
-                echoes[i] = (text, self._prompt_logprobs(gen.prompt_token_ids, first) if gen.params.prompt_logprobs
-                             else None)
+                echo = (text, self._prompt_logprobs(gen.prompt_token_ids, first) if gen.params.prompt_logprobs
+                        else None)
+                echoes[i * samples:(i + 1) * samples] = [echo] * samples
         if score_only:
-            started = [await self._drop_generated(gen, first, events) for gen, (first, events) in zip(gens, started)]
-        if req.stream:
+            started = [await self._drop_generated(gen, first, events) for gen, (first, events) in zip(gen_of, started)]
+        if req.stream:  # samples == n here
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            choices = [self._choice_stream(i, gen, first, events, echoes[i])
-                       for i, (gen, (first, events)) in enumerate(zip(gens, started))]
+            choices = [self._choice_stream(k, gen, first, events, echoes[k], counts_prompt=k % n == 0)
+                       for k, (gen, (first, events)) in enumerate(zip(gen_of, started))]
             return StreamingResponse(self.stream_sse(request_id, model, choices, include_usage, obj="text_completion"),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
 
         async def collect() -> CompletionResponse:
-            tasks = [asyncio.ensure_future(self._full(i, gen, first, events, echoes[i]))
-                     for i, (gen, (first, events)) in enumerate(zip(gens, started))]
+            tasks = [asyncio.ensure_future(self._full(k, gen, first, events, echoes[k]))
+                     for k, (gen, (first, events)) in enumerate(zip(gen_of, started))]
             try:  # the first failure ends the response: the other choices are aborted
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 results = [t.result() for t in tasks]
@@ -79,8 +83,21 @@ class OpenAIServingCompletion(OpenAIServing):
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            return CompletionResponse(id=request_id, model=model, choices=[c for c, _ in results],
-                                      usage=sum_usage([u for _, u in results]))
+            choices, usages = [], []
+            for i in range(len(gens)):
+                best = results[i * samples:(i + 1) * samples]
+                if samples > n:  # vLLM's best_of: the n samples of highest cumulative log-probability, best first
+                    best = sorted(best, key=lambda r: r[2], reverse=True)[:n]
+                for j, (choice, usage, _) in enumerate(best):
+                    choice.index = i * n + j
+                    if req.logprobs is None:
+                        choice.logprobs = None
+                    if j > 0:  # the prompt, computed once, counts once
+                        usage = UsageInfo(prompt_tokens=0, completion_tokens=usage.completion_tokens,
+                                          total_tokens=usage.completion_tokens)
+                    choices.append(choice)
+                    usages.append(usage)
+            return CompletionResponse(id=request_id, model=model, choices=choices, usage=sum_usage(usages))
 
         try:
             return await self.until_disconnect(http, [g.request_id for g in gens], collect())
@@ -165,8 +182,9 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _full(self, index: int, gen: GenerationRequest, first: GenerationEvent,
                     events: AsyncIterator[GenerationEvent], echo: tuple | None = None):
-        """One choice, collected: (its CompletionChoice, its usage)."""
-        texts, n_tokens, event = [], 0, first
+        """One choice, collected: (its CompletionChoice, its usage, its tokens' cumulative log-probability
+        (0 without logprobs))."""
+        texts, n_tokens, event, cumulative = [], 0, first, 0.0
         logprobs = CompletionLogprobs() if gen.params.logprobs is not None else None
         offset = 0
         if echo is not None:
@@ -178,6 +196,7 @@ class OpenAIServingCompletion(OpenAIServing):
             while True:
                 texts.append(event.text)
                 n_tokens += len(event.token_ids)
+                cumulative += sum(lp.logprob for lp in event.logprobs or ())
                 if logprobs is not None and event.logprobs:
                     part = self._logprobs(event.logprobs, offset)
                     for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
@@ -190,10 +209,11 @@ class OpenAIServingCompletion(OpenAIServing):
             await events.aclose()
         self.check_final(event)
         choice = CompletionChoice(index=index, text="".join(texts), logprobs=logprobs, finish_reason=event.finish_reason)
-        return choice, self.usage(event, len(gen.prompt_token_ids), n_tokens)
+        return choice, self.usage(event, len(gen.prompt_token_ids), n_tokens), cumulative
 
     def _choice_stream(self, index: int, gen: GenerationRequest, first: GenerationEvent,
-                       events: AsyncIterator[GenerationEvent], echo: tuple | None = None) -> ChoiceStream:
+                       events: AsyncIterator[GenerationEvent], echo: tuple | None = None,
+                       counts_prompt: bool = True) -> ChoiceStream:
         offset = 0  # text_offset of the choice's next token, carried across chunks
         preamble = preamble_lp = None
         if echo is not None:  # the prompt first, in a chunk of its own
@@ -209,4 +229,5 @@ class OpenAIServingCompletion(OpenAIServing):
             return part.model_dump()
 
         return ChoiceStream(index, gen, first, events, content=lambda text, final: {"text": text} if text or final else None,
-                            logprobs=logprobs, empty={"text": ""}, preamble=preamble, preamble_logprobs=preamble_lp)
+                            logprobs=logprobs, empty={"text": ""}, preamble=preamble, preamble_logprobs=preamble_lp,
+                            counts_prompt=counts_prompt)

@@ -5,13 +5,14 @@ server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -40,6 +41,7 @@ class ServingContext:
     banks: Any = None  # server.api.banks.BankAdmin or None
     retry_after: int = 1
     max_prompts: int = 128  # prompts in one /v1/completions request (settings.max_prompts)
+    max_n: int = 16  # largest n / best_of (settings.max_n, at most settings.max_num_seqs)
     tool_call_parser: str = "hermes"  # settings.tool_call_parser
     media: Any = None  # server.multimodal.media.MediaPolicy: where chat images may come from, how large
     tokenizers: TokenizerPool | None = None  # None: one worker on the engine's tokenizer
@@ -93,10 +95,27 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of range [0, {vocab})", param=param)
 
+    def num_choices(self, n: int | None, best_of: int | None = None, stream: bool = False) -> tuple[int, int]:
+        """(n, samples): the choices returned per prompt and the samples drawn per prompt (``best_of``:
+        the ``n`` of them with the highest cumulative log-probability are returned; vLLM's semantics).
+        Both are at most ``--max-n``; ``best_of`` >= ``n``; ``best_of`` > ``n`` cannot stream."""
+        n = 1 if n is None else n
+        most = self.ctx.max_n
+        if not 1 <= n <= most:
+            raise APIError(400, f"n must be in [1, {most}] (--max-n, --max-num-seqs), got {n}", param="n")
+        if best_of is None:
+            return n, n
+        if not 1 <= best_of <= most:
+            raise APIError(400, f"best_of must be in [1, {most}] (--max-n, --max-num-seqs), got {best_of}", param="best_of")
+        if best_of < n:
+            raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+        if stream and best_of > n:
+            raise APIError(400, "best_of > n cannot be streamed (the best choices are known only at the end)",
+                           param="best_of")
+        return n, best_of
+
     def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None,
                         prompt_param: str) -> SamplingParams:
-        if req.n not in (None, 1):
-            raise APIError(400, f"n must be 1, got {req.n}", param="n")
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         limit = self.ctx.max_model_len
@@ -150,10 +169,14 @@ class OpenAIServing:
 
     async def start_all(self, http: Request, gens: list[GenerationRequest]
                         ) -> list[tuple[GenerationEvent, AsyncIterator[GenerationEvent]]]:
-        """``start`` for the engine requests of one HTTP request (one per choice), all submitted at
-        once so they share the engine's batches. If one is refused, the others are aborted and its
-        error is raised."""
-        streams = [self._events(gen) for gen in gens]
+        """``start`` for the engine requests of one HTTP request (one per prompt), all submitted at
+        once so they share the engine's batches: the first event and the rest of each choice, in
+        order (request i's ``n`` choices, then request i + 1's). If one is refused, the others are
+        aborted and its error is raised."""
+        streams: list[Any] = []
+        for gen in gens:
+            events = self._events(gen)
+            streams += [events] if gen.n == 1 else ChoiceFanOut(events, gen.n, partial(self.abort, gen.request_id)).choices
 
         async def firsts():
             return await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
@@ -174,6 +197,7 @@ class OpenAIServing:
         admission.enter()
         finished = False
         iterator = None
+        unfinished = gen.n  # choices whose final event is still to come
         try:
             try:
                 iterator = await self._submit(gen)
@@ -183,7 +207,8 @@ class OpenAIServing:
                 raise from_exception(exc, self.ctx.retry_after) from None
             try:
                 async for event in iterator:
-                    finished = event.finished
+                    unfinished -= event.finished
+                    finished = unfinished <= 0
                     yield event
                     if finished:
                         return
@@ -292,7 +317,7 @@ class OpenAIServing:
                     if fields is not None or lp:
                         await queue.put(chunk(c, c.empty if fields is None else fields, None, lp))
                     event = await c.events.__anext__()
-                usages.append(self.usage(event, len(c.gen.prompt_token_ids), n_tokens))
+                usages.append(self.usage(event, len(c.gen.prompt_token_ids), n_tokens, c.counts_prompt))
             except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
                 await queue.put(exc)
             finally:
@@ -322,9 +347,12 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     @staticmethod
-    def usage(event: GenerationEvent, prompt_len: int, completion_tokens: int) -> UsageInfo:
+    def usage(event: GenerationEvent, prompt_len: int, completion_tokens: int, count_prompt: bool = True) -> UsageInfo:
+        """One choice's usage; ``count_prompt`` False for a prompt's choices after its first (the
+        prompt, computed once, counts once)."""
         u = event.usage or Usage(prompt_len, completion_tokens)
-        return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+        p = u.prompt_tokens if count_prompt else 0
+        return UsageInfo(prompt_tokens=p, completion_tokens=u.completion_tokens, total_tokens=p + u.completion_tokens)
 
     @staticmethod
     def check_final(event: GenerationEvent) -> None:
@@ -350,10 +378,80 @@ class ChoiceStream:
     preamble: dict[str, Any] | None = None
     preamble_logprobs: Any = None
     finish_reason: Callable[[str | None], str | None] = lambda reason: reason
+    counts_prompt: bool = True  # False for a prompt's choices after its first: usage counts the prompt once
+
+
+class ChoiceFanOut:
+    """The ``n`` choices of one engine request as one event iterator each (``choices[j]``).
+
+    The engine streams the choices' events interleaved (``GenerationEvent.index``); whichever
+    choice's reader needs an event pulls the next one from the request's stream and files it under
+    its choice. An error of the stream reaches every choice. Closing a choice that has not finished
+    closes the stream (the engine aborts every choice of the request; ``abort`` does it while another
+    choice is reading the stream); so does closing the last."""
+
+    def __init__(self, events: AsyncIterator[GenerationEvent], n: int, abort: Callable[[], Awaitable[None]]):
+        self._events, self._abort = events, abort
+        self._queues: list[collections.deque[GenerationEvent]] = [collections.deque() for _ in range(n)]
+        self._finished = [False] * n
+        self._closed = [False] * n
+        self._lock = asyncio.Lock()
+        self._error: BaseException | None = None
+        self.choices = [_Choice(self, j) for j in range(n)]
+
+    async def next(self, j: int) -> GenerationEvent:
+        queue = self._queues[j]
+        while not queue:
+            if self._error is not None:
+                raise self._error
+            if self._finished[j]:
+                raise StopAsyncIteration
+            async with self._lock:
+                if queue or self._error is not None:
+                    continue
+                try:
+                    event = await self._events.__anext__()
+                except StopAsyncIteration:
+                    self._error = APIError(500, "the engine ended the request without a final event")
+                    continue
+                except Exception as exc:
+                    self._error = exc
+                    raise
+                self._queues[event.index].append(event)
+        event = queue.popleft()
+        self._finished[j] = self._finished[j] or event.finished
+        return event
+
+    async def close(self, j: int) -> None:
+        if self._closed[j]:
+            return
+        self._closed[j] = True
+        if not self._finished[j] or all(self._closed):
+            try:
+                await self._events.aclose()
+            except RuntimeError:  # another choice is reading it now: abort the request instead
+                await self._abort()
+
+
+class _Choice:
+    """One choice of a ``ChoiceFanOut``: an async iterator of its events with ``aclose``."""
+
+    def __init__(self, fan: ChoiceFanOut, index: int):
+        self._fan, self._index = fan, index
+
+    def __aiter__(self) -> "_Choice":
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        return await self._fan.next(self._index)
+
+    async def aclose(self) -> None:
+        await self._fan.close(self._index)
 
 
 def sum_usage(usages: list[UsageInfo]) -> UsageInfo:
-    """The usage of a response with several choices: every prompt's tokens and every completion's."""
+    """The usage of a response with several choices: every prompt's tokens (once per prompt: its
+    later choices' usages count none) and every completion's."""
     p, c = sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages)
     return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 

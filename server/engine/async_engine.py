@@ -252,8 +252,8 @@ class AsyncEngine:
                     self.engine.add_request(request, adapter_handle=handle, acquired=True)
                 except Exception as exc:  # noqa: BLE001 - e.g. a duplicate id raced in: fail that request
                     self.engine.release_bank(handle)
-                    events.append(GenerationEvent(request_id=request.request_id, finished=True,
-                                                  finish_reason="error", error=str(exc)))
+                    events += [GenerationEvent(request_id=request.request_id, index=j, finished=True,
+                                               finish_reason="error", error=str(exc)) for j in range(request.n)]
             else:
                 events += self.engine.abort(arg)
         return events

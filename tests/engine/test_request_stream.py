@@ -38,3 +38,21 @@ def test_a_lagging_reader_gets_one_merged_event_per_choice():
         assert [e async for e in stream] == []
 
     asyncio.run(main())
+
+
+def test_a_request_refused_in_the_step_thread_ends_every_choice():
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.protocol import GenerationRequest, InvalidRequest, SamplingParams
+
+    class Refusing:
+        def add_request(self, request, **_):
+            raise InvalidRequest("request id 'r' is already in use")
+
+        def release_bank(self, handle):
+            pass
+
+    engine = AsyncEngine(None, engine=Refusing())
+    engine._inbox.append(("add", (GenerationRequest("r", [1, 2], SamplingParams(), n=3), None)))
+    events = engine._drain_inbox()  # a stream waiting for three final events gets three
+    assert sorted(e.index for e in events) == [0, 1, 2]
+    assert all(e.finished and e.finish_reason == "error" and "in use" in e.error for e in events)

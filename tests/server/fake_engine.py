@@ -81,6 +81,8 @@ class FakeEngine:
             raise InvalidRequest(f"prompt ({len(req.prompt_token_ids)}) + max_tokens ({req.params.max_tokens}) > {limit}")
         if req.bank is not None and (self.banks is None or req.bank not in {b.name for b in self.banks.list()}):
             raise UnknownBank(f"no bank named {req.bank!r}")
+        if req.n != 1:
+            raise InvalidRequest(f"the fake engine samples one choice per request, got n={req.n}", param="n")
         if len(self.waiting) >= self.max_waiting:
             raise EngineOverloaded(f"{len(self.waiting)} requests are waiting")
         seq = _Seq(req, asyncio.Queue())

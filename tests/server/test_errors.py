@@ -30,7 +30,8 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 
 
 @pytest.mark.parametrize("body, status, words, param", [
-    ({"messages": MSG, "n": 2}, 400, ["n must be 1"], "n"),
+    ({"messages": MSG, "n": 0}, 400, ["n must be in [1, 16]"], "n"),
+    ({"messages": MSG, "n": 17}, 400, ["n must be in [1, 16]", "--max-n"], "n"),
     ({"messages": MSG, "temperature": -1}, 400, ["temperature"], None),
     ({"messages": MSG, "top_p": 0}, 400, ["top_p"], None),
     ({"messages": MSG, "top_k": -5}, 400, ["top_k"], None),
@@ -87,7 +88,9 @@ def test_chat_client_errors(served, body, status, words, param):
     ({"prompt": "x", "guided_json": {"type": "object", "required": 5}}, 400, ["guided_json"]),
     ({"prompt": [1, 2, -3]}, 400, ["out of range"]),
     ({"prompt": "x", "max_tokens": 0}, 400, ["max_tokens"]),  # 0 only with echo (scoring the prompt)
-    ({"prompt": "x", "best_of": 3}, 400, ["best_of"]),
+    ({"prompt": "x", "best_of": 2, "n": 3}, 400, ["best_of (2) must be at least n (3)"]),
+    ({"prompt": "x", "best_of": 17}, 400, ["best_of must be in [1, 16]"]),
+    ({"prompt": "x", "best_of": 3, "stream": True}, 400, ["best_of > n cannot be streamed"]),
     ({"prompt": "x", "logprobs": 30}, 400, ["logprobs"]),
     ({"prompt": {"a": 1}}, 422, ["prompt"]),
 ])

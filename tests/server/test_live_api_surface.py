@@ -135,3 +135,23 @@ def test_batched_loglikelihood_equals_one_by_one(live):
         # lm-eval's is_greedy: the echoed token is its top alternative
         assert [max(t, key=t.get) if t else None for t in ch.logprobs.top_logprobs] == \
             [max(t, key=t.get) if t else None for t in one.logprobs.top_logprobs]
+
+
+def test_n_choices_each_match_the_schema_and_tools(live):
+    """n > 1: every choice is constrained by its own grammar matcher, and tool calls parse per choice."""
+    c, model = live["client"], live["model"]
+    r = c.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Classify the sentiment of: 'meh'. Answer in JSON."}],
+        max_tokens=60, temperature=1.0, seed=3, n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "out", "strict": True, "schema": SENTIMENT}})
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    for choice in r.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), SENTIMENT)
+    msg = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = c.chat.completions.create(model=model, messages=msg, tools=[WEATHER], tool_choice="required", max_tokens=120,
+                                  n=2, temperature=1.0, seed=5)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
