@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from server.model.generate import greedy_generate
-    from server.model.parrot import load_model_with_vision
+    from server.model.parrot import load_model_with_vision, release_stop_ids
 
     path = resolve_model_path(args.model)
     model, vision = load_model_with_vision(path, vision_tower=args.vision_tower)
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
             ids = ids["input_ids"]
     else:
         ids = tok(args.prompt)["input_ids"]
-    out = greedy_generate(model, [list(ids)], args.max_tokens, model.config.eos_token_ids)[0]
+    eos = tuple(model.config.eos_token_ids)
+    out = greedy_generate(model, [list(ids)], args.max_tokens, eos + release_stop_ids(vision, tok, eos))[0]
     print(tok.decode(out, skip_special_tokens=True))
     return 0
 

@@ -204,3 +204,54 @@ def test_over_long_image_prompt_is_a_400_over_http(tmp_path, parrot_dir, parrot_
         assert "tokenizer_model_max_length" in err["message"] and "60" in err["message"]
         assert err["code"] == "context_length_exceeded" and err["type"] == "invalid_request_error"
         assert c.post("/v1/chat/completions", json=body("Hi?")).status_code == 200
+
+
+def test_serve_builds_a_parrot_checkpoint_and_answers_image_and_text_chats(parrot_dir, parrot_tokenizer, image_files):
+    """``moleserve serve --model <parrot>``'s engine and app (build_engine: what `serve` runs before
+    the port opens): an image chat and a text chat both answered; the image's positions in usage."""
+    import base64
+
+    from server.api.app import create_app
+    from server.commands.serve import build_engine
+    from server.settings import Settings
+    from tests.server.conftest import ServerThread
+
+    settings = Settings(model=str(parrot_dir), kv_cache_memory=16 << 20, max_num_seqs=4, dtype="float32")
+    engine, banks = build_engine(settings)
+    url = "data:image/png;base64," + base64.b64encode(image_files[1].read_bytes()).decode()
+    with ServerThread(create_app(settings, engine, banks)) as st, \
+            httpx.Client(base_url=f"http://127.0.0.1:{st.port}", timeout=60) as c:
+        image = c.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]})
+        text = c.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+    assert image.status_code == 200 and text.status_code == 200, (image.text, text.text)
+    before, after = _release_pieces(parrot_tokenizer, QUESTION)
+    assert image.json()["usage"]["prompt_tokens"] == len(before) + TOKENS_PER_IMAGE + len(after)
+
+
+def test_serve_refuses_a_hub_tower_before_the_port_opens(capsys, tmp_path, parrot_dir):
+    folder = shutil.copytree(parrot_dir, tmp_path / "p")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    code = main(["serve", "--model", str(folder), "--port", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--vision-tower" in err and len(err.splitlines()) == 1
+
+
+def test_generation_stops_at_im_end_as_released(tmp_path, parrot_dir, parrot_tokenizer, tiny_model_dir):
+    """The release stops at <|im_end|> whatever config.json's eos_token_id names (Qwen's base
+    config names <|endoftext|>); a text-only model keeps its own EOS ids only."""
+    from server.engine.llm_engine import load_tokenizer
+    from server.model.parrot import load_model_with_vision
+
+    vocab = parrot_tokenizer.get_vocab()
+    im_end, endoftext = vocab["<|im_end|>"], vocab["<|endoftext|>"]
+    folder = shutil.copytree(parrot_dir, tmp_path / "p")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["eos_token_id"] = endoftext
+    (folder / "config.json").write_text(json.dumps(cfg))
+    engine = make_engine(folder, load_model_with_vision(folder), tokenizer=parrot_tokenizer)
+    assert set(engine.eos_token_ids) == {endoftext, im_end}
+    text_only = make_engine(tiny_model_dir, load_model_with_vision(tiny_model_dir), tokenizer=load_tokenizer(tiny_model_dir))
+    assert tuple(text_only.eos_token_ids) == tuple(text_only.model_config.eos_token_ids)
