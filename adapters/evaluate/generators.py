@@ -130,7 +130,7 @@ class EngineGenerator:
     """
 
     def __init__(self, model: LlamaModel, tokenizer, bank=None, *, model_path: str = "<in memory>",
-                 max_num_seqs: int = 16, kv_cache_memory: int = 256 << 20, vision=None):
+                 max_num_seqs: int = 16, kv_cache_memory: int | None = 256 << 20, vision=None):
         """``vision``: the model's ``server.model.parrot.ModelVision`` (image prompts), None for text only."""
         from adapters.runtime.registry import BankRegistry
         from server.engine.config import EngineConfig

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or the trainer's model and adapter step in this process")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--max-tokens", type=int, default=32, help="generate mode: new tokens at most")
+    parser.add_argument("--kv-cache-memory", type=int, default=256 << 20, metavar="BYTES",
+                        help="engine runner: bytes of KV cache (default 256 MiB; a 7B model with image prompts needs more)")
     parser.add_argument("--json", metavar="OUT", help="write the results (accuracy, per-set numbers, predictions) here")
 
 
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     generator = scorer = runner
     if args.runner == "engine":
         generator = scorer = EngineGenerator(model, tokenizer, bank, model_path=str(path),
-                                             max_num_seqs=args.batch_size, vision=vision)
+                                             max_num_seqs=args.batch_size, kv_cache_memory=args.kv_cache_memory,
+                                             vision=vision)
     results = []
     try:
         for file in args.data:

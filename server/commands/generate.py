@@ -70,7 +70,7 @@ def _ask_about_image(model, vision, tokenizer, path, args: argparse.Namespace) -
         raise UserError(f"--image {str(image)!r}: {exc.strerror or exc}") from None
     except MediaError as exc:
         raise UserError(f"--image {str(image)!r}: {exc}") from None
-    generator = EngineGenerator(model, tokenizer, model_path=str(path), max_num_seqs=1, kv_cache_memory=64 << 20,
+    generator = EngineGenerator(model, tokenizer, model_path=str(path), max_num_seqs=1, kv_cache_memory=None,
                                 vision=vision)
     spec = generator.engine.multimodal_spec
     ids, images = image_chat_prompt(tokenizer, spec, args.prompt, spec.processor(loaded.image), loaded.content_hash)
