@@ -141,7 +141,10 @@ class EngineGenerator:
         self.engine = LLMEngine(config, model=model, tokenizer=tokenizer, vision=vision)
         self.bank_name = None
         if bank is not None:
-            registry = BankRegistry(model.config, device=model.device, dtype=model.dtype)
+            from adapters.parrot.bank import TowerSpec
+
+            tower = TowerSpec.of(vision.tower) if vision is not None else None  # parrot banks check they fit it
+            registry = BankRegistry(model.config, device=model.device, dtype=model.dtype, tower=tower)
             registry.add(bank)
             self.engine.set_adapter_provider(registry)
             self.bank_name = bank.name

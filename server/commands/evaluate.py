@@ -57,9 +57,13 @@ def run(args: argparse.Namespace) -> int:
         from adapters import BaseFingerprint, load_bank
 
         bank = load_bank(args.bank, base=BaseFingerprint.from_hf_config(model.config.raw))
-    runner = LocalRunner(model, bank, batch_size=args.batch_size)
-    generator = scorer = runner
-    if args.runner == "engine":
+    runner = None
+    if args.runner == "local":
+        if bank is not None and bank.kind == "parrot":
+            raise UserError("a parrot bank runs through the serving engine; drop --runner local")
+        runner = LocalRunner(model, bank, batch_size=args.batch_size)
+        generator = scorer = runner
+    else:
         generator = scorer = EngineGenerator(model, tokenizer, bank, model_path=str(path),
                                              max_num_seqs=args.batch_size, kv_cache_memory=args.kv_cache_memory,
                                              vision=vision)

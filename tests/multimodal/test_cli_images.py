@@ -255,3 +255,24 @@ def test_generation_stops_at_im_end_as_released(tmp_path, parrot_dir, parrot_tok
     assert set(engine.eos_token_ids) == {endoftext, im_end}
     text_only = make_engine(tiny_model_dir, load_model_with_vision(tiny_model_dir), tokenizer=load_tokenizer(tiny_model_dir))
     assert tuple(text_only.eos_token_ids) == tuple(text_only.model_config.eos_token_ids)
+
+
+def test_eval_image_set_through_a_parrot_bank_on_a_tower_only_base(capsys, tmp_path, tiny_model_dir, tower_dir,
+                                                                    image_files):
+    from tests.adapters.bank_builders import fingerprint_of
+    from tests.parrot.test_bank import parrot_bank
+
+    from .builders import TOWER
+
+    bank, _ = parrot_bank(fingerprint_of(tiny_model_dir), mm=TOWER["hidden_size"], tokens=TOKENS_PER_IMAGE, name="pb")
+    bank.save(tmp_path / "pb")
+    shutil.copy(image_files[0], tmp_path / "a.png")
+    data = _write_set(tmp_path, [{"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}])
+    argv = ["eval", "--model", str(tiny_model_dir), "--vision-tower", str(tower_dir), "--data", str(data),
+            "--max-tokens", "2"]
+    assert main([*argv, "--bank", str(tmp_path / "pb")]) == 0, capsys.readouterr().err
+    assert "exact" in capsys.readouterr().out
+    assert main(argv) == 2 and "parrot bank" in capsys.readouterr().err  # no projector without the bank
+    assert main([*argv, "--bank", str(tmp_path / "pb"), "--runner", "local"]) == 2
+    assert "serving engine" in capsys.readouterr().err
