@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import time
-import unicodedata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,11 +199,6 @@ def question(record: dict) -> str:
     return record["conversations"][0]["value"].replace("<image>", "").strip()
 
 
-def normalise(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).strip().casefold()
-    return re.sub(r"[\s\.\!\?。！？,，:;'\"]+$", "", re.sub(r"^[\s'\"]+", "", text))
-
-
 def chat_body(bank: str, record: dict, root: Path, *, stream: bool = False, max_tokens: int = 8) -> dict:
     return {"model": bank, "temperature": 0, "max_tokens": max_tokens, "stream": stream,
             "messages": [{"role": "user", "content": [
@@ -216,6 +210,8 @@ async def accuracy(server: Server, bank: str, records: list[dict], root: Path, c
     """Exact-match accuracy per language and task, and /metrics's visual expert selections per language."""
     import httpx
 
+    from adapters.evaluate.images import exact_match  # the scoring `moleserve eval` uses on image question sets
+
     per: dict = {}
     selections: dict[str, list[float]] = {}
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
@@ -226,7 +222,7 @@ async def accuracy(server: Server, bank: str, records: list[dict], root: Path, c
                 r = await client.post("/v1/chat/completions", json=chat_body(bank, record, root))
                 r.raise_for_status()
                 text = r.json()["choices"][0]["message"]["content"]
-                ok = normalise(text) == normalise(record["answer"])
+                ok = exact_match(text, record["answer"])
                 for key in (record["language"], f"{record['language']}/{record['task']}", "all"):
                     hit = per.setdefault(key, [0, 0])
                     hit[0] += ok

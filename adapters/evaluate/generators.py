@@ -130,31 +130,37 @@ class EngineGenerator:
     """
 
     def __init__(self, model: LlamaModel, tokenizer, bank=None, *, model_path: str = "<in memory>",
-                 max_num_seqs: int = 16, kv_cache_memory: int = 256 << 20):
+                 max_num_seqs: int = 16, kv_cache_memory: int | None = 256 << 20, vision=None):
+        """``vision``: the model's ``server.model.parrot.ModelVision`` (image prompts), None for text only."""
         from adapters.runtime.registry import BankRegistry
         from server.engine.config import EngineConfig
         from server.engine.llm_engine import LLMEngine
 
         config = EngineConfig(model=model_path, max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory,
                               max_num_batched_tokens=max(512, 256 * max_num_seqs))
-        self.engine = LLMEngine(config, model=model, tokenizer=tokenizer)
+        self.engine = LLMEngine(config, model=model, tokenizer=tokenizer, vision=vision)
         self.bank_name = None
         if bank is not None:
-            registry = BankRegistry(model.config, device=model.device, dtype=model.dtype)
+            from adapters.parrot.bank import TowerSpec
+
+            tower = TowerSpec.of(vision.tower) if vision is not None else None  # parrot banks check they fit it
+            registry = BankRegistry(model.config, device=model.device, dtype=model.dtype, tower=tower)
             registry.add(bank)
             self.engine.set_adapter_provider(registry)
             self.bank_name = bank.name
         self._ids = 0
 
-    def generate(self, prompts, max_tokens, done=None, stop: list[str] | None = None):
+    def generate(self, prompts, max_tokens, done=None, stop: list[str] | None = None, images=None):
+        """``images``: per prompt, its ``ImageInput`` list (``server.multimodal.prompt``), or None."""
         from server.engine.protocol import GenerationRequest, SamplingParams
 
         requests = []
-        for p in prompts:
+        for k, p in enumerate(prompts):
             self._ids += 1
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []),
                                     include_stop_str_in_output=True)
-            requests.append(GenerationRequest(f"eval-{self._ids}", list(p), params, bank=self.bank_name))
+            requests.append(GenerationRequest(f"eval-{self._ids}", list(p), params, bank=self.bank_name,
+                                              images=list(images[k]) if images is not None else []))
         events = self._run(requests)
         return [[t for e in events[r.request_id] for t in e.token_ids] for r in requests]
 

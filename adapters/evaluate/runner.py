@@ -24,6 +24,7 @@ class SetResult:
     seconds: float
     unanswered: int = 0  # generate mode: no label found in the generation
     predictions: list[str] = field(default_factory=list)
+    groups: dict[str, list[int]] = field(default_factory=dict)  # image sets: [correct, n] per language / task
 
     @property
     def accuracy(self) -> float:
@@ -34,6 +35,10 @@ class SetResult:
         d["accuracy"] = self.accuracy
         if not with_predictions:
             d.pop("predictions")
+        if not self.groups:
+            d.pop("groups")
+        else:
+            d["groups"] = {k: {"accuracy": c / n if n else 0.0, "correct": c, "n": n} for k, (c, n) in self.groups.items()}
         return d
 
 

@@ -28,6 +28,7 @@ import torch
 
 from server.multimodal.inputs import ImageInput, MultiModalSpec
 from server.multimodal.media import MediaError, MediaPolicy, load_image
+from server.multimodal.prompt import split_at_images
 
 from .errors import APIError
 
@@ -108,19 +109,10 @@ def tokenize_with_images(tokenizer: Any, text: str, images: Sequence[PreparedIma
                          spec: MultiModalSpec) -> tuple[list[int], list[ImageInput]]:
     """The rendered prompt split at ``spec.image_token``, each piece tokenised (no special tokens
     added) and ``spec.tokens_per_image`` placeholders in each gap: (prompt ids, the images' spans)."""
-    pieces = text.split(spec.image_token)
-    if len(pieces) != len(images) + 1:
-        raise APIError(400, f"the chat template rendered {len(pieces) - 1} image markers for {len(images)} images",
-                       param="messages")
-    ids: list[int] = []
-    inputs: list[ImageInput] = []
-    for piece, image in zip(pieces, [*images, None]):
-        if piece:
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-        if image is not None:
-            inputs.append(ImageInput(image.pixel_values, image.content_hash, len(ids), spec.tokens_per_image))
-            ids.extend([spec.placeholder_token_id] * spec.tokens_per_image)
-    return ids, inputs
+    try:
+        return split_at_images(tokenizer, text, [(i.pixel_values, i.content_hash) for i in images], spec)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
 
 
 class ChatImages:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from server.model import LlamaModel, ModelConfig
-from server.model.parrot import load_model_with_vision
+from server.model.parrot import load_model_with_vision, release_stop_ids
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -72,7 +72,7 @@ class LLMEngine:
                         max_len, num_blocks * bs, num_blocks * bs)
             max_len = num_blocks * bs
         self.max_model_len = max_len
-        self.eos_token_ids = tuple(cfg.eos_token_ids)
+        self.eos_token_ids = tuple(cfg.eos_token_ids) + release_stop_ids(self.vision, self.tokenizer, cfg.eos_token_ids)
         self.cache = KVCache(cfg, num_blocks, bs, device, dtype)
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

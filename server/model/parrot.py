@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ from .vision import VisionTower, load_vision_tower
 from .weights import read_checkpoint
 
 PARROT_MODEL_TYPE = "parrot_qwen2"
+RELEASE_STOP_TOKEN = "<|im_end|>"  # the release's conversation template stops generation here
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 ADAPTER_PREFIX = "model."  # the adapter's own keys are mm_projector.* and moe_model.*
 
@@ -128,3 +130,14 @@ def load_model_with_vision(path: str | Path, *, vision_tower: str | Path | None 
     adapter = _load_adapter(folder, pcfg, state, device, dtype) if is_parrot else None
     llm = load_model(folder, device=device, dtype=dtype, state=state, quantization=quantization)
     return llm, ModelVision(tower=tower, adapter=adapter, config=pcfg, name=cfg.name)
+
+
+def release_stop_ids(vision: ModelVision | None, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """Stop ids a Parrot checkpoint needs beyond config.json's ``eos_token_id``: the release stops
+    generation at ``<|im_end|>`` (its ChatML template's end of turn) whatever that key names (a Qwen
+    base config names ``<|endoftext|>``). Empty for any other model."""
+    if vision is None or vision.adapter is None or tokenizer is None:
+        return ()
+    vocab = tokenizer.get_vocab()
+    tid = vocab.get(RELEASE_STOP_TOKEN)
+    return (tid,) if isinstance(tid, int) and tid not in eos_token_ids else ()

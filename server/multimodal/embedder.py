@@ -121,6 +121,14 @@ class VisualEmbedder:
             raise InvalidRequest(f"bank {bank!r} is not a parrot bank (it has no visual adapter), and this model has "
                                  f"no projector of its own: an image request must name a parrot bank")
         ids = request.prompt_token_ids
+        limit = adapter.config.max_length
+        if limit is not None and len(ids) > limit:
+            # The release truncates the merged sequence (text + image embeddings) here, which would cut
+            # the question's end and the assistant header: refuse instead, as --max-model-len does.
+            owner = f"bank {bank!r}" if label is not None else "this model"
+            raise InvalidRequest(f"the prompt with its image has {len(ids)} tokens; {owner} takes image prompts of at "
+                                 f"most {limit} tokens (tokenizer_model_max_length, where the release truncates)",
+                                 param="messages", code="context_length_exceeded")
         inside = set()
         for img in request.images:
             inside.update(range(img.offset, img.offset + img.length))

@@ -213,3 +213,33 @@ def test_the_bank_serves_what_it_learned(stage_runs, data_file, tower_dir, tiny_
             loss, _ = objective([ex])
         rows = batch.predict_rows
         assert torch.allclose(served[rows].mean().neg(), loss, atol=1e-4), (served[rows].mean(), loss)
+
+
+def test_the_llm_stays_frozen(stage_runs, llm, tiny_model_dir):
+    """Both stages train the projector (and the mixture) only: the language model they ran on is
+    bit for bit the one on disk."""
+    from server.model import load_model
+
+    fresh = load_model(tiny_model_dir).state_dict()
+    for name, t in llm.state_dict().items():
+        assert torch.equal(t, fresh[name]), name
+    assert not any(p.requires_grad for p in llm.parameters())
+
+
+def test_cli_trains_a_parrot_bank_with_progress_bars(data_file, tower_dir, tiny_model_dir, tmp_path, capsys):
+    from server.cli import main
+
+    out = tmp_path / "cli-parrot"
+    rc = main(["train", "--kind", "parrot", "--stage", "2", "--model", str(tiny_model_dir), "--data", str(data_file),
+               "--vision-tower", str(tower_dir), "--out", str(out), "--experts", "2", "--moe-intermediate-size", "16",
+               "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "encode images" in captured.err and "train parrot (stage 2)" in captured.err  # the tqdm bars
+    for name in ("bank.json", "weights.safetensors", "training.json", "curves.png"):
+        assert (out / name).is_file(), name
+    bank = load_bank(out)
+    assert bank.kind == "parrot" and bank.parrot.config.num_experts == 2 and bank.name == "cli-parrot"
+    rc = main(["train", "--kind", "parrot", "--model", str(tiny_model_dir), "--data", str(data_file),
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--vision-tower" in capsys.readouterr().err
