@@ -93,7 +93,7 @@ def train_banks(work: Path, data: Path, tower: Path, args) -> dict:
     runs = work / "runs"
     common = ["train", "--kind", "parrot", "--data", str(data / "train.json"), "--vision-tower", str(tower),
               "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
-              "--cutoff", "256", "--seed", "0", "--no-progress"]
+              "--cutoff", "256", "--seed", "0", "--no-progress", "--save-every", "5"]
     times = {}
     runs.mkdir(exist_ok=True)
     if args.recipe == "joint":
