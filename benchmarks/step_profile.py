@@ -1,9 +1,15 @@
-"""Where a batch-1 decode step goes, on the embedded default: the engine's step wall time split into
-the base weights' GEMMs, attention, the other torch ops (norms, RoPE, activations, casts) and what
-is not a torch op (Python: scheduling, metadata, sampling, detokenization). Prints the
-BENCHMARKS.md table ("Quantized base: a batch-1 step").
+"""Where a decode step goes, on the embedded default: decode steps only (the prompts' prefill runs
+before the timed and profiled steps), split into the base weights' GEMMs, the LM head, attention,
+the other work inside the model's forward (norms, RoPE, activations, casts and the Python that
+calls them per layer), the sampler, the model runner's own work (per-step metadata, logits
+checks), and the engine outside the runner (scheduler, detokenization, events).
 
-    python benchmarks/step_profile.py [--quantizations none auto] [--tokens 32] [--threads 2] [--top 12]
+Variants, each an engine on the same folder, timed in alternation in one process:
+``none`` (fp32 weights), ``auto`` (the GGUF's int4 blocks, int8 LM head), ``auto-floathead``
+(``auto`` with the LM head in fp32, as main had it before issue #21's batch-invariant head).
+
+    python benchmarks/step_profile.py [--variants none auto auto-floathead] [--batch 1 8 32]
+        [--steps 16] [--rounds 3] [--threads 2] [--top 0] [--no-profile]
 """
 
 from __future__ import annotations
@@ -18,71 +24,138 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 GEMM_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise",
-            "aten::linear", "aten::addmm", "aten::mm")
+            "aten::linear", "aten::addmm", "aten::mm", "aten::_int_mm")
+LABELS = ("step.forward", "step.lm_head", "step.attention", "step.sampler", "step.runner")
+
+
+def label(cls, name: str, tag: str) -> None:
+    """Wrap ``cls.name`` in a profiler range ``tag`` (Python and C++ calls alike)."""
+    fn = getattr(cls, name)
+
+    def wrapped(*a, **k):
+        with torch.profiler.record_function(tag):
+            return fn(*a, **k)
+
+    setattr(cls, name, wrapped)
+
+
+def build(variant: str, folder, max_seqs: int):
+    from server.engine.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine
+
+    quant = "none" if variant == "none" else "auto"
+    engine = LLMEngine(EngineConfig(model=folder, device="cpu", dtype="float32", quantization=quant,
+                                    kv_cache_memory=256 << 20, max_num_seqs=max_seqs))
+    if variant == "auto-floathead":
+        engine.model.lm_head_quant = None  # the fp32 (oneDNN-packed) head
+    return engine
+
+
+def start(engine, batch: int, steps: int, tag: str) -> None:
+    """Queue ``batch`` 64-token prompts and step until every one has sampled its first token."""
+    from server.engine.protocol import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(GenerationRequest(f"{tag}-{i}", list(range(1000 + i, 1064 + i)), params))
+    sampled = 0
+    while sampled < batch:
+        sampled += len(engine.step())
+
+
+def decode(engine, steps: int) -> float:
+    """Seconds per decode step (mean over ``steps``), then drain."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    dt = (time.perf_counter() - t0) / steps
+    while engine.has_unfinished():
+        engine.step()
+    return dt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quantizations", nargs="+", default=["none", "auto"])
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--variants", nargs="+", default=["none", "auto", "auto-floathead"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--top", type=int, default=0, help="print each variant's top ops (batch 1)")
+    ap.add_argument("--no-profile", action="store_true", help="timings only, no breakdown")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from torch.profiler import ProfilerActivity, profile
 
-    from server.engine.config import EngineConfig
-    from server.engine.llm_engine import LLMEngine
-    from server.engine.protocol import GenerationRequest, SamplingParams
-    from server.model import ensure_default_model
-
+    from server.engine.model_runner import ModelRunner
     from server.engine.paged_attention import PagedAttentionStep
+    from server.engine.sampler import Sampler
+    from server.model import LlamaModel, ensure_default_model
 
-    forward = PagedAttentionStep.forward
+    label(LlamaModel, "forward", "step.forward")
+    label(LlamaModel, "lm_head", "step.lm_head")
+    label(PagedAttentionStep, "forward", "step.attention")  # the CPU kernel is a C++ call, not a torch op
+    label(Sampler, "__call__", "step.sampler")
+    label(ModelRunner, "run", "step.runner")
 
-    def labelled(self, *a, **k):  # the attention kernel is a C++ call, not a torch op: label it
-        with torch.profiler.record_function("paged_attention"):
-            return forward(self, *a, **k)
-
-    PagedAttentionStep.forward = labelled
     folder = ensure_default_model()
-    engines = {q: LLMEngine(EngineConfig(model=folder, device="cpu", dtype="float32", quantization=q,
-                                         kv_cache_memory=256 << 20, max_num_seqs=8)) for q in args.quantizations}
-    prompt = list(range(1000, 1064))
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    wall = {}
-    for q, engine in engines.items():  # warm up, then alternate timed runs
-        engine.generate([GenerationRequest(f"w-{q}", prompt, params)])
-    for r in range(3):
-        for q, engine in engines.items():
-            t0 = time.perf_counter()
-            engine.generate([GenerationRequest(f"t{r}-{q}", prompt, params)])
-            wall[q] = min(wall.get(q, 1e9), (time.perf_counter() - t0) / args.tokens)
-    print(f"\nbatch-1 decode, {args.tokens} tokens after a 64-token prompt, {args.threads} threads; "
-          "per token (best of 3 alternating runs, prefill included in the run)\n")
-    print("| base weights | ms/token (wall) | GEMMs | attention | other torch ops | outside torch ops (Python) | torch ops per token |")
-    print("|---|---|---|---|---|---|---|")
+    engines = {v: build(v, folder, max(args.batch)) for v in args.variants}
+    for v, engine in engines.items():  # warm up
+        start(engine, 1, 2, f"w-{v}")
+        decode(engine, 2)
+    wall: dict[tuple[str, int], list[float]] = {}
+    for r in range(args.rounds):  # alternate variants (and batch sizes) within each round
+        for b in args.batch:
+            for v, engine in engines.items():
+                start(engine, b, args.steps, f"t{r}-{b}-{v}")
+                wall.setdefault((v, b), []).append(decode(engine, args.steps))
+    print(f"\ndecode step after 64-token prompts, {args.threads} threads, {args.steps} steps per run, "
+          f"{args.rounds} alternating rounds: ms per step, median (min-max)\n")
+    print("| variant | " + " | ".join(f"batch {b}" for b in args.batch) + " |")
+    print("|---|" + "---|" * len(args.batch))
+    for v in engines:
+        cells = []
+        for b in args.batch:
+            xs = sorted(wall[(v, b)])
+            cells.append(f"{xs[len(xs) // 2] * 1e3:.1f} ({xs[0] * 1e3:.1f}-{xs[-1] * 1e3:.1f})")
+        print(f"| {v} | " + " | ".join(cells) + " |")
+    if args.no_profile:
+        return
+
+    print(f"\nbatch-1 breakdown (profiled run of {args.steps} decode steps; the profiler's own overhead "
+          "inflates the Python-heavy columns): ms per step\n")
+    print("| variant | step (profiled) | base GEMMs | LM head | attention | other in forward (small ops, per-layer Python) "
+          "| sampler | runner (metadata, checks) | engine outside runner (scheduler, detokenize, events) | torch ops per step |")
+    print("|---|" + "---|" * 9)
     tables = {}
-    for q, engine in engines.items():
+    for v, engine in engines.items():
+        start(engine, 1, args.steps, f"p-{v}")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            engine.generate([GenerationRequest(f"p-{q}", prompt, params)])
-            total = time.perf_counter() - t0
-        events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "moleserve", "torch_ops"))]
-        top_level = prof.key_averages()
-        gemm = sum(e.cpu_time_total for e in top_level if e.key in GEMM_OPS) / 1e3
-        attn = sum(e.cpu_time_total for e in top_level if e.key == "paged_attention") / 1e3
-        # time inside torch ops (each op's self time once; the attention label's self time is the C++ kernel)
-        self_all = sum(e.self_cpu_time_total for e in top_level) / 1e3
-        ops = sum(e.count for e in events)
-        other = max(self_all - gemm - attn, 0.0)
-        outside = max(total * 1e3 - self_all, 0.0)
-        n = args.tokens
-        print(f"| {q} | {wall[q] * 1e3:.1f} | {gemm / n:.1f} | {attn / n:.1f} | {other / n:.1f} | {outside / n:.1f} | {ops / n:.0f} |")
-        tables[q] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
-    for q, table in tables.items():
-        print(f"\n--- {q}: top ops by self CPU time (profiled run, {args.tokens} tokens)\n{table}")
+            for _ in range(args.steps):
+                engine.step()
+            total = (time.perf_counter() - t0) * 1e3 / args.steps
+        while engine.has_unfinished():
+            engine.step()
+        avg = prof.key_averages()
+        ms = {e.key: e.cpu_time_total / 1e3 / args.steps for e in avg}
+        n = args.steps
+        gemm = sum(ms.get(k, 0.0) for k in GEMM_OPS)
+        head = ms.get("step.lm_head", 0.0)
+        attn = ms.get("step.attention", 0.0)
+        fwd, samp, runner = ms.get("step.forward", 0.0), ms.get("step.sampler", 0.0), ms.get("step.runner", 0.0)
+        base = max(gemm - head, 0.0)  # the head's own GEMM is inside its label
+        other = max(fwd - base - head - attn, 0.0)
+        run_own = max(runner - fwd - samp, 0.0)
+        outside = max(total - runner, 0.0)
+        ops = sum(e.count for e in avg if not e.key.startswith("step.")) / n
+        print(f"| {v} | {total:.1f} | {base:.1f} | {head:.1f} | {attn:.1f} | {other:.1f} | {samp:.1f} | "
+              f"{run_own:.1f} | {outside:.1f} | {ops:.0f} |")
+        if args.top:
+            tables[v] = avg.table(sort_by="self_cpu_time_total", row_limit=args.top)
+    for v, table in tables.items():
+        print(f"\n--- {v}: top ops by self CPU time ({args.steps} decode steps)\n{table}")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,6 @@ from .weights import QUANTIZED_FILE, expected_shapes, load_quantized_blocks, loa
 
 log = logging.getLogger(__name__)
 
-# Logits rows up to which the int8 LM head beats the float one on the CPU (measured: 2.4x faster at
-# 1 row, even at 8, 2.8x slower at 32; BENCHMARKS.md "Quantized base").
-# Steps with at most this many logits rows would use the int8 LM head (faster at 1 row). Off (0):
-# a row's logits must not depend on how many other rows the step has (batched and one-by-one
-# scoring, as lm-evaluation-harness compares them, differed by 0.14 nats with it on).
-QUANTIZED_HEAD_MAX_ROWS = 0
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -139,7 +133,7 @@ class LlamaModel(nn.Module):
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         quant = getattr(self, "lm_head_quant", None)
-        if quant is not None and h.shape[0] <= QUANTIZED_HEAD_MAX_ROWS:
+        if quant is not None:  # at every row count: a row's logits never depend on the step's other rows
             return quant.linear(h)
         packed = getattr(self, "lm_head_packed", None)
         if packed is not None and h.device.type == "cpu" and h.dtype == torch.float32 and not h.requires_grad:
@@ -180,11 +174,13 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def quantize(self, mode: str, gguf_blocks: dict | None = None) -> None:
         """Serve the base weights weight-only quantized (see ``server.model.quantization``): every
-        ``TargetLinear`` in ``mode`` ("int4" or "int8"); the LM head gains an int8 copy (as GGUF files
-        keep their token embedding in Q8_0 beside Q4 blocks) used for steps of at most
-        ``QUANTIZED_HEAD_MAX_ROWS`` logits rows; larger ones keep the float head, which is faster
-        there (BENCHMARKS.md, "Quantized base"). The token embedding, norms and everything adapters
-        add keep their dtype.
+        ``TargetLinear`` in ``mode`` ("int4" or "int8"); the LM head becomes int8 weight-only with
+        bfloat16 activations (as GGUF files keep their token embedding in Q8_0 beside Q4 blocks),
+        used for every step whatever its number of logits rows: torch's int8 kernel computes each
+        row on its own, so a row's logits are bitwise the same alone or in any batch (a head chosen
+        by row count made batched and one-by-one scoring differ by 0.14 nats). It is ~2x faster
+        than the fp32 head at 1 row and slower from ~8 rows (BENCHMARKS.md, "Quantized base").
+        The token embedding, norms and everything adapters add keep their dtype.
 
         ``gguf_blocks``: the checkpoint's own quantized blocks by HF name (``read_gguf_quantized``),
         used as stored where they fit ``mode`` (int4: Q4_0 / Q4_1 linears; the head: Q8_0); other

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engine.protocol import GenerationRequest, SamplingParams
@@ -92,3 +93,22 @@ def test_prompt_top_logprobs_with_k_alternatives(tiny_model_dir):
     assert [[tid for tid, _ in t] for t in first.prompt_top] == ref_i.tolist()
     torch.testing.assert_close(torch.tensor([[v for _, v in t] for t in first.prompt_top]), ref_v, atol=1e-4, rtol=1e-4)
     assert out["k1"][0].prompt_top is None and len(out["k1"][0].prompt_logprobs) == len(prompts[1]) - 1
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_a_prompt_scores_the_same_alone_and_in_a_batch_of_8(tiny_model_dir, quantization):
+    """Batch invariance (issue #21): a quantized base serves its LM head int8 at every row count, so
+    the log-probabilities of a prompt scored alone equal those it gets among 7 others (as
+    lm-evaluation-harness compares batched and one-by-one scoring)."""
+    gen = torch.Generator().manual_seed(1)
+    alone = make_engine(tiny_model_dir, None, quantization=quantization)
+    batched = make_engine(tiny_model_dir, None, quantization=quantization)
+    assert (alone.model.quantization == quantization) and ((getattr(alone.model, "lm_head_quant", None) is not None) == (quantization != "none"))
+    vocab = alone.model_config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (24, 7, 40, 3, 17, 31, 12, 9)]
+    together = _run(batched, prompts, [True] * 8)
+    for i, p in enumerate(prompts):
+        one = _run(alone, [p], [True])["p0"][0].prompt_logprobs
+        many = together[f"p{i}"][0].prompt_logprobs
+        assert len(one) == len(many) == len(p) - 1
+        torch.testing.assert_close(torch.tensor(many), torch.tensor(one), atol=1e-5, rtol=0)

@@ -163,3 +163,18 @@ def test_default_model_serves_its_gguf_blocks_as_stored(default_model_dir):
             assert ((got - want).abs() <= want.abs().amax(1, keepdim=True) * 2 ** -7).all()
     head = state["model.embed_tokens.weight"]
     assert ((model.lm_head_quant.dequantize() - head).abs() <= head.abs().amax(1, keepdim=True) * (1 / 254 + 2 ** -8)).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_quantized_lm_head_computes_each_row_on_its_own(tiny_model_dir, mode):
+    """Issue #21: the int8 head serves every row count, and a row's logits are bitwise the same
+    alone as among 8 rows (the kernel's output never depends on the step's other rows)."""
+    model = load_model(tiny_model_dir, quantization=mode)
+    h = torch.randn(8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        together = model.lm_head(h)
+        alone = torch.cat([model.lm_head(h[i:i + 1]) for i in range(8)])
+        want = F.linear(h.bfloat16().float(), model.lm_head_quant.dequantize())
+    assert torch.equal(together, alone)
+    assert (together - want).abs().max() <= 0.02 * want.abs().max()  # it is the int8 head, not the float one
+    assert (together - F.linear(h, model.lm_head_weight)).abs().max() > 0
