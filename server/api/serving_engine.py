@@ -161,18 +161,13 @@ class OpenAIServing:
 
     # -- running it --------------------------------------------------------------------------------
 
-    async def start(self, http: Request, gen: GenerationRequest) -> tuple[GenerationEvent, AsyncIterator[GenerationEvent]]:
-        """Submit and wait for the first event, aborting if the client goes away meanwhile. Errors
-        the engine raises at admission (400, 404, 429, 503) come out as ``APIError``."""
-        (started,) = await self.start_all(http, [gen])
-        return started
-
     async def start_all(self, http: Request, gens: list[GenerationRequest]
                         ) -> list[tuple[GenerationEvent, AsyncIterator[GenerationEvent]]]:
-        """``start`` for the engine requests of one HTTP request (one per prompt), all submitted at
-        once so they share the engine's batches: the first event and the rest of each choice, in
-        order (request i's ``n`` choices, then request i + 1's). If one is refused, the others are
-        aborted and its error is raised."""
+        """Submit the engine requests of one HTTP request (one per prompt) at once, so they share
+        the engine's batches, and wait for each choice's first event, aborting if the client goes
+        away meanwhile: the first event and the rest of each choice, in order (request i's ``n``
+        choices, then request i + 1's). If one is refused (the engine's 400, 404, 429, 503 at
+        admission come out as ``APIError``), the others are aborted and its error is raised."""
         streams: list[Any] = []
         for gen in gens:
             events = self._events(gen)
