@@ -36,7 +36,7 @@ def run(engine, cap: int, prompt_len: int, streams: int, tag: str) -> tuple[floa
     stream = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
     for i in range(streams):
         engine.add_request(GenerationRequest(f"{tag}-s{i}", ids(16), stream))
-    while any(engine.sequences[f"{tag}-s{i}"].num_output_tokens < 2 for i in range(streams)):
+    while any(engine.sequences[f"{tag}-s{i}"][0].num_output_tokens < 2 for i in range(streams)):
         engine.step()  # every stream decodes before the long prompt arrives
     last = {f"{tag}-s{i}": time.monotonic() for i in range(streams)}
     engine.add_request(GenerationRequest(f"{tag}-long", ids(prompt_len), SamplingParams(max_tokens=1, ignore_eos=True)))

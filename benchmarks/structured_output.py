@@ -78,7 +78,7 @@ def run_round(engine: LLMEngine, ids: list[list[int]], spec, steps: int, tag: st
     for i, p in enumerate(ids):
         engine.add_request(GenerationRequest(f"{tag}-{i}", p, SamplingParams(
             max_tokens=steps + 8, temperature=0.0, ignore_eos=True, structured=spec)))
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
+    while any(s.num_computed_tokens < s.num_prompt_tokens for seqs in engine.sequences.values() for s in seqs):
         engine.step()  # prefill (not measured)
     times = []
     timer.fill = timer.apply = 0.0

@@ -124,6 +124,28 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    def pending_hashes(self, seqs) -> set[bytes]:
+        """Hashes of the full prompt blocks that ``seqs`` (running, still in prefill) will compute
+        and have not registered yet: a waiting request whose next block is one of them does better
+        to wait a step and take it from the cache than to compute it a second time."""
+        if not self.enable_prefix_caching:
+            return set()
+        out: set[bytes] = set()
+        for seq in seqs:
+            n = (len(seq) - 1) // self.block_size
+            if seq.cache_key is None or seq.num_computed_tokens >= len(seq) - 1 or seq.num_registered_blocks >= n:
+                continue
+            out.update(self._hashes(seq, n)[seq.num_registered_blocks:])
+        return out
+
+    def waits_for(self, seq: Sequence, cached: list[int], pending: set[bytes]) -> bool:
+        """Whether the first block of ``seq`` past its ``cached`` prefix is being computed by another
+        sequence now (``pending``): then ``seq`` should wait for it rather than compute it too."""
+        j = len(cached)
+        if not pending or seq.cache_key is None or j >= (len(seq) - 1) // self.block_size:
+            return False
+        return self._hashes(seq, j + 1)[j] in pending
+
     def cache_blocks(self, seq: Sequence) -> None:
         """Register ``seq``'s blocks that became full and computed (after a step)."""
         if not self.enable_prefix_caching or seq.cache_key is None:

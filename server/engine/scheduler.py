@@ -15,7 +15,9 @@ be recomputed later (its outputs are kept). One sequence always fits in the whol
 caps max_model_len to it), so preemption cannot deadlock.
 
 A sequence admitted without blocks first takes the cached blocks of its prefix (prefix caching,
-``BlockManager.cached_prefix``): only the tokens after them count against the budget. A request with
+``BlockManager.cached_prefix``): only the tokens after them count against the budget. One whose next
+uncached block a running sequence is computing now waits in its place until that block is cached
+(``BlockManager.waits_for``), so requests sharing a prefix that arrive together compute it once. A request with
 ``n`` > 1 choices is admitted when the running batch has room for all of them.
 """
 
@@ -128,11 +130,19 @@ class Scheduler:
 
         # Then waiting sequences, with what is left. No admission in a step that had to preempt:
         # the cache is full.
+        # A waiting sequence whose next uncached block another sequence is computing now (requests
+        # sharing a prefix that arrive together, e.g. a harness's choices of one question) waits in
+        # its place until that block is cached, instead of computing it a second time.
+        pending = bm.pending_hashes(self.running) if self.waiting else set()
+        held: list[Sequence] = []
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.forks and len(self.running) + 1 + len(seq.forks) > self.max_num_seqs:
                 break
             cached = bm.cached_prefix(seq)
+            if bm.waits_for(seq, cached, pending):
+                held.append(self.waiting.popleft())
+                continue
             start = len(cached) * bm.block_size if cached else seq.num_computed_tokens
             n = min(self._chunk(seq, budget), len(seq) - start)
             if not bm.can_allocate(seq, start + n, cached):
@@ -144,6 +154,8 @@ class Scheduler:
             self.running.append(seq)
             self._add(batch, seq, n)
             budget -= n
+            pending |= bm.pending_hashes([seq])
+        self.waiting.extendleft(reversed(held))
         batch.copies = bm.take_copies()
         return batch
 

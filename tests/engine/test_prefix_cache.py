@@ -171,6 +171,35 @@ def test_loglikelihood_choices_reuse_their_context_with_the_same_scores(make_eng
     assert sink.hits == 0
 
 
+def test_choices_sent_together_compute_their_context_once(make_engine):
+    """A harness's batch: every choice of every question submitted at once. The first choice of a
+    question computes the context; the others wait a step for its blocks instead of computing
+    them again, and every score equals the uncached run's."""
+    gen = torch.Generator().manual_seed(7)
+    vocab = 49152
+    reqs = []
+    for q, ctx_len in enumerate((40, 53, 70)):
+        context = torch.randint(3, vocab, (ctx_len,), generator=gen).tolist()
+        for c in range(4):
+            reqs.append(_greedy(f"q{q}c{c}", context + torch.randint(3, vocab, (2 + c,), generator=gen).tolist(),
+                                max_tokens=1, prompt_logprobs=True))
+
+    def run(engine):
+        sink = Sink()
+        engine.set_stats_sink(sink)
+        return engine.generate([GenerationRequest(r.request_id, list(r.prompt_token_ids), r.params) for r in reqs]), sink
+
+    ref, ref_sink = run(make_engine(block_size=BS, enable_prefix_caching=False))
+    got, sink = run(make_engine(block_size=BS))
+    context_blocks = sum((n - 1) // BS for n in (40, 53, 70))  # full blocks short of the last token
+    assert sink.hits >= 3 * BS * context_blocks  # choices 2-4 of each question take every context block
+    assert sink.prefill <= ref_sink.prefill - 3 * BS * context_blocks
+    for r in reqs:
+        a, b = got[r.request_id][0], ref[r.request_id][0]
+        torch.testing.assert_close(torch.tensor(a.prompt_logprobs), torch.tensor(b.prompt_logprobs), atol=1e-4, rtol=1e-4)
+        assert a.token_ids == b.token_ids
+
+
 def test_preemption_with_a_small_cache_keeps_outputs(make_engine):
     """A cache too small for the batch: preempted sequences come back through the prefix cache."""
     from server.engine.kv_cache import bytes_per_block
