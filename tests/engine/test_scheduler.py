@@ -9,8 +9,8 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 
 
-def _seq(rid: str, n: int) -> Sequence:
-    return Sequence(GenerationRequest(rid, list(range(1, n + 1)), SamplingParams(max_tokens=64)))
+def _seq(rid: str, n: int, first: int = 1) -> Sequence:
+    return Sequence(GenerationRequest(rid, list(range(first, first + n)), SamplingParams(max_tokens=64)))
 
 
 def _run(sched: Scheduler, batch) -> None:
@@ -77,7 +77,7 @@ def test_preemption_takes_back_a_scheduled_decode():
     # the older one needs a third block for its next chunk, so the newer one is preempted.
     bm = BlockManager(4, 4)
     sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, long_prefill_token_threshold=0)
-    old, new = _seq("old", 6), _seq("new", 7)
+    old, new = _seq("old", 6), _seq("new", 7, first=100)  # no shared prefix: both are admitted at once
     sched.add(old)
     sched.add(new)
     _run(sched, sched.schedule())  # old: 6 tokens + 1 sampled = 7; new: 7 + 1 = 8 (2 blocks each)
@@ -87,3 +87,22 @@ def test_preemption_takes_back_a_scheduled_decode():
     assert batch.num_decode_tokens == 0 and batch.num_prefill_tokens == batch.num_tokens[0]
     assert new.status.value == "waiting" and new.block_table == [] and sched.waiting[0] is new
     assert bm.num_used_blocks == len(old.block_table)
+
+
+def test_a_request_waits_for_the_prefix_block_another_is_computing():
+    """B shares A's first two blocks and arrives with it: B waits one step (in its place in the
+    queue) and then starts from A's cached blocks; C, sharing nothing, is not held back by B."""
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, long_prefill_token_threshold=0)
+    a, b, c = _seq("a", 10), _seq("b", 10), _seq("c", 10, first=100)
+    b.token_ids[-1] = 99  # same first 9 tokens as a, its own last one
+    for s in (a, b, c):
+        sched.add(s)
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["a", "c"] and list(sched.waiting) == [b]
+    _run(sched, batch)
+    for s in batch.seqs:
+        bm.cache_blocks(s)
+    batch = sched.schedule()
+    assert "b" in [s.request_id for s in batch.seqs]
+    assert b.num_computed_tokens == 8 and batch.num_tokens[[s.request_id for s in batch.seqs].index("b")] == 2
