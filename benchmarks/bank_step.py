@@ -25,22 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from adapters import BaseFingerprint, ExpertBank, LayerAdapters, LinearExperts, RoutingConfig  # noqa: E402
+from adapters import BaseFingerprint  # noqa: E402
 from adapters.runtime import BankRegistry  # noqa: E402
+from benchmarks.banks import dynmole_bank  # noqa: E402
 from server.model import ModelConfig, ensure_default_model  # noqa: E402
-
-
-def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16) -> ExpertBank:
-    gen = torch.Generator().manual_seed(seed)
-    layers = [LayerAdapters() for _ in range(fp.num_hidden_layers)]
-    for t in ("gate_proj", "up_proj", "down_proj"):
-        i, o = fp.linear_shape(t)
-        layers[0].linears[t] = LinearExperts(
-            lora_a=torch.randn(experts, r, i, generator=gen) / math.sqrt(i),
-            lora_b=torch.randn(experts, o, r, generator=gen) * 0.01,
-            scaling=2.0, router=torch.randn(experts, i, generator=gen) * (2.0 / math.sqrt(i)))
-    return ExpertBank(name=name, version="1", kind="dynmole", base=fp, rank=r, alpha=2.0 * r, use_rslora=False,
-                      routing=RoutingConfig("dynmole"), targets=("gate_proj", "up_proj", "down_proj"), layers=layers)
 
 
 def load_baseline(rev: str):
@@ -81,7 +69,7 @@ def main() -> None:
 
     cfg = ModelConfig.from_folder(ensure_default_model())
     fp = BaseFingerprint.from_hf_config(cfg.raw)
-    banks = [dynmole_bank(fp, f"dyn{i}", seed=i) for i in range(8)]
+    banks = [dynmole_bank(fp, f"dyn{i}", seed=i, expert_layers=1) for i in range(8)]
     t = args.tokens
     x = torch.randn(t, cfg.hidden_size)
     h = torch.randn(t, cfg.intermediate_size)

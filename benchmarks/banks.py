@@ -39,17 +39,22 @@ from server.model import ensure_default_model  # noqa: E402
 PROMPT_LEN = 16
 
 
-def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16, router_scale=1.0) -> ExpertBank:
-    gen = torch.Generator().manual_seed(seed)
+def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16, router_scale=1.0, *,
+                 device: torch.device | str = "cpu", expert_layers: int | None = None) -> ExpertBank:
+    """A random DynMoLE bank on gate/up/down (router weights normal, so routing is non-trivial; B
+    non-zero), drawn on ``device``; only the first ``expert_layers`` layers carry experts (all by
+    default). The benchmarks' shared builder (gpu.py, bank_step.py, prefix_cache.py import it)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     layers = []
-    for _ in range(fp.num_hidden_layers):
+    for n in range(fp.num_hidden_layers):
         la = LayerAdapters()
-        for t in ("gate_proj", "up_proj", "down_proj"):
+        for t in ("gate_proj", "up_proj", "down_proj") if expert_layers is None or n < expert_layers else ():
             i, o = fp.linear_shape(t)
             la.linears[t] = LinearExperts(
-                lora_a=torch.randn(experts, r, i, generator=gen) / math.sqrt(i),
-                lora_b=torch.randn(experts, o, r, generator=gen) * 0.01,
-                scaling=2.0, router=torch.randn(experts, i, generator=gen) * (2.0 * router_scale / math.sqrt(i)))
+                lora_a=torch.randn(experts, r, i, generator=gen, device=device) / math.sqrt(i),
+                lora_b=torch.randn(experts, o, r, generator=gen, device=device) * 0.01,
+                scaling=2.0,
+                router=torch.randn(experts, i, generator=gen, device=device) * (2.0 * router_scale / math.sqrt(i)))
         layers.append(la)
     return ExpertBank(name=name, version="1", kind="dynmole", base=fp, rank=r, alpha=2.0 * r, use_rslora=False,
                       routing=RoutingConfig("dynmole"), targets=("gate_proj", "up_proj", "down_proj"), layers=layers)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -229,25 +228,9 @@ def lora_bandwidth(dev: torch.device) -> None:
 # -- 4. tokens/s: base, 8 DynMoLE banks, transformers + PEFT ------------------------------------
 
 def dynmole_banks(fp, n: int, dev, r: int = 16, experts: int = 6):
-    from adapters import ExpertBank, LayerAdapters, LinearExperts, RoutingConfig
+    from benchmarks.banks import dynmole_bank
 
-    out = []
-    for k in range(n):
-        gen = torch.Generator(device=dev).manual_seed(100 + k)
-        layers = []
-        for _ in range(fp.num_hidden_layers):
-            la = LayerAdapters()
-            for tgt in ("gate_proj", "up_proj", "down_proj"):
-                i, o = fp.linear_shape(tgt)
-                la.linears[tgt] = LinearExperts(
-                    lora_a=torch.randn(experts, r, i, generator=gen, device=dev) / math.sqrt(i),
-                    lora_b=torch.randn(experts, o, r, generator=gen, device=dev) * 0.01, scaling=2.0,
-                    router=torch.randn(experts, i, generator=gen, device=dev) * 2 / math.sqrt(i))
-            layers.append(la)
-        out.append(ExpertBank(name=f"bank{k}", version="1", kind="dynmole", base=fp, rank=r, alpha=2.0 * r,
-                              use_rslora=False, routing=RoutingConfig("dynmole"),
-                              targets=("gate_proj", "up_proj", "down_proj"), layers=layers))
-    return out
+    return [dynmole_bank(fp, f"bank{k}", 100 + k, experts, r, device=dev) for k in range(n)]
 
 
 def throughput(dev: torch.device, root: Path, size: str, seqs: int, tokens: int, prompt: int, peer: bool) -> None:

@@ -76,6 +76,26 @@ class BankLoadError(BankAdminError):
     status = 400
 
 
+def load_bank_folders(admin, folder: str | Path, logger: logging.Logger = log) -> tuple[list[str], list[str]]:
+    """Every sub-folder of ``folder`` (``--banks``) through ``admin.load_sync(name, path)``, name =
+    folder name, after ``admin.add_root(folder)``; the registry's and the Ray Serve catalog's
+    ``load_dir``. Returns (loaded names, error messages); a refused bank (``BankAdminError``) is
+    logged on ``logger`` and does not stop the others."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BankAdminError(f"--banks {str(folder)!r} is not a folder")
+    admin.add_root(folder)
+    loaded, errors = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        try:
+            admin.load_sync(sub.name, sub)
+            loaded.append(sub.name)
+        except BankAdminError as exc:
+            errors.append(f"{sub}: {exc}")
+            logger.error("bank %s not loaded: %s", sub.name, exc)
+    return loaded, errors
+
+
 class BankCombinationRefused(InvalidRequest):
     """A request named banks that cannot run together (``factor+lora``: see ``BankRegistry.acquire``)."""
 
@@ -492,19 +512,7 @@ class BankRegistry:
     def load_dir(self, folder: str | Path) -> tuple[list[str], list[str]]:
         """Load every bank folder under ``folder`` (name = folder name) and allow ``folder`` as a
         root. Returns (loaded names, error messages); a broken bank does not stop the others."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise BankAdminError(f"--banks {str(folder)!r} is not a folder")
-        self.add_root(folder)
-        loaded, errors = [], []
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            try:
-                self.load_sync(sub.name, sub)
-                loaded.append(sub.name)
-            except BankAdminError as exc:
-                errors.append(f"{sub}: {exc}")
-                log.error("bank %s not loaded: %s", sub.name, exc)
-        return loaded, errors
+        return load_bank_folders(self, folder)
 
     # -- engine side (AdapterProvider) ------------------------------------------------------------
 

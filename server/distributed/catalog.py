@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters import BankError, BaseFingerprint, load_bank
-from adapters.runtime.registry import (BankAdminError, BankLoadError, BankNotFound, checked_bank_request)
+from adapters.runtime.registry import (BankLoadError, BankNotFound, checked_bank_request, load_bank_folders)
 from server.api.banks import BankInfo
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,14 @@ class BankCatalog:
             self._entries[name] = entry
         return entry
 
+    def add_root(self, root: str | Path) -> None:
+        with self._lock:
+            if Path(root) not in self.allowed_roots:
+                self.allowed_roots.append(Path(root))
+
     def load_dir(self, folder: str | Path) -> tuple[list[str], list[str]]:
         """Every bank folder under ``folder`` (name = folder name); ``folder`` becomes an allowed root."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise BankAdminError(f"banks {str(folder)!r} is not a folder")
-        if folder not in self.allowed_roots:
-            self.allowed_roots.append(folder)
-        loaded, errors = [], []
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            try:
-                self.load_sync(sub.name, sub)
-                loaded.append(sub.name)
-            except BankAdminError as exc:
-                errors.append(f"{sub}: {exc}")
-                log.error("bank %s refused: %s", sub.name, exc)
-        return loaded, errors
+        return load_bank_folders(self, folder, log)
 
     def locations(self, model: str) -> dict[str, tuple[str, int]]:
         """Folder and version of each bank ``model`` names ("a" or "factor+a"); what a replica's

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -304,6 +305,57 @@ def test_image_chat_end_to_end_equals_the_engine_on_the_release_prompt(parrot_di
         got = [t["token"] for t in body["choices"][0]["logprobs"]["content"]]
         assert len(want) == 5 and got == [tok.decode([t]) for t in want]
         assert body["usage"]["prompt_tokens"] == len(before) + TOKENS_PER_IMAGE + len(after)
+
+
+def test_image_chat_with_n_2_returns_two_choices(parrot_dir, parrot_model):
+    """``n: 2`` with an image, through HTTP on the tiny Parrot: two choices (the prompt and its image
+    counted once), choice j the one-choice request seeded seed + j, streamed the same, and greedy
+    choices equal to the one-choice greedy answer."""
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.llm_engine import load_tokenizer
+
+    from .builders import random_image
+    from .helpers import make_engine
+
+    buf = io.BytesIO()
+    random_image(5).save(buf, format="PNG")
+    llm = make_engine(parrot_dir, parrot_model, tokenizer=load_tokenizer(parrot_dir))
+    engine = AsyncEngine(llm.config, engine=llm)
+    with ServerThread(create_app(Settings(), engine)) as st, httpx.Client(base_url=f"http://127.0.0.1:{st.port}",
+                                                                           timeout=120) as c:
+        def chat(**kw) -> dict:
+            body = {"messages": [{"role": "user", "content": [image_part(data_url(buf.getvalue())), QUESTION]}],
+                    "max_tokens": 4, "ignore_eos": True, **kw}
+            r = c.post(CHAT, json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        two = chat(n=2, temperature=1.0, seed=7)
+        assert [ch["index"] for ch in two["choices"]] == [0, 1]
+        assert [ch["finish_reason"] for ch in two["choices"]] == ["length", "length"]
+        texts = [ch["message"]["content"] for ch in two["choices"]]
+        assert texts[0] != texts[1]  # independent samples (seed + j)
+        one = chat(temperature=1.0, seed=7)
+        assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt and image count once
+        assert two["usage"]["completion_tokens"] == 8
+        assert [chat(temperature=1.0, seed=7 + j)["choices"][0]["message"]["content"] for j in range(2)] == texts
+
+        streamed, finish = {}, {}
+        with c.stream("POST", CHAT, json={
+                "messages": [{"role": "user", "content": [image_part(data_url(buf.getvalue())), QUESTION]}],
+                "max_tokens": 4, "ignore_eos": True, "n": 2, "temperature": 1.0, "seed": 7, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for ch in json.loads(line[6:])["choices"]:
+                        streamed[ch["index"]] = streamed.get(ch["index"], "") + (ch["delta"].get("content") or "")
+                        if ch.get("finish_reason"):
+                            finish[ch["index"]] = ch["finish_reason"]
+        assert [streamed[j] for j in range(2)] == texts and finish == {0: "length", 1: "length"}
+
+        greedy = chat(n=2, temperature=0)
+        alone = chat(temperature=0)["choices"][0]["message"]["content"]
+        assert [ch["message"]["content"] for ch in greedy["choices"]] == [alone, alone]
 
 
 def test_openai_client_sends_an_image(serve_mm):

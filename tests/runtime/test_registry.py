@@ -222,3 +222,21 @@ def test_load_dir_loads_every_format_and_allows_the_root(tmp_path, tiny_model_di
     assert info["kind"] == "lora" and info["version"] == 5
     with pytest.raises(BankAdminError, match="invalid"):
         reg.load_sync("../x", root / "lora-bank")
+
+
+def test_the_ray_catalog_loads_a_banks_folder_as_the_registry_does(tmp_path, tiny_model_dir, tiny_config):
+    from server.distributed.catalog import BankCatalog
+
+    root = tmp_path / "banks"
+    for kind in ("lora", "dynmole"):
+        _write_good(kind, root / f"{kind}-bank", tiny_model_dir)
+    (root / "broken").mkdir()
+    catalog = BankCatalog(fingerprint_of(tiny_model_dir))
+    loaded, errors = catalog.load_dir(root)
+    assert loaded == ["dynmole-bank", "lora-bank"]
+    assert len(errors) == 1 and "broken" in errors[0]
+    assert catalog.allowed_roots == [root]
+    assert catalog.locations("dynmole-bank+lora-bank") == {
+        "dynmole-bank": (str(root / "dynmole-bank"), 1), "lora-bank": (str(root / "lora-bank"), 2)}
+    with pytest.raises(BankAdminError, match="not a folder"):
+        catalog.load_dir(tmp_path / "missing")

@@ -40,7 +40,19 @@ class Served:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)
 
 
+def bound_socket(port: int = 0) -> socket.socket:
+    """A socket bound to 127.0.0.1:``port`` (0: any free port), for ``uvicorn.Server.run(sockets=[...])``:
+    the port is ours from the start, so no other process can take it between choosing and serving."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
 def free_port() -> int:
+    """A port free just now, for a server this process cannot hand a socket to (a subprocess, Ray
+    Serve's proxy): another process may take it before the server binds it, so prefer
+    ``bound_socket`` where the test runs uvicorn itself."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,17 +61,19 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn serving ``app`` from a thread (no signal handlers), for as long as the context lasts."""
 
-    def __init__(self, app, port: int | None = None):
-        self.port = port or free_port()
+    def __init__(self, app, port: int | None = None, **config):
+        self.sock = bound_socket(port or 0)
+        self.port = self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                   timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+                                                   timeout_graceful_shutdown=2, **config))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
+                self.sock.close()
                 raise RuntimeError("test server did not start")
             time.sleep(0.02)
         return self
@@ -67,6 +81,7 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+        self.sock.close()
 
 
 @pytest.fixture

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 
 from server.api.http_protocol import GuardedH11Protocol, protocol_with
 from server.api.tokenizer_pool import TokenizerPool
-from tests.server.conftest import free_port
+from tests.server.conftest import ServerThread
 from tests.server.test_errors import CHAT, MSG, assert_error
 
 
@@ -104,17 +102,8 @@ def raw_server(served):
     from server.settings import Settings
 
     app = create_app(Settings(body_timeout=0.5), served.engine, banks=None)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
-                                           http=protocol_with(0.5)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield "127.0.0.1", port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with ServerThread(app, lifespan="off", http=protocol_with(0.5)) as st:
+        yield "127.0.0.1", st.port
 
 
 def _exchange(addr, data: bytes, wait: float = 3.0) -> tuple[bytes, float]:

@@ -219,24 +219,34 @@ def test_64_concurrent_streams_complete(live):
     wait_until(lambda: _idle(live["engine"]), what="an idle engine")
 
 
-def test_sigterm_lets_in_flight_streams_finish(default_model_dir):
-    port = free_port()
-    env = {**os.environ, "MOLESERVE_GRACE_PERIOD": "120", "MOLESERVE_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-model-len", "512"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def _serve_subprocess(env: dict, *args: str, tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """``moleserve serve`` in a subprocess on a free port, once it is ready: (process, url). The port
+    is chosen before the server binds it, so another process may take it first; then try another."""
+    for _ in range(tries):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
+        while proc.poll() is None:
             try:
                 if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
+                    return proc, url
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "server did not become ready"
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"server did not become ready: {proc.communicate()[0]}")
             time.sleep(0.5)
+        out = proc.stdout.read()
+        assert "address already in use" in out.lower(), out
+    raise AssertionError(f"no free port in {tries} tries")
 
+
+def test_sigterm_lets_in_flight_streams_finish(default_model_dir):
+    env = {**os.environ, "MOLESERVE_GRACE_PERIOD": "120", "MOLESERVE_LOG_LEVEL": "warning"}
+    proc, url = _serve_subprocess(env, "--max-model-len", "512")
+    try:
         started, results = threading.Barrier(9), [None] * 8
 
         def stream(i: int) -> None:
