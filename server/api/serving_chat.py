@@ -22,7 +22,7 @@ from .errors import APIError
 from .images import ChatImages, PreparedImage, check_marker_free, image_parts, render_content, tokenize_with_images
 from .protocol import (AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
                        ChatTokenLogprob, ToolCall, TopLogprob, UsageInfo)
-from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, ServingContext, sum_usage
+from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, ServingContext, gather_choices, sum_usage
 from .tool_parsers import ParsedCall, get_parser
 
 
@@ -73,15 +73,8 @@ class OpenAIServingChat(OpenAIServing):
                                      media_type="text/event-stream", headers=SSE_HEADERS)
 
         async def collect() -> ChatCompletionResponse:
-            tasks = [asyncio.ensure_future(self._full(j, gen, first, events, req.logprobs, plan))
-                     for j, (first, events) in enumerate(started)]
-            try:  # the first failure ends the response: the other choices are aborted
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                results = [t.result() for t in tasks]
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            results = await gather_choices([self._full(j, gen, first, events, req.logprobs, plan)
+                                            for j, (first, events) in enumerate(started)])
             return ChatCompletionResponse(id=gen.request_id, model=model, choices=[c for c, _ in results],
                                           usage=sum_usage([u for _, u in results]))
 

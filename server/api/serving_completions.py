@@ -24,7 +24,7 @@ from server.engine.protocol import GenerationEvent, GenerationRequest, TokenLogp
 from . import structured_outputs
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
-from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, sum_usage
+from .serving_engine import SSE_HEADERS, ChoiceStream, OpenAIServing, gather_choices, sum_usage
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -74,15 +74,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                      media_type="text/event-stream", headers=SSE_HEADERS)
 
         async def collect() -> CompletionResponse:
-            tasks = [asyncio.ensure_future(self._full(k, gen, first, events, echoes[k]))
-                     for k, (gen, (first, events)) in enumerate(zip(gen_of, started))]
-            try:  # the first failure ends the response: the other choices are aborted
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                results = [t.result() for t in tasks]
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            results = await gather_choices([self._full(k, gen, first, events, echoes[k])
+                                            for k, (gen, (first, events)) in enumerate(zip(gen_of, started))])
             choices, usages = [], []
             for i in range(len(gens)):
                 best = results[i * samples:(i + 1) * samples]

@@ -444,6 +444,20 @@ class _Choice:
         await self._fan.close(self._index)
 
 
+async def gather_choices(coros: list[Any]) -> list[Any]:
+    """Run one coroutine per choice of a non-streamed response and return their results in order;
+    the first failure ends the response: the other choices are cancelled (their engine requests
+    aborted) and the error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def sum_usage(usages: list[UsageInfo]) -> UsageInfo:
     """The usage of a response with several choices: every prompt's tokens (once per prompt: its
     later choices' usages count none) and every completion's."""
