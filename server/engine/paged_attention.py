@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from server.model import causal_attention
+from server.model.fused_decode import PagedDecode
 
 from .kv_cache import KVCache
 from .paged_attention_cpu import load_library, paged_attention_cpu
@@ -114,6 +115,15 @@ class PagedAttentionStep:
         self.meta = meta
         self.backend = backend
         self.window = sliding_window
+
+    def paged_decode(self) -> PagedDecode | None:
+        """The step as the fused decode forward (``server.model.fused_decode``) reads it, when every row
+        is a decode row and the C++ kernel is the backend; None otherwise."""
+        meta = self.meta
+        if self.backend != "cpu_kernel" or meta.prefills or meta.paged_rows is not None:
+            return None
+        return PagedDecode(self.cache.k, self.cache.v, meta.slot_mapping, meta.decode_rows, meta.decode_seq,
+                           meta.decode_ctx_lens, meta.block_tables, self.window)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""

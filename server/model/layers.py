@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,6 +159,31 @@ class TargetLinear(nn.Module):
         if self.packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
             return packed_linear(x.contiguous(), self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def c_linear(self) -> tuple[int, int] | None:
+        """(address of a C ``ms_linear_fn``, address of its weight handle) computing ``base`` without
+        the bias (``y [M, out] = x [M, in] @ W^T``) for the fused decode forward (``fused_decode.py``);
+        None when no C kernel serves this weight's format. A quantized weight is served by its own
+        format's kernel (``c_handle`` and ``kernels.quant_cpu.qlinear_fn_address``), a CPU fp32
+        weight by ``ms_f32linear``."""
+        if self.quant is not None:
+            handle = getattr(self.quant, "c_handle", None)
+            if handle is None:
+                return None
+            try:
+                from kernels.quant_cpu import qlinear_fn_address  # noqa: PLC0415
+            except ImportError:
+                return None
+            fn = qlinear_fn_address()
+            return None if not fn else (fn, handle)
+        from .fused_decode import f32_linear  # noqa: PLC0415
+
+        found = f32_linear(self.weight.detach())
+        if found is None:
+            return None
+        fn, handle = found
+        self._c_weight = (self.weight, handle)  # the handle points into the weight: kept together
+        return fn, ctypes.addressof(handle)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -18,6 +18,7 @@ from torch import nn
 from .config import ModelConfig
 from .context import get_step_context
 from .errors import ModelLoadError
+from .fused_decode import FusedDecode, fused_step
 from .layers import RMSNorm, RotaryEmbedding, TargetLinear, apply_rotary, pack_linear_weight, packed_linear
 from .quantization import QUANTIZATIONS, Int4Weight, from_gguf_blocks, quantize_weight
 from .weights import QUANTIZED_FILE, expected_shapes, load_quantized_blocks, load_state
@@ -103,6 +104,10 @@ class LlamaModel(nn.Module):
             self.lm_head_weight = self.embed_tokens.weight
         else:
             self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        # the decoder described for the one-call C decode forward (``fused_decode.py``), built on the first
+        # step that qualifies; False: this model cannot take it. Dropped when weights are replaced or moved.
+        self._fused: FusedDecode | None | bool = None
+        self.fused_decode_steps = 0  # steps that took it (tests and benchmarks read it)
 
     @property
     def device(self) -> torch.device:
@@ -120,9 +125,23 @@ class LlamaModel(nn.Module):
             rows, embeds = ctx.input_embeds
             h = h.index_copy(0, rows, embeds.to(h.dtype))
         cos, sin = self.rotary(ctx.positions, h.dtype)
+        fused = fused_step(self, ctx, h)
+        if fused is not None:  # a base-only decode step: the whole stack in one C call
+            self.fused_decode_steps += 1
+            return fused(h, cos, sin)
         for layer in self.layers:
             h = layer(h, cos, sin)
         return self.norm(h)
+
+    def fused_decoder(self) -> FusedDecode | None:
+        """The model's description for the fused decode forward, built once; None when unavailable."""
+        if self._fused is None:
+            self._fused = FusedDecode.build(self) or False
+        return self._fused or None
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: the description points at the old tensors
+        self._fused = None
+        return super()._apply(fn, recurse)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.hidden_states(input_ids)
@@ -187,6 +206,7 @@ class LlamaModel(nn.Module):
         weights are quantized from their float values."""
         if mode not in QUANTIZATIONS[1:]:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS[1:]}, got {mode!r}")
+        self._fused = None
         blocks = gguf_blocks or {}
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
@@ -215,6 +235,7 @@ class LlamaModel(nn.Module):
     def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
         """Copy a validated HF state dict in (fusing q/k/v and gate/up)."""
         cfg = self.config
+        self._fused = None
         self.embed_tokens.weight.copy_(state["model.embed_tokens.weight"])
         self.norm.weight.copy_(state["model.norm.weight"])
         if not cfg.tie_word_embeddings:

@@ -113,7 +113,9 @@ def test_host_sync_guard_catches_syncs(make_engine, monkeypatch):
         with forbid_host_syncs(), pytest.raises(HostSyncError):
             sync()
     assert t.sum().item() == 6  # restored
-    # a sync slipped into a layer is caught in the region
+    # a sync slipped into a layer is caught in the region (the layers' Python path, as on CUDA: not the
+    # CPU's one-call decode forward)
+    monkeypatch.setenv("MOLESERVE_FUSED_DECODE", "0")
     engine = make_engine(max_num_seqs=8)
     graphs = DecodeGraphRunner(engine.model, engine.cache, engine.runner.backend, batch_sizes=[2], max_blocks=4)
     from server.model import layers

@@ -1,0 +1,187 @@
+"""The one-call C decode forward (server/model/fused_decode.py, kernels/decode_cpu.cpp) computes what
+the Python path computes, and runs only on the steps it serves."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.model_runner import ModelRunner
+from server.engine.paged_attention import PagedAttentionStep
+from server.model import StepContext, load_model, step_context
+from server.model.fused_decode import ENV_SWITCH, f32_linear, load_library
+from tests.conftest import make_tiny_model
+
+pytestmark = pytest.mark.skipif(load_library() is None, reason="C++ kernels unavailable")
+
+VARIANTS = {
+    "gqa-tied": ("llama", {}),
+    "qwen2-bias-untied": ("qwen2", {"tie_word_embeddings": False}),
+    "mistral-window": ("mistral", {"sliding_window": 6}),
+    "llama-all-bias-d32": ("llama", {"tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True,
+                                     "head_dim": 32}),
+    "mha-d12": ("llama", {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 4}),  # scalar attention
+}
+
+
+@pytest.fixture(scope="module")
+def variant_models(tmp_path_factory, default_model_dir):
+    root = tmp_path_factory.mktemp("fused")
+    return {name: load_model(make_tiny_model(root / name, default_model_dir, model_type=t, seed=2, **extra))
+            for name, (t, extra) in VARIANTS.items()}
+
+
+def _seqs(lens, bs, num_blocks, gen):
+    """Fake sequences (what ``ModelRunner.build_attention`` reads) of ``lens`` tokens in shuffled blocks,
+    each with room for 8 more tokens."""
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    seqs = []
+    for n in lens:
+        need = -(-(n + 8) // bs)
+        table, perm = perm[:need], perm[need:]
+        seqs.append(types.SimpleNamespace(num_computed_tokens=0, block_table=table))
+    return seqs
+
+
+def _step(model, runner, seqs, num_tokens, ids, fused: bool, monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "1" if fused else "0")
+    positions, meta = runner.build_attention(seqs, num_tokens)
+    ctx = StepContext(positions=positions, attention=PagedAttentionStep(runner.cache, meta, runner.backend,
+                                                                        model.config.sliding_window))
+    before = model.fused_decode_steps
+    with torch.inference_mode(), step_context(ctx):
+        logits = model(torch.tensor(ids))
+    return logits, model.fused_decode_steps - before
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fused_logits_and_cache_equal_python_path(variant_models, name, monkeypatch):
+    """Several decode steps of 5 sequences of different lengths (blocks of 4, contexts crossing block
+    boundaries): the fused step's logits and the keys/values it writes equal the Python path's."""
+    model = variant_models[name]
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(model.config, 40, 4, torch.device("cpu"), torch.float32)
+    runner = ModelRunner(model, cache, (2,))
+    assert runner.backend == "cpu_kernel"
+    lens = [1, 3, 4, 9, 14]
+    seqs = _seqs(lens, 4, cache.num_blocks, gen)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lens]
+    logits, fused = _step(model, runner, seqs, lens, [t for p in prompts for t in p], True, monkeypatch)
+    assert fused == 0  # prefill rows: the Python path
+    for s, n in zip(seqs, lens):
+        s.num_computed_tokens = n
+    ends = torch.tensor(lens).cumsum(0) - 1
+    nxt = logits[ends].argmax(-1).tolist()
+    for _ in range(5):
+        k0, v0 = cache.k.clone(), cache.v.clone()
+        ref, fused = _step(model, runner, seqs, [1] * len(seqs), nxt, False, monkeypatch)
+        assert fused == 0
+        k_ref, v_ref = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        got, fused = _step(model, runner, seqs, [1] * len(seqs), nxt, True, monkeypatch)
+        assert fused == 1
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        torch.testing.assert_close(cache.k, k_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v, v_ref, rtol=1e-5, atol=1e-5)
+        for s in seqs:
+            s.num_computed_tokens += 1
+        nxt = ref.argmax(-1).tolist()
+
+
+def test_not_taken_with_prefill_rows_banks_or_the_torch_backend(variant_models, monkeypatch):
+    model = variant_models["gqa-tied"]
+    gen = torch.Generator().manual_seed(1)
+    cache = KVCache(model.config, 20, 4, torch.device("cpu"), torch.float32)
+    runner = ModelRunner(model, cache, (2,))
+    seqs = _seqs([5, 6], 4, cache.num_blocks, gen)
+    ids = torch.randint(3, 100, (11,), generator=gen).tolist()
+    _step(model, runner, seqs, [5, 6], ids, True, monkeypatch)
+    seqs[0].num_computed_tokens, seqs[1].num_computed_tokens = 5, 3
+    _, fused = _step(model, runner, seqs, [1, 3], ids[:4], True, monkeypatch)  # a decode row beside a chunk
+    assert fused == 0
+    seqs[1].num_computed_tokens = 6
+
+    class NoOpAdapters:  # a bank in the step (adding nothing): the hook points must run
+        calls = 0
+
+        def linear(self, layer, targets, x, out):
+            NoOpAdapters.calls += 1
+
+        def mlp(self, layer, x, mlp):
+            return None
+
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    positions, meta = runner.build_attention(seqs, [1, 1])
+    ctx = StepContext(positions=positions, attention=PagedAttentionStep(cache, meta, runner.backend, None),
+                      adapters=NoOpAdapters())
+    before = model.fused_decode_steps
+    with torch.inference_mode(), step_context(ctx):
+        model(torch.tensor(ids[:2]))
+    assert model.fused_decode_steps == before and NoOpAdapters.calls == 4 * model.config.num_hidden_layers
+    runner.backend = "torch"
+    _, fused = _step(model, runner, seqs, [1, 1], ids[:2], True, monkeypatch)
+    assert fused == 0
+    runner.backend = "cpu_kernel"
+    _, fused = _step(model, runner, seqs, [1, 1], ids[:2], True, monkeypatch)
+    assert fused == 1
+
+
+def test_engine_greedy_tokens_equal_with_the_switch_on_and_off(make_engine, tiny_model, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    vocab = tiny_model.config.vocab_size
+    from server.engine.protocol import GenerationRequest, SamplingParams
+
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (2, 5, 11, 19, 30)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(ENV_SWITCH, switch)
+        engine = make_engine(block_size=4, max_num_seqs=8)
+        before = tiny_model.fused_decode_steps
+        out = engine.generate([GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)])
+        outs[switch] = [[t for e in out[f"r{i}"] for t in e.token_ids] for i in range(len(prompts))]
+        steps = tiny_model.fused_decode_steps - before
+        assert (steps > 0) == (switch == "1"), steps
+    assert outs["0"] == outs["1"]
+
+
+def test_bank_requests_take_the_python_path(tiny_model_dir, monkeypatch):
+    from adapters.runtime import BankRegistry
+    from tests.adapters.bank_builders import fingerprint_of, random_bank
+    from tests.runtime.helpers import greedy_request, make_engine, tokens_of
+
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    engine = make_engine(tiny_model_dir, None)
+    registry = BankRegistry(engine.model_config)
+    registry.add(random_bank("lora", fingerprint_of(tiny_model_dir), r=4, experts_per_layer=(1, 1), seed=0, name="b"))
+    engine.set_adapter_provider(registry)
+    model = engine.model
+    prompt = list(range(10, 20))
+    before = model.fused_decode_steps
+    with_bank = tokens_of(engine.generate([greedy_request("a", prompt, "b", 6)])["a"])
+    assert model.fused_decode_steps == before
+    base = tokens_of(engine.generate([greedy_request("c", prompt, None, 6)])["c"])
+    assert model.fused_decode_steps > before
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert tokens_of(engine.generate([greedy_request("d", prompt, None, 6)])["d"]) == base
+    assert with_bank != base  # the bank really ran
+
+
+def test_f32_linear_matches_torch():
+    lib = load_library()
+    gen = torch.Generator().manual_seed(4)
+    for n, k in ((7, 5), (33, 64), (130, 97)):  # short tiles, K tails
+        w = torch.randn(n, k, generator=gen)
+        fn, handle = f32_linear(w)
+        import ctypes
+
+        for m in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(m, k, generator=gen)
+            y = torch.full((m, n), 7.0)
+            lib.ms_f32linear(ctypes.addressof(handle), x.data_ptr(), m, y.data_ptr(), 2)
+            torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
