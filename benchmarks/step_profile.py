@@ -7,6 +7,9 @@ checks), and the engine outside the runner (scheduler, detokenization, events).
 Variants, each an engine on the same folder, timed in alternation in one process:
 ``none`` (fp32 weights), ``auto`` (the GGUF's int4 blocks, int8 LM head), ``auto-floathead``
 (``auto`` with the LM head in fp32, as main had it before issue #21's batch-invariant head).
+A variant with the suffix ``-unfused`` runs with ``MOLESERVE_FUSED_DECODE=0`` (the per-layer Python
+forward instead of the one-call C decode forward, ``server/model/fused_decode.py``); the switch is set
+before each of its runs, so fused and unfused engines alternate in one process.
 
     python benchmarks/step_profile.py [--variants none auto auto-floathead] [--batch 1 8 32]
         [--steps 16] [--rounds 3] [--threads 2] [--top 0] [--no-profile]
@@ -15,6 +18,7 @@ Variants, each an engine on the same folder, timed in alternation in one process
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,10 +43,16 @@ def label(cls, name: str, tag: str) -> None:
     setattr(cls, name, wrapped)
 
 
+def use(variant: str) -> None:
+    """Set the fused decode switch for ``variant``'s next run."""
+    os.environ["MOLESERVE_FUSED_DECODE"] = "0" if variant.endswith("-unfused") else "1"
+
+
 def build(variant: str, folder, max_seqs: int):
     from server.engine.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
 
+    variant = variant.removesuffix("-unfused")
     quant = "none" if variant == "none" else "auto"
     engine = LLMEngine(EngineConfig(model=folder, device="cpu", dtype="float32", quantization=quant,
                                     kv_cache_memory=256 << 20, max_num_seqs=max_seqs))
@@ -74,6 +84,31 @@ def decode(engine, steps: int) -> float:
     return dt
 
 
+def c_gemms_ms(model, rows: int, repeats: int = 5) -> float | None:
+    """ms for one pass of every base linear's C kernel (what the fused forward calls per step) on
+    ``rows`` rows, best of ``repeats``; None when the model has none."""
+    import ctypes
+
+    fn_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int)
+    calls = []
+    for layer in model.layers:
+        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            found = m.c_linear()
+            if found is None:
+                return None
+            calls.append((fn_type(found[0]), found[1], m.in_features, m.out_features))
+    x = torch.randn(rows, max(c[2] for c in calls))
+    y = torch.empty(rows, max(c[3] for c in calls))
+    threads = torch.get_num_threads()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for fn, handle, _, _ in calls:
+            fn(handle, x.data_ptr(), rows, y.data_ptr(), threads)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=["none", "auto", "auto-floathead"])
@@ -102,12 +137,14 @@ def main() -> None:
     folder = ensure_default_model()
     engines = {v: build(v, folder, max(args.batch)) for v in args.variants}
     for v, engine in engines.items():  # warm up
+        use(v)
         start(engine, 1, 2, f"w-{v}")
         decode(engine, 2)
     wall: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):  # alternate variants (and batch sizes) within each round
         for b in args.batch:
             for v, engine in engines.items():
+                use(v)
                 start(engine, b, args.steps, f"t{r}-{b}-{v}")
                 wall.setdefault((v, b), []).append(decode(engine, args.steps))
     print(f"\ndecode step after 64-token prompts, {args.threads} threads, {args.steps} steps per run, "
@@ -120,6 +157,12 @@ def main() -> None:
             xs = sorted(wall[(v, b)])
             cells.append(f"{xs[len(xs) // 2] * 1e3:.1f} ({xs[0] * 1e3:.1f}-{xs[-1] * 1e3:.1f})")
         print(f"| {v} | " + " | ".join(cells) + " |")
+    for v, engine in engines.items():  # what the fused forward's GEMMs alone cost (x in cache: a floor)
+        if not v.endswith("-unfused"):
+            floors = [c_gemms_ms(engine.model, b) for b in args.batch]
+            if floors[0] is not None:
+                print(f"\n{v}: the base linears' C kernels alone (fused forward's GEMMs), ms per step: "
+                      + ", ".join(f"batch {b} {f:.1f}" for b, f in zip(args.batch, floors)))
     if args.no_profile:
         return
 
@@ -130,6 +173,7 @@ def main() -> None:
     print("|---|" + "---|" * 9)
     tables = {}
     for v, engine in engines.items():
+        use(v)
         start(engine, 1, args.steps, f"p-{v}")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()

@@ -115,11 +115,14 @@ class FusedDecode:
         # every tensor the description points into, kept alive with it (a weight replaced later, e.g. by
         # ``quantize``, drops the whole description: ``LlamaModel.fused_decoder``)
         self._keep: list[torch.Tensor] = [model.norm.weight]
+        self._handles: list[tuple] = []
         layers = (_Layer * len(model.layers))()
         for desc, layer, fns in zip(layers, model.layers, linears):
             mods = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
             desc.norm1 = self._ptr(layer.input_layernorm.weight)
             desc.norm2 = self._ptr(layer.post_attention_layernorm.weight)
+            # what the weight handles live in (a float weight's handle, a quantized format's object)
+            self._handles.extend((m.weight, m.quant, getattr(m, "_c_weight", None)) for m in mods)
             for name, mod, (fn, handle) in zip(("qkv", "o", "gate_up", "down"), mods, fns):
                 bias = self._ptr(mod.bias) if mod.bias is not None else None
                 setattr(desc, name, _Linear(fn, handle, bias, mod.out_features))
@@ -128,6 +131,9 @@ class FusedDecode:
                              cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, self._ptr(model.norm.weight),
                              ctypes.addressof(layers))
         self._address = ctypes.addressof(self._model)
+
+    def __reduce__(self):  # a copied (or pickled) model must not point at this one's tensors: rebuilt
+        return type(None), ()
 
     def _ptr(self, t: torch.Tensor) -> int:
         t = t.detach()

@@ -168,7 +168,7 @@ class TargetLinear(nn.Module):
         weight by ``ms_f32linear``."""
         if self.quant is not None:
             handle = getattr(self.quant, "c_handle", None)
-            if handle is None:
+            if handle is None or not getattr(self.quant, "use_kernel", True):  # no kernel, or it failed its probe
                 return None
             try:
                 from kernels.quant_cpu import qlinear_fn_address  # noqa: PLC0415
@@ -178,12 +178,16 @@ class TargetLinear(nn.Module):
             return None if not fn else (fn, handle)
         from .fused_decode import f32_linear  # noqa: PLC0415
 
-        found = f32_linear(self.weight.detach())
-        if found is None:
-            return None
-        fn, handle = found
-        self._c_weight = (self.weight, handle)  # the handle points into the weight: kept together
-        return fn, ctypes.addressof(handle)
+        # one handle per weight storage: every caller gets the same address, and the handle keeps the
+        # storage it points into alive (a weight moved by ``.to()`` gets a new one)
+        cached = getattr(self, "_c_weight", None)
+        if cached is None or cached[0].data_ptr() != self.weight.data_ptr():
+            weight = self.weight.detach()
+            found = f32_linear(weight)
+            if found is None:
+                return None
+            cached = self._c_weight = (weight, *found)
+        return cached[1], ctypes.addressof(cached[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
