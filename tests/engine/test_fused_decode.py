@@ -196,3 +196,23 @@ def test_a_weight_in_new_storage_gets_a_new_handle(variant_models):
     fn, first = linear.c_linear()
     linear.weight.data = linear.weight.data.clone()  # what ``.to()`` does to a parameter
     assert linear.c_linear() == (fn, linear.c_linear()[1]) and linear.c_linear()[1] != first
+
+
+@pytest.mark.slow
+def test_default_model_greedy_tokens_equal_with_the_switch_on_and_off(default_model_dir, monkeypatch):
+    from server.engine.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.protocol import GenerationRequest, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=default_model_dir, device="cpu", quantization="none",
+                                    kv_cache_memory=64 << 20, max_num_seqs=4))
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(1000, 1064)), list(range(2000, 2007)), list(range(300, 333))]
+    outs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(ENV_SWITCH, switch)
+        before = engine.model.fused_decode_steps
+        out = engine.generate([GenerationRequest(f"{switch}-{i}", p, params) for i, p in enumerate(prompts)])
+        outs[switch] = [[t for e in out[f"{switch}-{i}"] for t in e.token_ids] for i in range(len(prompts))]
+        assert (engine.model.fused_decode_steps > before) == (switch == "1")
+    assert outs["0"] == outs["1"]
