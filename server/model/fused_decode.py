@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 _SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "decode_cpu.cpp"
 ENV_SWITCH = "MOLESERVE_FUSED_DECODE"
+# Most rows a step may have to take the fused path when a linear runs on ``ms_f32linear``: past
+# that, oneDNN's packed fp32 GEMMs of the per-layer path win (at 32 rows the fused step measured
+# 1.1-1.2x slower, at 1 and 8 rows 1.3-1.9x faster: BENCHMARKS.md, "Quantized base (issue #21)").
+F32_MAX_ROWS = 16
 
 
 @dataclass
@@ -112,6 +116,9 @@ class FusedDecode:
     def __init__(self, lib: ctypes.CDLL, model: LlamaModel, linears: list[list[tuple[int, int]]]):
         cfg = model.config
         self.lib = lib
+        f32 = ctypes.cast(lib.ms_f32linear, ctypes.c_void_p).value
+        # steps with more rows take the per-layer path (its GEMMs are faster there)
+        self.max_rows = F32_MAX_ROWS if any(fn == f32 for fns in linears for fn, _ in fns) else None
         # every tensor the description points into, kept alive with it (a weight replaced later, e.g. by
         # ``quantize``, drops the whole description: ``LlamaModel.fused_decoder``)
         self._keep: list[torch.Tensor] = [model.norm.weight]
@@ -188,6 +195,6 @@ def fused_step(model: LlamaModel, ctx: StepContext, h: torch.Tensor
     if paged is None or paged.rows.shape[0] != h.shape[0] or paged.k_cache.dtype != torch.float32:
         return None
     decoder = model.fused_decoder()
-    if decoder is None:
+    if decoder is None or (decoder.max_rows is not None and h.shape[0] > decoder.max_rows):
         return None
     return lambda h, cos, sin: decoder.run(h, cos, sin, paged)

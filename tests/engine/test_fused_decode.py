@@ -133,6 +133,11 @@ def test_not_taken_with_prefill_rows_banks_or_the_torch_backend(variant_models, 
     runner.backend = "cpu_kernel"
     _, fused = _step(model, runner, seqs, [1, 1], ids[:2], True, monkeypatch)
     assert fused == 1
+    decoder = model.fused_decoder()
+    assert decoder.max_rows == 16  # fp32 linears: larger steps are faster on the per-layer path
+    monkeypatch.setattr(decoder, "max_rows", 1)
+    _, fused = _step(model, runner, seqs, [1, 1], ids[:2], True, monkeypatch)
+    assert fused == 0
 
 
 def test_engine_greedy_tokens_equal_with_the_switch_on_and_off(make_engine, tiny_model, monkeypatch):
