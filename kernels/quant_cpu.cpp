@@ -205,13 +205,13 @@ void tile_upto(int rows, const QWeight& w, int64_t b, const float* buf, const fl
 
 template <int MR>
 void direct_rows(const QWeight& w, int64_t b0, int64_t nb, const float* x, float* y) {
-    constexpr int CB = MR == 1 ? 4 : 2;
+    constexpr int CB = MR == 1 ? 4 : MR <= 4 ? 2 : 1;  // about 8-16 accumulators
     int64_t b = b0;
     for (; b + CB <= b0 + nb; b += CB) direct<MR, CB>(w, b, x, y);
     for (; b < b0 + nb; ++b) direct<MR, 1>(w, b, x, y);
 }
 
-constexpr int64_t DIRECT_MAX_M = 4;
+constexpr int64_t DIRECT_MAX_M = 8;
 
 void qlinear(const QWeight& w, const float* x, int64_t M, float* y, int nt) {
     const int64_t nblk = n_blocks(w.N);
@@ -225,7 +225,11 @@ void qlinear(const QWeight& w, const float* x, int64_t M, float* y, int nt) {
                 case 1: direct_rows<1>(w, b0, nb, x, y); break;
                 case 2: direct_rows<2>(w, b0, nb, x, y); break;
                 case 3: direct_rows<3>(w, b0, nb, x, y); break;
-                default: direct_rows<4>(w, b0, nb, x, y); break;
+                case 4: direct_rows<4>(w, b0, nb, x, y); break;
+                case 5: direct_rows<5>(w, b0, nb, x, y); break;
+                case 6: direct_rows<6>(w, b0, nb, x, y); break;
+                case 7: direct_rows<7>(w, b0, nb, x, y); break;
+                default: direct_rows<8>(w, b0, nb, x, y); break;
             }
         }
         return;

@@ -76,6 +76,7 @@ class QLinear:
         self.buffer = _aligned_bytes(lib.ms_qpack_bytes(kind, out_features, in_features, group))
         self.struct = QWeightStruct()
         self.bias: Tensor | None = None
+        self._handle, self._fn = ctypes.addressof(self.struct), lib.ms_qlinear
 
     def __getstate__(self) -> dict:  # copy.deepcopy and pickle: the struct's pointers are rebuilt
         s = self.struct
@@ -93,11 +94,12 @@ class QLinear:
         base = self.buffer.data_ptr()
         self.struct = QWeightStruct(state["kind"], state["group"], state["n"], state["k"], base,
                                     base + state["scales_at"], None)
+        self._handle, self._fn = ctypes.addressof(self.struct), lib.ms_qlinear
         self.set_bias(state["bias"])
 
     @property
     def c_handle(self) -> int:
-        return ctypes.addressof(self.struct)
+        return self._handle
 
     def set_bias(self, bias: Tensor | None) -> None:
         """Add ``bias`` [N] (fp32, kept by this object) to every output row; None: no bias."""
@@ -109,11 +111,12 @@ class QLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         """x [M, K] fp32 -> [M, N] fp32 (any leading shape is flattened and restored)."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-        self._lib.ms_qlinear(self.c_handle, x2.data_ptr(), x2.shape[0], y.data_ptr(), torch.get_num_threads())
-        return y.reshape(*lead, self.out_features)
+        if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():  # the decode path skips this
+            lead = x.shape[:-1]
+            return self(x.reshape(-1, self.in_features).to(torch.float32).contiguous()).reshape(*lead, self.out_features)
+        y = torch.empty(x.shape[0], self.out_features)
+        self._fn(self._handle, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        return y
 
 
 def _aligned_bytes(nbytes: int) -> Tensor:

@@ -231,6 +231,8 @@ class Int8Weight(nn.Module):
 def _linear(weight: Int4Weight | Int8Weight, x: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> [T, out] in x's dtype: the packed kernel in the compute dtype, or (no kernel)
     the dequantized reference with the same roundings of input and output."""
+    if weight.cpu_kernel is not None and weight.use_kernel:  # fp32 in and out: no casts
+        return weight.cpu_kernel(x) if x.dtype == torch.float32 else weight.cpu_kernel(x).to(x.dtype)
     xc = x.to(weight.compute_dtype).contiguous()
     y = weight.kernel(xc) if weight.use_kernel else F.linear(xc.float(), weight.dequantize()).to(weight.compute_dtype)
     return y if y.dtype == x.dtype else y.to(x.dtype)
