@@ -3,7 +3,7 @@ and not) and through the engine in-process, plus transformers' batched ``generat
 BENCHMARKS.md table ("Served throughput").
 
     python benchmarks/served.py [--threads 2] [--concurrency 32] [--new-tokens 64] [--repeats 2]
-                                [--workloads short long] [--skip-hf] [--skip-mixlora]
+                                [--workloads short long] [--skip-hf] [--skip-mixlora] [--dynmole] [--only-banks]
 
 Workloads: N requests of prompt token ids (seeded random), ``short`` 30-44 tokens (a chat turn's
 size), ``long`` 64-128 tokens (benchmarks/engine.py's); N new tokens each, greedy, ignore_eos. The
@@ -202,6 +202,45 @@ def mixlora_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
               f"{f'{best[system] / peer:.2f}x' if peer else '-'} |", flush=True)
 
 
+def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> None:
+    """32 requests over 8 DynMoLE banks vs 32 requests on the base alone, both served by one
+    ``moleserve serve --banks`` (its defaults: the int4 base, the float16 bank pool), alternating
+    (issue #21: banks on the quantized base >= 0.8x the quantized base alone)."""
+    import tempfile
+
+    from banks import PROMPT_LEN, dynmole_bank, requests
+
+    from adapters import BaseFingerprint
+    from server.model import ModelConfig
+
+    cfg = ModelConfig.from_folder(folder)
+    fp, vocab = BaseFingerprint.from_hf_config(cfg.raw), cfg.vocab_size
+    names, nt, n = [f"dyn{i}" for i in range(8)], args.new_tokens, 32
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names):
+            dynmole_bank(fp, name, seed=i).save(Path(tmp) / name)
+        reqs = requests(n, names, nt, vocab, seed=5)
+        prompts = [r.prompt_token_ids for r in reqs]
+        proc, url = start_server(args.threads, [*flags, "--banks", tmp])
+        try:
+            asyncio.run(served(url, prompts[:8], 4, False, names))  # warm: every bank's first step
+            rates: dict[str, list[float]] = {}
+            for _ in range(args.repeats):  # alternate
+                for label, models in (("base alone", None), ("over 8 DynMoLE banks", [r.bank for r in reqs])):
+                    wall, tokens, counts = asyncio.run(served(url, prompts, nt, True, models))
+                    assert tokens == n * nt, (tokens, counts)
+                    rates.setdefault(label, []).append(tokens / wall)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"\n| {n} requests served, streaming ({PROMPT_LEN}-token prompts, {nt} new tokens; 6 experts, r=16, "
+          "gate/up/down) | tok/s (runs) | vs base alone (goal >= 0.8x) |\n| --- | --- | --- |")
+    for system, runs in rates.items():
+        print(f"| {system} | {best[system]:.1f} ({', '.join(f'{r:.1f}' for r in runs)}) | "
+              f"{best[system] / best['base alone']:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -211,6 +250,8 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--skip-hf", action="store_true", help="no transformers baselines (generate, + mixlora)")
     ap.add_argument("--skip-mixlora", action="store_true", help="no 4-MixLoRA-banks table")
+    ap.add_argument("--dynmole", action="store_true", help="also the 8-DynMoLE-banks vs base table (issue #21)")
+    ap.add_argument("--only-banks", action="store_true", help="only the bank tables (MixLoRA unless skipped, DynMoLE if asked)")
     ap.add_argument("--server-args", default="", help="extra `moleserve serve` flags, space-separated")
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also serve from this checkout (e.g. the commit before a change), alternating with this one")
@@ -223,6 +264,12 @@ def main() -> None:
     folder = ensure_default_model()
     env_extra = dict(kv.split("=", 1) for kv in args.server_env)
     flags = serve_flags(max(64, args.concurrency), args.server_args.split())
+    if args.only_banks:
+        if not args.skip_mixlora:
+            mixlora_table(args, flags, folder)
+        if args.dynmole:
+            dynmole_table(args, flags, folder)
+        return
     servers = {"served": start_server(args.threads, flags, env_extra=env_extra)}
     if args.baseline_tree is not None:
         servers["served (baseline)"] = start_server(args.threads, flags, tree=args.baseline_tree)
@@ -281,6 +328,8 @@ def main() -> None:
         if not args.skip_mixlora:
             del engine, hf  # their memory, before the banks' server and the peer's models load
             mixlora_table(args, flags, folder)
+        if args.dynmole:
+            dynmole_table(args, flags, folder)
     finally:
         for proc, _ in servers.values():
             proc.terminate()

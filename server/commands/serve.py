@@ -132,7 +132,10 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
         log.info("banks loaded from %s: %s%s", settings.banks, ", ".join(loaded) or "none",
                  f" ({len(errors)} refused, see above)" if errors else "")
     llm.set_adapter_provider(registry)
-    return AsyncEngine(config, engine=llm), registry
+    from server.engine import cpu_threads
+
+    cpu_threads.release_thread_pool()  # the building thread's OpenMP pool: the step thread is the one to own a team
+    return AsyncEngine(config, engine=llm, own_cpu_threads=True), registry
 
 
 def bank_memory_bytes(setting: float | None) -> int:

@@ -17,8 +17,11 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from server.model import ModelConfig
 
+from . import cpu_threads
 from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .protocol import (AdapterProvider, EngineOverloaded, EngineStopped, GenerationEvent, GenerationRequest,
@@ -88,9 +91,14 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, *, engine: LLMEngine | None = None):
+    def __init__(self, config: EngineConfig, *, engine: LLMEngine | None = None, own_cpu_threads: bool = False):
+        """``own_cpu_threads``: the step thread gets the torch threads the caller of ``start`` has, and
+        every other thread runs torch on one (``cpu_threads``: one OpenMP team in the process); a server
+        process sets it, tests that share their process leave it off."""
         self.config = config
         self.engine = engine
+        self.own_cpu_threads = own_cpu_threads
+        self._restore_threads: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
@@ -107,11 +115,23 @@ class AsyncEngine:
             return
         self._loop = asyncio.get_running_loop()
         if self.engine is None:
-            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+            self.engine = await asyncio.to_thread(self._build_engine)
         self._stop_thread = False
-        self._thread = threading.Thread(target=self._run, name="moleserve-engine", daemon=True)
+        threads = torch.get_num_threads() if self.own_cpu_threads else None
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(threads, ready), name="moleserve-engine", daemon=True)
         self._thread.start()
+        if threads is not None:
+            ready.wait()
+            cpu_threads.single_threaded_elsewhere()
+            self._restore_threads = threads
         self._accepting = True
+
+    def _build_engine(self) -> LLMEngine:
+        engine = LLMEngine(self.config)
+        if self.own_cpu_threads:
+            cpu_threads.release_thread_pool()  # this worker thread's OpenMP pool: the step thread gets its own
+        return engine
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Refuse new requests, let running ones finish for up to ``grace_s`` seconds, abort the rest."""
@@ -126,6 +146,9 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._restore_threads is not None:
+            torch.set_num_threads(self._restore_threads)
+            self._restore_threads = None
         for stream in list(self._streams.values()):  # anything the loop did not get to
             for index in set(range(stream.n)) - stream.delivered_finals:
                 stream._put(GenerationEvent(request_id=stream.request_id, index=index, finished=True,
@@ -258,7 +281,13 @@ class AsyncEngine:
                 events += self.engine.abort(arg)
         return events
 
-    def _run(self) -> None:
+    def _run(self, threads: int | None = None, ready: threading.Event | None = None) -> None:
+        try:
+            if threads is not None:
+                cpu_threads.own_thread_count(threads)
+        finally:
+            if ready is not None:
+                ready.set()
         engine = self.engine
         while not self._stop_thread:
             try:
