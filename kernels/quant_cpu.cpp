@@ -332,7 +332,19 @@ int ms_qpack_int8(const int8_t* codes_in, const float* scales, int64_t N, int64_
     return 0;
 }
 
+// 1 when this build has the SIMD schedules (AVX-512), 0 for the portable scalar loop (correct, slow:
+// callers with a faster kernel of their own prefer it then).
+int ms_qlinear_simd(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // y [M, N] = x [M, K] @ W^T (+ bias), fp32, row-major and contiguous; weight: a packed QWeight.
+// Parallel over column blocks with nthreads OpenMP threads: call it outside a parallel region
+// (inside one it runs on the calling thread alone, same results).
 void ms_qlinear(const void* weight, const float* x, int64_t M, float* y, int nthreads) {
     if (M <= 0) return;
     qlinear(*(const QWeight*)weight, x, M, y, nthreads > 0 ? nthreads : 1);

@@ -15,7 +15,7 @@ is the address of ``void ms_qlinear(const void* weight, const float* x, int64_t 
 nthreads)`` and ``QLinear.c_handle`` the address of the ``weight`` struct (``QWeightStruct``).
 
 ``MOLESERVE_CPU_KERNEL=0`` or no compiler: ``available()`` is False and the pack functions return
-None; callers then use torch's packed kernels.
+None; callers then use torch's packed kernels, as they do where ``fast()`` is False (no AVX-512).
 """
 
 from __future__ import annotations
@@ -51,11 +51,20 @@ def load_library() -> ctypes.CDLL | None:
     lib.ms_qpack_int8.restype = _INT
     lib.ms_qlinear.argtypes = [_P, _P, _I64, _P, _INT]
     lib.ms_qlinear.restype = None
+    lib.ms_qlinear_simd.argtypes = []
+    lib.ms_qlinear_simd.restype = _INT
     return lib
 
 
 def available() -> bool:
     return load_library() is not None
+
+
+def fast() -> bool:
+    """The library is built with its SIMD schedules (AVX-512); without them it computes the same
+    with a portable scalar loop, slower than torch's bf16 kernels, which callers then prefer."""
+    lib = load_library()
+    return lib is not None and lib.ms_qlinear_simd() == 1
 
 
 def qlinear_fn_address() -> int | None:

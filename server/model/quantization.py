@@ -4,7 +4,7 @@ Two formats, each a module holding buffers that ``TargetLinear`` (and the LM hea
 ``F.linear``; activations, norms, attention, adapters and the sampler stay in the model's dtype.
 
 Kernels, picked once per weight at load:
-- CPU: our own fp32 kernel (``kernels.quant_cpu``, ``quant_cpu.cpp``) when it builds: fp32
+- CPU: our own fp32 kernel (``kernels.quant_cpu``, ``quant_cpu.cpp``) when it builds with AVX-512: fp32
   activations in and out (no casts), scales and offsets in fp32, each output row bitwise the same
   alone or in any batch. ``compute_dtype`` is then float32.
 - otherwise torch's packed kernels, which take their input in bfloat16 (``COMPUTE_DTYPE``; scales
@@ -51,16 +51,16 @@ _PROBED: dict[tuple, bool] = {}
 
 def _compute_dtype(device_type: str, requested: torch.dtype | None) -> torch.dtype:
     """The activations' dtype in the kernel: bfloat16 on CUDA; on the CPU float32 where our kernel
-    builds, else bfloat16 (torch's kernels); an explicit request is kept on the CPU."""
+    builds with its SIMD path, else bfloat16 (torch's kernels); an explicit request is kept on the CPU."""
     if device_type == "cuda":
         return torch.bfloat16
     if requested is not None:
         return requested
-    return torch.float32 if quant_cpu.available() else COMPUTE_DTYPE
+    return torch.float32 if quant_cpu.fast() else COMPUTE_DTYPE
 
 
 def _cpu_kernel_applies(device_type: str, compute_dtype: torch.dtype) -> bool:
-    return device_type == "cpu" and compute_dtype == torch.float32 and quant_cpu.available()
+    return device_type == "cpu" and compute_dtype == torch.float32 and quant_cpu.fast()
 
 
 def _probe_ok(weight: "Int4Weight | Int8Weight") -> bool:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kernels import quant_cpu
 from server.model.quantization import Int4Weight, Int8Weight
 
-pytestmark = pytest.mark.skipif(not quant_cpu.available(), reason="quant_cpu library unavailable (no compiler)")
+pytestmark = pytest.mark.skipif(not quant_cpu.fast(), reason="quant_cpu library unavailable (no compiler) or without AVX-512")
 
 ROWS = [1, 2, 7, 8, 33, 64]
 
@@ -134,6 +134,7 @@ def test_the_portable_build_computes_the_same(tmp_path):
     subprocess.run(["g++", "-O2", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
                     str(quant_cpu._SOURCE), "-o", str(so)], check=True, capture_output=True, timeout=120)
     lib = ctypes.CDLL(str(so))
+    assert lib.ms_qlinear_simd() == 0
     for name, fn in vars(quant_cpu.load_library()).items():  # the same signatures
         if name.startswith("ms_"):
             getattr(lib, name).argtypes, getattr(lib, name).restype = fn.argtypes, fn.restype
@@ -151,7 +152,7 @@ def test_without_the_library_the_torch_kernels_serve(monkeypatch):
     monkeypatch.setenv("MOLESERVE_CPU_KERNEL", "0")
     quant_cpu.load_library.cache_clear()
     try:
-        assert not quant_cpu.available() and quant_cpu.qlinear_fn_address() is None
+        assert not quant_cpu.available() and not quant_cpu.fast() and quant_cpu.qlinear_fn_address() is None
         for q in (int4(48, 64), int8(48, 64)):
             assert q.cpu_kernel is None and q.c_handle is None and q.use_kernel
             assert q.compute_dtype == torch.bfloat16  # torch's CPU kernels take bf16
