@@ -193,12 +193,13 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def quantize(self, mode: str, gguf_blocks: dict | None = None) -> None:
         """Serve the base weights weight-only quantized (see ``server.model.quantization``): every
-        ``TargetLinear`` in ``mode`` ("int4" or "int8"); the LM head becomes int8 weight-only with
-        bfloat16 activations (as GGUF files keep their token embedding in Q8_0 beside Q4 blocks),
-        used for every step whatever its number of logits rows: torch's int8 kernel computes each
-        row on its own, so a row's logits are bitwise the same alone or in any batch (a head chosen
-        by row count made batched and one-by-one scoring differ by 0.14 nats). It is ~2x faster
-        than the fp32 head at 1 row and slower from ~8 rows (BENCHMARKS.md, "Quantized base").
+        ``TargetLinear`` in ``mode`` ("int4" or "int8"); the LM head becomes int8 weight-only (as
+        GGUF files keep their token embedding in Q8_0 beside Q4 blocks), used for every step
+        whatever its number of logits rows: both its kernels (ours on the CPU, fp32 activations;
+        torch's, bfloat16) compute each row on its own, so a row's logits are bitwise the same alone
+        or in any batch (a head chosen by row count made batched and one-by-one scoring differ by
+        0.14 nats). On our CPU kernel it is faster than the fp32 head at 1 to 32 rows (BENCHMARKS.md,
+        "Quantized base", "Our CPU kernel").
         The token embedding, norms and everything adapters add keep their dtype.
 
         ``gguf_blocks``: the checkpoint's own quantized blocks by HF name (``read_gguf_quantized``),

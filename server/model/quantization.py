@@ -1,21 +1,27 @@
-"""Weight-only quantized base weights: group-wise int4 and per-channel int8, on torch's packed matmuls.
+"""Weight-only quantized base weights: group-wise int4 and per-channel int8.
 
 Two formats, each a module holding buffers that ``TargetLinear`` (and the LM head) calls instead of
 ``F.linear``; activations, norms, attention, adapters and the sampler stay in the model's dtype.
-The kernels take their input in bfloat16 (``COMPUTE_DTYPE``; scales and offsets too) and return
-bfloat16, cast back: on this project's CPU torch's int4 kernel with float32 input runs a scalar
-loop 25x slower than with bfloat16 (BENCHMARKS.md, "Quantized base").
+
+Kernels, picked once per weight at load:
+- CPU: our own fp32 kernel (``kernels.quant_cpu``, ``quant_cpu.cpp``) when it builds with AVX-512: fp32
+  activations in and out (no casts), scales and offsets in fp32, each output row bitwise the same
+  alone or in any batch. ``compute_dtype`` is then float32.
+- otherwise torch's packed kernels, which take their input in bfloat16 (``COMPUTE_DTYPE``; scales
+  and offsets too) and return bfloat16, cast back: on this project's CPU torch's int4 kernel with
+  float32 input runs a scalar loop 25x slower than with bfloat16 (BENCHMARKS.md, "Quantized base").
+  CUDA always uses these.
 
 - ``int4``: 4-bit codes q in [0, 15] in groups of ``group_size`` (32) consecutive input columns,
   each group with a scale s and an offset z:  w[n, k] = s[n, g] * (q[n, k] - 8) + z[n, g].
   GGUF's Q4_1 (w = d * q + m) is exactly s = d, z = m + 8 d, and Q4_0 (w = d * (q - 8)) is s = d,
   z = 0, so a GGUF file's blocks are served as they are stored (codes exact; d and m, fp16 in the
-  file, rounded to the bfloat16 the kernel takes). Kernel: ``aten._weight_int4pack_mm_for_cpu``
-  (CPU), ``aten._weight_int4pack_mm`` (CUDA, bfloat16 activations).
-- ``int8``: int8 codes with one scale per output row, w[n, k] = s[n] * q[n, k]. Kernel:
-  ``aten._weight_int8pack_mm`` (CPU and CUDA). GGUF's Q8_0 (a scale per 32 columns) has no packed
-  kernel in torch; it is re-quantized per row (``Int8Weight.from_groups``), which rounds each value
-  a second time (at most half a row step).
+  file, kept exact in fp32 by our CPU kernel, rounded to bfloat16 for torch's). Torch kernels:
+  ``aten._weight_int4pack_mm_for_cpu`` (CPU), ``aten._weight_int4pack_mm`` (CUDA).
+- ``int8``: int8 codes with one scale per output row, w[n, k] = s[n] * q[n, k]. Torch kernel:
+  ``aten._weight_int8pack_mm`` (CPU and CUDA). GGUF's Q8_0 (a scale per 32 columns) is
+  re-quantized per row (``Int8Weight.from_groups``), which rounds each value a second time (at
+  most half a row step).
 
 Every format has ``dequantize()``, the reference its kernel is tested against (``linear`` equals
 ``F.linear(x, dequantize())`` up to the kernel's accumulation order). On a device or dtype where a
@@ -31,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import quant_cpu
+
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -41,10 +49,24 @@ INT4_GROUP_SIZE = 32  # GGUF's block size; torch's int4 kernels take 32, 64, 128
 _PROBED: dict[tuple, bool] = {}
 
 
+def _compute_dtype(device_type: str, requested: torch.dtype | None) -> torch.dtype:
+    """The activations' dtype in the kernel: bfloat16 on CUDA; on the CPU float32 where our kernel
+    builds with its SIMD path, else bfloat16 (torch's kernels); an explicit request is kept on the CPU."""
+    if device_type == "cuda":
+        return torch.bfloat16
+    if requested is not None:
+        return requested
+    return torch.float32 if quant_cpu.fast() else COMPUTE_DTYPE
+
+
+def _cpu_kernel_applies(device_type: str, compute_dtype: torch.dtype) -> bool:
+    return device_type == "cpu" and compute_dtype == torch.float32 and quant_cpu.fast()
+
+
 def _probe_ok(weight: "Int4Weight | Int8Weight") -> bool:
     """The packed kernel agrees with the dequantized reference on a probe input; probed once per
     format, device, dtype and input width (what the kernel's availability and layout depend on)."""
-    key = (type(weight), weight.scales.device, weight.compute_dtype, weight.in_features)
+    key = (type(weight), weight.scales.device, weight.compute_dtype, weight.in_features, weight.cpu_kernel is not None)
     if key not in _PROBED:
         _PROBED[key] = _probe(weight)
     return _PROBED[key]
@@ -66,12 +88,15 @@ def _probe(weight: "Int4Weight | Int8Weight") -> bool:
 class Int4Weight(nn.Module):
     """A [out, in] weight as group-wise 4-bit codes (see the module docstring).
 
-    Buffers: ``packed`` (the kernel's opaque layout of the codes), ``scales`` [in/g, out, 2] (s and z,
-    in the compute dtype, as the kernel takes them). ``linear(x)``: x [T, in] -> [T, out].
+    Buffers: ``codes`` [out, in/2] (two per byte), ``packed`` (torch's layout of the codes, None on
+    our CPU kernel), ``scales`` [in/g, out, 2] (s and z, in the compute dtype). ``cpu_kernel``: our
+    CPU kernel's packed weight (``kernels.quant_cpu.QLinear``, a plain attribute: never moved or
+    saved) or None; ``c_handle`` its C struct's address for C++ callers.
+    ``linear(x)``: x [T, in] -> [T, out].
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                 compute_dtype: torch.dtype = COMPUTE_DTYPE):
+                 compute_dtype: torch.dtype | None = None):
         """codes int [out, in] in [0, 15]; scale, zero [out, in / group_size]."""
         super().__init__()
         out_features, in_features = codes.shape
@@ -80,19 +105,23 @@ class Int4Weight(nn.Module):
                              f"got {tuple(scale.shape)} and {tuple(zero.shape)}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.device_type = codes.device.type
-        self.compute_dtype = torch.bfloat16 if self.device_type == "cuda" else compute_dtype  # CUDA: bf16 only
+        self.compute_dtype = _compute_dtype(self.device_type, compute_dtype)
         codes = codes.to(torch.uint8)
-        # the codes two per byte (even column low) for dequantize(): the kernel's layout is opaque
+        # the codes two per byte (even column low) for dequantize(): the kernels' layouts are opaque
         self.register_buffer("codes", (codes[:, 0::2] | codes[:, 1::2] << 4).contiguous())
         self.register_buffer("scales", torch.stack([scale.t(), zero.t()], dim=-1).to(self.compute_dtype).contiguous())
-        try:
-            packed = self._pack(codes)
-        except RuntimeError as exc:  # a shape the kernel does not take (CPU: out % 16, CUDA: in % 32)
-            log.warning("int4 weight %dx%d not packed (%s); using the dequantized reference",
-                        out_features, in_features, str(exc).splitlines()[0])
-            packed = None
+        self.cpu_kernel = None
+        if _cpu_kernel_applies(self.device_type, self.compute_dtype):
+            self.cpu_kernel = quant_cpu.pack_int4(self.codes, scale.float(), zero.float(), group_size)
+        packed = None
+        if self.cpu_kernel is None:
+            try:
+                packed = self._pack(codes)
+            except RuntimeError as exc:  # a shape the kernel does not take (CPU: out % 16, CUDA: in % 32)
+                log.warning("int4 weight %dx%d not packed (%s); using the dequantized reference",
+                            out_features, in_features, str(exc).splitlines()[0])
         self.register_buffer("packed", packed)
-        self.use_kernel = packed is not None and _probe_ok(self)
+        self.use_kernel = (packed is not None or self.cpu_kernel is not None) and _probe_ok(self)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         if self.device_type == "cuda":
@@ -102,7 +131,7 @@ class Int4Weight(nn.Module):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                 compute_dtype: torch.dtype = COMPUTE_DTYPE) -> "Int4Weight":
+                 compute_dtype: torch.dtype | None = None) -> "Int4Weight":
         """Round-to-nearest asymmetric quantization of a float [out, in] weight: each group's min and
         max map to codes 0 and 15 (as GGUF's Q4_1 does)."""
         w = weight.detach().float()
@@ -123,7 +152,14 @@ class Int4Weight(nn.Module):
         z = z.t().repeat_interleave(self.group_size, dim=1)
         return (codes.float() - 8) * s + z
 
+    @property
+    def c_handle(self) -> int | None:
+        """The address of our CPU kernel's weight struct (``ms_qlinear``'s ``weight``), or None."""
+        return None if self.cpu_kernel is None else self.cpu_kernel.c_handle
+
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel is not None:
+            return self.cpu_kernel(x)
         if self.device_type == "cuda":
             return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales)
@@ -132,29 +168,37 @@ class Int4Weight(nn.Module):
         return _linear(self, x)
 
     def nbytes(self) -> int:
+        """Bytes the kernel reads: its packed codes and the scales."""
+        if self.cpu_kernel is not None:
+            return self.cpu_kernel.nbytes()
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales) if t is not None)
 
 
 class Int8Weight(nn.Module):
     """A [out, in] weight as int8 codes with one scale per output row: w = scales[n] * codes[n, k].
 
-    Buffers: ``codes`` int8 [out, in], ``scales`` [out] (compute dtype). ``linear(x)``: x [T, in] -> [T, out].
+    Buffers: ``codes`` int8 [out, in], ``scales`` [out] (compute dtype); ``cpu_kernel`` and
+    ``c_handle`` as ``Int4Weight``'s. ``linear(x)``: x [T, in] -> [T, out].
     """
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, compute_dtype: torch.dtype = COMPUTE_DTYPE):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.compute_dtype = compute_dtype
+        self.device_type = codes.device.type
+        self.compute_dtype = _compute_dtype(self.device_type, compute_dtype)
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
-        self.register_buffer("scales", scales.to(compute_dtype).contiguous())
+        self.register_buffer("scales", scales.to(self.compute_dtype).contiguous())
+        self.cpu_kernel = None
+        if _cpu_kernel_applies(self.device_type, self.compute_dtype):
+            self.cpu_kernel = quant_cpu.pack_int8(self.codes, self.scales)
         self.use_kernel = _probe_ok(self)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "Int8Weight":
+    def quantize(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None) -> "Int8Weight":
         """Symmetric round-to-nearest per output row (absmax -> 127)."""
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        return cls((w / scales[:, None]).round().clamp(-127, 127), scales)
+        return cls((w / scales[:, None]).round().clamp(-127, 127), scales, compute_dtype)
 
     @classmethod
     def from_groups(cls, codes: torch.Tensor, scales: torch.Tensor) -> "Int8Weight":
@@ -166,19 +210,29 @@ class Int8Weight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scales.float()[:, None]
 
+    @property
+    def c_handle(self) -> int | None:
+        return None if self.cpu_kernel is None else self.cpu_kernel.c_handle
+
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel is not None:
+            return self.cpu_kernel(x)
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(self, x)
 
     def nbytes(self) -> int:
+        if self.cpu_kernel is not None:
+            return self.cpu_kernel.nbytes()
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales))
 
 
 def _linear(weight: Int4Weight | Int8Weight, x: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> [T, out] in x's dtype: the packed kernel in the compute dtype, or (no kernel)
     the dequantized reference with the same roundings of input and output."""
+    if weight.cpu_kernel is not None and weight.use_kernel:  # fp32 in and out: no casts
+        return weight.cpu_kernel(x) if x.dtype == torch.float32 else weight.cpu_kernel(x).to(x.dtype)
     xc = x.to(weight.compute_dtype).contiguous()
     y = weight.kernel(xc) if weight.use_kernel else F.linear(xc.float(), weight.dequantize()).to(weight.compute_dtype)
     return y if y.dtype == x.dtype else y.to(x.dtype)

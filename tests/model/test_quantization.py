@@ -10,19 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import quant_cpu
 from server.model import SequenceKVCache, StepContext, load_model, step_context
 from server.model.layers import TargetLinear
 from server.model.quantization import Int4Weight, Int8Weight, from_gguf_blocks
 from server.model.weights import _gguf_blocks, load_quantized_blocks, save_quantized_blocks
 
 
+# None: the default (on an AVX-512 CPU our fp32 kernel, kernels/quant_cpu.py); bfloat16: torch's packed kernels
+COMPUTE_DTYPES = [None, torch.bfloat16]
+
+
+@pytest.mark.parametrize("compute_dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("out_f,in_f", [(48, 64), (128, 96), (16, 256)])
 @pytest.mark.parametrize("m", [1, 5, 33])
-def test_int4_kernel_matches_its_reference(out_f, in_f, m):
+def test_int4_kernel_matches_its_reference(out_f, in_f, m, compute_dtype):
     g = torch.Generator().manual_seed(out_f + in_f)
     w = torch.randn(out_f, in_f, generator=g)
-    q = Int4Weight.quantize(w)
-    assert q.use_kernel  # the CPU build has the packed int4 kernel
+    q = Int4Weight.quantize(w, compute_dtype=compute_dtype)
+    assert q.use_kernel  # the CPU build has a packed int4 kernel
+    assert (q.cpu_kernel is not None) == (compute_dtype is None and quant_cpu.fast())
     ref = q.dequantize()
     # round to nearest: every weight within half a step of its group's grid (plus the bf16 rounding
     # of the scale and offset)
@@ -33,21 +40,27 @@ def test_int4_kernel_matches_its_reference(out_f, in_f, m):
 
 
 def _close_to_reference(q, x, ref):
-    """The kernel (bf16 input and output, fp32 accumulation) equals the dequantized weight applied
-    to the bf16-rounded input, up to the output's bf16 rounding (2^-8 relative) and summation order."""
-    want = F.linear(x.bfloat16().float(), ref)
+    """torch's kernels (bf16 input and output, fp32 accumulation) equal the dequantized weight
+    applied to the bf16-rounded input, up to the output's bf16 rounding (2^-8 relative) and
+    summation order; our fp32 kernel equals it to fp32 rounding."""
+    want = F.linear(x.to(q.compute_dtype).float(), ref)
     got = q.linear(x)
     assert got.dtype == x.dtype
-    torch.testing.assert_close(got, want, rtol=2 ** -8, atol=1e-3 * want.abs().max().item())
+    if q.compute_dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    else:
+        torch.testing.assert_close(got, want, rtol=2 ** -8, atol=1e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("compute_dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("out_f,in_f", [(48, 64), (200, 96)])
 @pytest.mark.parametrize("m", [1, 7])
-def test_int8_kernel_matches_its_reference(out_f, in_f, m):
+def test_int8_kernel_matches_its_reference(out_f, in_f, m, compute_dtype):
     g = torch.Generator().manual_seed(out_f * in_f)
     w = torch.randn(out_f, in_f, generator=g)
-    q = Int8Weight.quantize(w)
+    q = Int8Weight.quantize(w, compute_dtype=compute_dtype)
     assert q.use_kernel
+    assert (q.cpu_kernel is not None) == (compute_dtype is None and quant_cpu.fast())
     ref = q.dequantize()
     # half a step of the row's grid, plus the scale's bf16 rounding (2^-9 relative) times 127
     assert ((ref - w).abs() <= w.abs().amax(1, keepdim=True) * (1 / 254 + 2 ** -8) + 1e-6).all()
@@ -56,7 +69,7 @@ def test_int8_kernel_matches_its_reference(out_f, in_f, m):
 
 
 def test_a_shape_the_kernel_refuses_runs_on_the_reference():
-    q = Int4Weight.quantize(torch.randn(24, 64))  # the CPU packing needs out % 16 == 0
+    q = Int4Weight.quantize(torch.randn(24, 64), compute_dtype=torch.bfloat16)  # torch's CPU packing needs out % 16 == 0
     assert not q.use_kernel
     _close_to_reference(q, torch.randn(3, 64), q.dequantize())
 
