@@ -24,14 +24,17 @@ VARIANTS = {
     "llama-all-bias-d32": ("llama", {"tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True,
                                      "head_dim": 32}),
     "mha-d12": ("llama", {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 4}),  # scalar attention
+    "int4": ("llama", {}, "int4"),  # quantized linears: the formats' own C kernel (kernels/quant_cpu)
+    "qwen2-bias-int8": ("qwen2", {}, "int8"),
 }
 
 
 @pytest.fixture(scope="module")
 def variant_models(tmp_path_factory, default_model_dir):
     root = tmp_path_factory.mktemp("fused")
-    return {name: load_model(make_tiny_model(root / name, default_model_dir, model_type=t, seed=2, **extra))
-            for name, (t, extra) in VARIANTS.items()}
+    return {name: load_model(make_tiny_model(root / name, default_model_dir, model_type=v[0], seed=2, **v[1]),
+                             quantization=v[2] if len(v) > 2 else "none")
+            for name, v in VARIANTS.items()}
 
 
 def _seqs(lens, bs, num_blocks, gen):
