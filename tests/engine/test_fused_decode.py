@@ -207,12 +207,13 @@ def test_a_weight_in_new_storage_gets_a_new_handle(variant_models):
 
 
 @pytest.mark.slow
-def test_default_model_greedy_tokens_equal_with_the_switch_on_and_off(default_model_dir, monkeypatch):
+@pytest.mark.parametrize("quantization", ["none", "auto"])
+def test_default_model_greedy_tokens_equal_with_the_switch_on_and_off(default_model_dir, monkeypatch, quantization):
     from server.engine.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
     from server.engine.protocol import GenerationRequest, SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=default_model_dir, device="cpu", quantization="none",
+    engine = LLMEngine(EngineConfig(model=default_model_dir, device="cpu", quantization=quantization,
                                     kv_cache_memory=64 << 20, max_num_seqs=4))
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompts = [list(range(1000, 1064)), list(range(2000, 2007)), list(range(300, 333))]
