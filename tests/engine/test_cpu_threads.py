@@ -58,6 +58,7 @@ class CountingEngine:
     def __init__(self):
         self.step_threads: list[int] = []
         self.pending = 1
+        self.sequences: dict = {}  # what the loop aborts when it stops
 
     def has_unfinished(self) -> bool:
         return self.pending > 0
