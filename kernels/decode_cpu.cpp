@@ -16,6 +16,14 @@
 //   y [M, N] = x [M, K] @ W^T    fn(weight, x, M, y, nthreads)
 //
 // This file's own ms_f32linear serves a plain fp32 W [N, K] (handle: MsF32Weight).
+//
+// A step with bank rows passes one optional hook per linear (hooks [num_layers * 4]: qkv, o, gate_up,
+// down of each layer; fn null: none), called right after the linear and its bias, as the Python
+// path's TargetLinear.forward calls the step's adapters after its base:
+//
+//   out [M, ld] += the step's bank deltas of x [M, in]    fn(x, out, ld, a, b), 0 on success
+//
+// kernels/routed_lora/cpu_kernel.cpp's route_lora is one (a: its sites, b: the step's routing group).
 // Elementwise work runs on the calling thread (it is ~1% of a step); GEMMs and attention use nthreads.
 #include <algorithm>
 #include <cmath>
@@ -27,6 +35,14 @@
 extern "C" {
 
 typedef void (*ms_linear_fn)(const void* weight, const float* x, int64_t M, float* y, int nthreads);
+
+typedef int (*ms_hook_fn)(const float* x, float* out, int64_t ld, const void* a, const void* b);
+
+struct MsHook {
+    ms_hook_fn fn;  // null: no adapter work on this linear this step
+    const void* a;
+    const void* b;
+};
 
 struct MsLinear {
     ms_linear_fn fn;
@@ -71,7 +87,8 @@ void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t n, fl
     }
 }
 
-void linear(const MsLinear& l, const float* x, int64_t M, float* y, int nt) {
+// y = x @ W^T (+ bias), then the hook's deltas (hook null or its fn null: none); false when the hook failed.
+bool linear(const MsLinear& l, const float* x, int64_t M, float* y, int nt, const MsHook* hook) {
     l.fn(l.weight, x, M, y, nt);
     if (l.bias != nullptr)
         for (int64_t r = 0; r < M; ++r) {
@@ -79,6 +96,7 @@ void linear(const MsLinear& l, const float* x, int64_t M, float* y, int nt) {
 #pragma omp simd
             for (int64_t i = 0; i < l.out; ++i) yr[i] += l.bias[i];
         }
+    return hook == nullptr || hook->fn == nullptr || hook->fn(x, y, l.out, hook->a, hook->b) == 0;
 }
 
 // x [nh heads of D] of one row, rotated in place: x1' = x1 c1 - x2 s1, x2' = x2 c2 + x1 s2 (halves 1, 2).
@@ -146,11 +164,12 @@ extern "C" {
 // cache [num_layers, num_blocks, BS, HKV, D] (fp32, contiguous); slot_mapping [M]: each row's flat
 // cache slot; rows / row_seq / ctx_lens [M]: the attention's decode rows (as paged_attention_cpu):
 // flat row, its sequence's row of block_tables [S, max_blocks], its context length (position + 1).
-// Returns 0, or 1 when the shapes do not fit.
+// hooks: null, or [num_layers * 4] adapter calls (see the top of the file).
+// Returns 0, 1 when the shapes do not fit, 2 when a hook failed (h and the cache then hold a partial step).
 int ms_decode_forward(const MsModel* model, float* h, int64_t M, const float* cos, const float* sin,
                       float* k_cache, float* v_cache, int64_t num_blocks, int64_t BS, const int64_t* slot_mapping,
                       const int64_t* rows, const int64_t* row_seq, const int64_t* ctx_lens,
-                      const int64_t* block_tables, int64_t max_blocks, int64_t window, int nt) {
+                      const int64_t* block_tables, int64_t max_blocks, int64_t window, const MsHook* hooks, int nt) {
     const MsModel& m = *model;
     const int64_t H = m.heads, HKV = m.kv_heads, D = m.head_dim, hid = m.hidden, I = m.intermediate;
     const int64_t q_size = H * D, kv_size = HKV * D, qkv_size = q_size + 2 * kv_size;
@@ -163,10 +182,12 @@ int ms_decode_forward(const MsModel* model, float* h, int64_t M, const float* co
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     for (int64_t li = 0; li < m.num_layers; ++li) {
         const MsLayer& L = m.layers[li];
+        const MsHook* hk = hooks != nullptr ? hooks + 4 * li : nullptr;
+        const auto hook = [hk](int j) { return hk != nullptr ? hk + j : nullptr; };
         float* kc = k_cache + li * layer_stride;
         float* vc = v_cache + li * layer_stride;
         rms_norm(h, L.norm1, x, M, hid, m.eps);
-        linear(L.qkv, x, M, qkv, nt);
+        if (!linear(L.qkv, x, M, qkv, nt, hook(0))) return 2;
         for (int64_t r = 0; r < M; ++r) {
             float* row = qkv + r * qkv_size;
             rope(row, H + HKV, D, cos + r * D, sin + r * D);  // q's heads then k's, contiguous
@@ -177,17 +198,17 @@ int ms_decode_forward(const MsModel* model, float* h, int64_t M, const float* co
         if (ms_attention::attend_rows(qkv, qkv_size, attn, q_size, H, HKV, D, kc, vc, BS, rows, row_seq, ctx_lens,
                                       M, block_tables, max_blocks, scale, window, nt) != 0)
             return 1;
-        linear(L.o, attn, M, tmp, nt);
+        if (!linear(L.o, attn, M, tmp, nt, hook(1))) return 2;
         for (int64_t i = 0; i < M * hid; ++i) h[i] += tmp[i];
         rms_norm(h, L.norm2, x, M, hid, m.eps);
-        linear(L.gate_up, x, M, gu, nt);
+        if (!linear(L.gate_up, x, M, gu, nt, hook(2))) return 2;
         for (int64_t r = 0; r < M; ++r) {
             const float* g = gu + r * 2 * I;
             const float* u = g + I;
             float* a = act + r * I;
             for (int64_t i = 0; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
         }
-        linear(L.down, act, M, tmp, nt);
+        if (!linear(L.down, act, M, tmp, nt, hook(3))) return 2;
         for (int64_t i = 0; i < M * hid; ++i) h[i] += tmp[i];
     }
     rms_norm(h, m.final_norm, h, M, hid, m.eps);

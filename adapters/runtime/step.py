@@ -455,10 +455,7 @@ class BankStep:
                            backend=self.backend, plan=plan)
 
     def linear(self, layer: int, targets: tuple[str, ...], x: Tensor, out: Tensor) -> None:
-        key = (layer, targets)
-        d = self._decide.get(key, _MISSING)
-        if d is _MISSING:
-            d = self._decide[key] = self._decision(layer, targets)
+        d = self._decision_at(layer, targets)
         if d is _NOTHING:
             return
         if d is not None and self._whole_linear(d, x, out):
@@ -475,6 +472,47 @@ class BankStep:
                 out[:, c0:c1] += self._delta(site, x, plan)
 
     # -- the CPU decode fast path: one C++ call per routed linear --------------------------------
+
+    def _decision_at(self, layer: int, targets: tuple[str, ...]):
+        key = (layer, targets)
+        d = self._decide.get(key, _MISSING)
+        if d is _MISSING:
+            d = self._decide[key] = self._decision(layer, targets)
+        return d
+
+    def c_linear_hooks(self, linears: list[tuple[int, tuple[str, ...]]], rows: int
+                       ) -> tuple[list[tuple[int, int, int] | None], Callable[[], None]] | None:
+        """This step's adapter work as C calls, for a forward that runs every linear itself (the fused
+        decode forward, ``server/model/fused_decode.py``): for each (layer, targets) of ``linears``, in
+        the order that forward calls them, None (no bank adapts it) or the (fn, a, b) of its
+        ``route_lora`` call (``RouteLoraStep.c_hook``) -- the decision, sites, routing group and
+        statistics ``linear`` would use. Then ``done()`` after the forward: what ``linear`` records
+        per call. None when some linear or FFN of the step needs the Python path: factor or MixLoRA
+        FFNs (``mlp`` would replace them), a site on the general path, a call that would fall back."""
+        layers = {layer for layer, _ in linears}
+        if (self.factors or rows != self.num_tokens
+                or any(layer in b.layout.blocks for b in self.banks for layer in layers)):
+            return None
+        hooks: list[tuple[int, int, int] | None] = []
+        used: list[WholeLinear] = []
+        for layer, targets in linears:
+            d = self._decision_at(layer, targets)
+            if d is _NOTHING:
+                hooks.append(None)
+                continue
+            if d is None:
+                return None
+            hook = self._group_step(d).c_hook(d.args)
+            if hook is None:
+                return None
+            hooks.append(hook)
+            used.append(d)
+
+        def done() -> None:
+            for d in used:
+                self._fast.used[d] = None
+
+        return hooks, done
 
     def _decisions(self) -> dict:
         """The (layer, targets) -> path table of this step's banks, shared by every step with the same
@@ -533,14 +571,17 @@ class BankStep:
         (nothing done) when the call does not apply (autograd, shapes): the general path runs."""
         if x.requires_grad and torch.is_grad_enabled():
             return False
+        if not self._group_step(d)(x, d.args, out):
+            return False
+        self._fast.used[d] = None
+        return True
+
+    def _group_step(self, d: WholeLinear) -> RouteLoraStep:
         gkey = (d.members, d.n, d.plain)
         step = self._group_steps.get(gkey)
         if step is None:
             step = self._group_steps[gkey] = self._route_lora_step(d)
-        if not step(x, d.args, out):
-            return False
-        self._fast.used[d] = None
-        return True
+        return step
 
     def _route_lora_step(self, d: WholeLinear) -> RouteLoraStep:
         """The step's rows for ``d``'s group, from the site's spec: each row's bank slot offset (-1

@@ -608,16 +608,30 @@ struct RLStep {
 // shrink (slot ranges per thread) and expand (column ranges per thread), added straight into
 // out[:, col[m] : col[m] + d_out[m]] (rows ld apart).  x [T, d_in] contiguous fp32.
 // Returns 4 when the shapes are not the AVX2 path's (d_in, d_out % 8): nothing is done, the caller falls back.
+// What route_lora(.., s, st) would return before doing any work: 0 when it runs (a caller that cannot
+// fall back afterwards, the fused decode forward, asks first), else its error code.
+int route_lora_check(const RLSites* s, const RLStep* st) {
+#ifdef MS_ROUTED_AVX2
+    const int64_t M = s->M, T = st->T, n = st->n, S = s->S;
+    if (s->d_in % 8 || s->wtype < 0 || s->wtype > 2) return 4;
+    for (int64_t m = 0; m < M; ++m)
+        if (s->d_out[m] % 8) return 4;
+    if (n > 64 || n < 1 || (s->routers == nullptr && n != 1)) return 3;
+    for (int64_t t = 0; t < T; ++t)
+        if (st->offset[t] + n > S) return 2;
+    return 0;
+#else
+    (void)s;
+    (void)st;
+    return 4;
+#endif
+}
+
 int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const RLStep* st) {
 #ifdef MS_ROUTED_AVX2
     const int64_t M = s->M, T = st->T, n = st->n, S = s->S, d_in = s->d_in, r = s->r;
-    if (d_in % 8 || s->wtype < 0 || s->wtype > 2) return 4;
-    for (int64_t m = 0; m < M; ++m)
-        if (s->d_out[m] % 8) return 4;
+    if (const int rc = route_lora_check(s, st)) return rc;
     const bool plain = s->routers == nullptr;
-    if (n > 64 || n < 1 || (plain && n != 1)) return 3;
-    for (int64_t t = 0; t < T; ++t)
-        if (st->offset[t] + n > S) return 2;
     const int64_t tn = T * n, blk = 3 * tn + 3 * S + 3;
     thread_local std::vector<int64_t> ibuf;
     thread_local std::vector<float> fbuf, h, lgb, wb, eb, shb;

@@ -59,6 +59,8 @@ def load_library() -> ctypes.CDLL | None:
     rl = lib.route_lora
     rl.argtypes = [p, p, i64, p, p]
     rl.restype = ctypes.c_int
+    lib.route_lora_check.argtypes = [p, p]
+    lib.route_lora_check.restype = ctypes.c_int
     return lib
 
 
@@ -215,6 +217,16 @@ class RouteLoraStep:
                               st.edges.numel() if st else 0, *(o.data_ptr() if o is not None else None for o in out))
         self.addr = ctypes.addressof(self.struct)
         self.lib = load_library()
+
+    def c_hook(self, sites: RouteLoraSites) -> tuple[int, int, int] | None:
+        """(address of ``route_lora``, ``sites``' and this group's struct addresses): the call as a C
+        caller makes it, ``route_lora(x, out, ld, sites, step)`` on x [T, sites.d_in] fp32 contiguous
+        (the fused decode forward's per-linear hook); None when ``__call__`` would not run it (the
+        caller must then take its Python path: a C caller cannot fall back after the call)."""
+        if (self.lib is None or not sites.ok or not 1 <= self.n <= 64
+                or self.lib.route_lora_check(sites.addr, self.addr) != 0):
+            return None
+        return ctypes.cast(self.lib.route_lora, ctypes.c_void_p).value, sites.addr, self.addr
 
     def __call__(self, x: Tensor, sites: RouteLoraSites, out: Tensor) -> bool:
         """out[:, cols of each site] += the sites' routed LoRA of x [T, d_in] (fp32, contiguous; out fp32

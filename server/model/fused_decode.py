@@ -8,9 +8,15 @@ paged attention -> o + residual -> norm -> gate_up -> SwiGLU -> down + residual 
 then the final norm, inside one foreign call (GIL released). The embedding lookup, the RoPE tables
 (cos/sin [M, D]), the LM head and the sampler stay in Python as before.
 
+A step with bank rows passes, per linear, the C call that adds its banks' deltas after the base
+linear (``route_lora``, one routed linear in one call: routing, plans, LoRA, statistics), asked of
+the step's adapters (``c_linear_hooks``: ``adapters.runtime.step.BankStep``) before the forward;
+the step takes the Python path when they cannot give one for every adapted linear (an FFN that
+MixLoRA or a factor bank replaces, a site on the general path) or offer none (another adapter kind).
+
 A step takes this path (``LlamaModel.hidden_states``) only when it can compute exactly what the
-Python path computes: CPU, fp32 activations, no autograd, no bank in the step (``ctx.adapters is
-None``), no precomputed input embeddings, the engine's paged attention with every row a decode row
+Python path computes: CPU, fp32 activations, no autograd, no adapters or adapters whose every
+linear has a C hook (above), no precomputed input embeddings, the engine's paged attention with every row a decode row
 on the C++ attention backend (``PagedAttentionStep.paged_decode``), every linear served by a C
 kernel (``TargetLinear.c_linear``) and the library built. ``MOLESERVE_FUSED_DECODE=0`` turns it off.
 """
@@ -70,6 +76,10 @@ class _Layer(ctypes.Structure):
                 ("gate_up", _Linear), ("down", _Linear)]
 
 
+class _Hook(ctypes.Structure):
+    _fields_ = [("fn", ctypes.c_void_p), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p)]
+
+
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64),
@@ -89,7 +99,7 @@ def load_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.ms_decode_forward.argtypes = [p, p, i64, p, p, p, p, i64, i64, p, p, p, p, p, i64, i64, ctypes.c_int]
+    lib.ms_decode_forward.argtypes = [p, p, i64, p, p, p, p, i64, i64, p, p, p, p, p, i64, i64, p, ctypes.c_int]
     lib.ms_decode_forward.restype = ctypes.c_int
     lib.ms_f32linear.argtypes = [p, p, i64, p, ctypes.c_int]
     lib.ms_f32linear.restype = None
@@ -123,9 +133,12 @@ class FusedDecode:
         # ``quantize``, drops the whole description: ``LlamaModel.fused_decoder``)
         self._keep: list[torch.Tensor] = [model.norm.weight]
         self._handles: list[tuple] = []
+        # (layer, targets) of every linear in the order the forward calls them: where a hook goes
+        self.targets: list[tuple[int, tuple[str, ...]]] = []
         layers = (_Layer * len(model.layers))()
-        for desc, layer, fns in zip(layers, model.layers, linears):
+        for i, (desc, layer, fns) in enumerate(zip(layers, model.layers, linears)):
             mods = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            self.targets.extend((i, m.targets) for m in mods)
             desc.norm1 = self._ptr(layer.input_layernorm.weight)
             desc.norm2 = self._ptr(layer.post_attention_layernorm.weight)
             # what the weight handles live in (a float weight's handle, a quantized format's object)
@@ -167,9 +180,25 @@ class FusedDecode:
         except ValueError:
             return None
 
-    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, paged: PagedDecode) -> torch.Tensor:
+    def hooks(self, adapters, rows: int) -> tuple[ctypes.Array, Callable[[], None]] | None:
+        """The step's per-linear adapter calls (``c_linear_hooks``) as the forward reads them, and what
+        to call after it; None when ``adapters`` cannot give them."""
+        ask = getattr(adapters, "c_linear_hooks", None)
+        found = ask(self.targets, rows) if ask is not None else None
+        if found is None:
+            return None
+        calls, done = found
+        hooks = (_Hook * len(self.targets))()
+        for slot, call in zip(hooks, calls):
+            if call is not None:
+                slot.fn, slot.a, slot.b = call
+        return hooks, done
+
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, paged: PagedDecode,
+            hooks: ctypes.Array | None = None) -> torch.Tensor:
         """h [M, hidden] token embeddings (overwritten) -> final normed hidden states [M, hidden];
-        cos / sin [M, head_dim]. Writes the step's keys and values into the cache."""
+        cos / sin [M, head_dim]. Writes the step's keys and values into the cache. ``hooks``: the
+        step's adapter calls (``hooks()``), or None."""
         k, v = paged.k_cache, paged.v_cache
         bt = paged.block_tables.contiguous()
         rc = self.lib.ms_decode_forward(
@@ -177,7 +206,7 @@ class FusedDecode:
             k.data_ptr(), v.data_ptr(), k.shape[1], k.shape[2], paged.slot_mapping.contiguous().data_ptr(),
             paged.rows.contiguous().data_ptr(), paged.row_seq.contiguous().data_ptr(),
             paged.ctx_lens.contiguous().data_ptr(), bt.data_ptr(), bt.shape[1], paged.window or 0,
-            torch.get_num_threads())
+            None if hooks is None else ctypes.addressof(hooks), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"ms_decode_forward failed with code {rc}")
         return h
@@ -186,8 +215,8 @@ class FusedDecode:
 def fused_step(model: LlamaModel, ctx: StepContext, h: torch.Tensor
                ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """``run`` bound to this step's paged attention when the step qualifies (see the module
-    docstring), else None. Cheap: no host sync, no per-layer work."""
-    if (ctx.adapters is not None or ctx.input_embeds is not None or h.device.type != "cpu"
+    docstring), else None. Cheap: no host sync; with adapters one lookup per linear (their C calls)."""
+    if (ctx.input_embeds is not None or h.device.type != "cpu"
             or h.dtype != torch.float32 or torch.is_grad_enabled() or not enabled()):
         return None
     paged_decode = getattr(ctx.attention, "paged_decode", None)
@@ -197,4 +226,16 @@ def fused_step(model: LlamaModel, ctx: StepContext, h: torch.Tensor
     decoder = model.fused_decoder()
     if decoder is None or (decoder.max_rows is not None and h.shape[0] > decoder.max_rows):
         return None
-    return lambda h, cos, sin: decoder.run(h, cos, sin, paged)
+    if ctx.adapters is None:
+        return lambda h, cos, sin: decoder.run(h, cos, sin, paged)
+    found = decoder.hooks(ctx.adapters, h.shape[0])
+    if found is None:
+        return None
+    hooks, done = found
+
+    def run(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        out = decoder.run(h, cos, sin, paged, hooks)
+        done()
+        return out
+
+    return run

@@ -127,10 +127,12 @@ def write_plugin_moe(
 
 
 def random_bank(kind: str = "dynmole", base: BaseFingerprint = TINY, *, r: int = 4, alpha: float = 8.0,
-                experts_per_layer=(3, 2), seed: int = 0, name: str = "test-bank") -> ExpertBank:
-    """A valid bank of ``kind`` (``experts_per_layer`` gives MoLA-style per-layer counts)."""
+                experts_per_layer=(3, 2), seed: int = 0, name: str = "test-bank",
+                targets: tuple[str, ...] | None = None) -> ExpertBank:
+    """A valid bank of ``kind`` (``experts_per_layer`` gives MoLA-style per-layer counts) on ``targets``
+    (None: the kind's usual ones, below)."""
     gen = torch.Generator().manual_seed(seed)
-    targets = {
+    targets = targets or {
         "lora": ("q_proj", "v_proj", "down_proj"),
         "mixlora": ("q_proj", "gate_proj", "up_proj", "down_proj"),
         "dynmole": ("k_proj", "gate_proj", "up_proj", "down_proj"),

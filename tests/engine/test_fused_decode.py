@@ -225,3 +225,101 @@ def test_default_model_greedy_tokens_equal_with_the_switch_on_and_off(default_mo
         outs[switch] = [[t for e in out[f"{switch}-{i}"] for t in e.token_ids] for i in range(len(prompts))]
         assert (engine.model.fused_decode_steps > before) == (switch == "1")
     assert outs["0"] == outs["1"]
+
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def _bank(kind, model, seed, name, targets, **routing):
+    import dataclasses
+
+    from adapters import BaseFingerprint
+    from tests.adapters.bank_builders import random_bank
+
+    bank = random_bank(kind, BaseFingerprint.from_hf_config(model.config.raw), r=4, seed=seed, name=name,
+                       targets=targets)
+    for layer in bank.layers:  # moderate deltas: routing and tokens away from ties
+        for ex in layer.linears.values():
+            ex.lora_b.mul_(0.05)
+    if routing:
+        bank.routing = dataclasses.replace(bank.routing, **routing)
+    return bank
+
+
+def _stats_equal(a, b):
+    assert a.banks.keys() == b.banks.keys()
+    for name, s in a.banks.items():
+        o = b.banks[name]
+        assert (s.tokens, s.decisions, s.broadcast) == (o.tokens, o.decisions, o.broadcast), name
+        assert s.entropy_sum == pytest.approx(o.entropy_sum, rel=1e-5, abs=1e-6)
+        assert torch.equal(torch.as_tensor(s.experts_per_decision), torch.as_tensor(o.experts_per_decision))
+        assert torch.equal(torch.as_tensor(s.entropy_counts), torch.as_tensor(o.entropy_counts))
+        assert dict(s.selections).keys() == dict(o.selections).keys()
+        for k, v in dict(s.selections).items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(dict(o.selections)[k])), (name, k)
+
+
+@pytest.mark.parametrize("name", ["gqa-tied", "int4"])
+def test_bank_rows_in_the_fused_step_equal_the_python_path(variant_models, name, monkeypatch):
+    """Decode steps mixing base rows, rows of 3 DynMoLE banks (FFN, per-bank routing parameters) and
+    rows of a PEFT LoRA bank (attention): fused (banks' route_lora calls inside the one C forward)
+    and per-layer logits, cache writes, routing statistics and route_lora records are the same."""
+    from adapters.runtime import BankRegistry
+
+    model = variant_models[name]
+    registry = BankRegistry(model.config)
+    registry.add(_bank("dynmole", model, 0, "dyn0", FFN))
+    registry.add(_bank("dynmole", model, 1, "dyn1", FFN, top_p=0.8, entropy_threshold=0.7))
+    registry.add(_bank("dynmole", model, 2, "dyn2", FFN, keep_top_k=2))
+    registry.add(_bank("lora", model, 3, "lora", ATTN))
+    names = [None, "dyn0", "lora", "dyn1", "dyn2", None, "dyn0", "lora"]
+    handles = {n: registry.acquire(n) for n in set(names) if n}
+    row_handles = [handles.get(n) for n in names]
+    gen = torch.Generator().manual_seed(5)
+    cache = KVCache(model.config, 60, 4, torch.device("cpu"), torch.float32)
+    runner = ModelRunner(model, cache, (2,))
+    lens = [2, 3, 5, 4, 9, 1, 7, 6]
+    seqs = _seqs(lens, 4, cache.num_blocks, gen)
+    vocab = model.config.vocab_size
+    ids = [t for n in lens for t in torch.randint(3, vocab, (n,), generator=gen).tolist()]
+
+    def step(num_tokens, ids, fused):
+        monkeypatch.setenv(ENV_SWITCH, "1" if fused else "0")
+        positions, meta = runner.build_attention(seqs, num_tokens)
+        adapters = registry.build_step(row_handles, num_tokens)
+        ctx = StepContext(positions=positions, attention=PagedAttentionStep(cache, meta, runner.backend, None),
+                          adapters=adapters)
+        before = model.fused_decode_steps
+        with torch.inference_mode(), step_context(ctx):
+            logits = model(torch.tensor(ids))
+        return logits, model.fused_decode_steps - before, adapters
+
+    logits, fused, _ = step(lens, ids, True)
+    assert fused == 0  # prefill rows: the Python path
+    for s, n in zip(seqs, lens):
+        s.num_computed_tokens = n
+    nxt = logits[torch.tensor(lens).cumsum(0) - 1].argmax(-1).tolist()
+    for _ in range(4):
+        k0, v0 = cache.k.clone(), cache.v.clone()
+        ref, fused, ref_step = step([1] * len(seqs), nxt, False)
+        assert fused == 0
+        k_ref, v_ref = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        got, fused, got_step = step([1] * len(seqs), nxt, True)
+        assert fused == 1
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        torch.testing.assert_close(cache.k, k_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v, v_ref, rtol=1e-5, atol=1e-5)
+        # every adapted linear ran its route_lora call, in the same order, with the same statistics
+        assert list(got_step._fast.used) == list(ref_step._fast.used) and len(got_step._fast.used) == 4 * 2
+        assert not got_step._records and not ref_step._records
+        stats = got_step.routing_stats()
+        _stats_equal(stats, ref_step.routing_stats())
+        # every DynMoLE row routed once per site: gate, up, down of 2 layers
+        dyn = ("dyn0", "dyn1", "dyn2")
+        assert [stats.banks[n].decisions for n in dyn] == [6 * names.count(n) for n in dyn]
+        for s in seqs:
+            s.num_computed_tokens += 1
+        nxt = ref.argmax(-1).tolist()
