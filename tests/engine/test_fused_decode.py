@@ -162,26 +162,41 @@ def test_engine_greedy_tokens_equal_with_the_switch_on_and_off(make_engine, tiny
     assert outs["0"] == outs["1"]
 
 
-def test_bank_requests_take_the_python_path(tiny_model_dir, monkeypatch):
+def test_bank_requests_take_the_fused_path_unless_an_ffn_is_replaced(tiny_model_dir, tmp_path, monkeypatch):
+    """In the engine: decode steps of DynMoLE (FFN) and PEFT LoRA (attention) rows, alone and mixed with
+    base rows, take the fused path with the same greedy tokens as the per-layer path; a MixLoRA bank
+    (routed FFN) and a factor bank (FactorLLM FFN) never do; a LoRA bank on only some of q/k/v (its
+    linear on the general path) does not either."""
     from adapters.runtime import BankRegistry
-    from tests.adapters.bank_builders import fingerprint_of, random_bank
     from tests.runtime.helpers import greedy_request, make_engine, tokens_of
+    from tests.runtime.test_factor_serving import factor_bank
 
-    monkeypatch.setenv(ENV_SWITCH, "1")
     engine = make_engine(tiny_model_dir, None)
-    registry = BankRegistry(engine.model_config)
-    registry.add(random_bank("lora", fingerprint_of(tiny_model_dir), r=4, experts_per_layer=(1, 1), seed=0, name="b"))
-    engine.set_adapter_provider(registry)
     model = engine.model
-    prompt = list(range(10, 20))
-    before = model.fused_decode_steps
-    with_bank = tokens_of(engine.generate([greedy_request("a", prompt, "b", 6)])["a"])
-    assert model.fused_decode_steps == before
-    base = tokens_of(engine.generate([greedy_request("c", prompt, None, 6)])["c"])
-    assert model.fused_decode_steps > before
-    monkeypatch.setenv(ENV_SWITCH, "0")
-    assert tokens_of(engine.generate([greedy_request("d", prompt, None, 6)])["d"]) == base
-    assert with_bank != base  # the bank really ran
+    registry = BankRegistry(engine.model_config, allowed_roots=[tmp_path])
+    banks = {"dyn": _bank("dynmole", model, 0, "dyn", FFN), "lora": _bank("lora", model, 1, "lora", ATTN),
+             "mix": _bank("mixlora", model, 2, "mix", None), "qv": _bank("lora", model, 3, "qv", None),
+             "fac": factor_bank(tiny_model_dir, engine.model_config, 4, 2, seed=1, scale=1.5)}
+    for name, bank in banks.items():
+        bank.save(tmp_path / name)
+        registry.load_sync(name, tmp_path / name)
+    engine.set_adapter_provider(registry)
+    prompts = [list(range(10 + i, 17 + 2 * i)) for i in range(3)]
+
+    def run(rows: list[str | None], switch: str) -> tuple[list[list[int]], int]:
+        monkeypatch.setenv(ENV_SWITCH, switch)
+        before = model.fused_decode_steps
+        out = engine.generate([greedy_request(f"{switch}{i}", prompts[i % 3], b, 6) for i, b in enumerate(rows)])
+        return [tokens_of(out[f"{switch}{i}"]) for i in range(len(rows))], model.fused_decode_steps - before
+
+    base, _ = run([None], "1")
+    for rows, taken in ((["dyn"], True), (["lora"], True), (["dyn", None, "lora", "dyn"], True), (["mix"], False),
+                        (["fac"], False), (["qv"], False), (["dyn", "mix"], False)):
+        on, steps = run(rows, "1")
+        assert (steps > 0) == taken, (rows, steps)
+        off, steps = run(rows, "0")
+        assert steps == 0 and on == off, rows
+        assert not taken or on[0] != base[0], rows  # the fused step really ran the bank
 
 
 def test_f32_linear_matches_torch():
