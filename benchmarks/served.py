@@ -95,8 +95,9 @@ async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bo
                  models: list[str] | None = None) -> tuple[float, int, list]:
     """Wall time, completion tokens and each request's token count, all requests at once (request i
     asks for ``models[i]``, a bank, when given). The client is aiohttp where installed: it parses a
-    stream for about a quarter of httpx's CPU (0.12 vs 0.46-0.59 CPU-s per 32 x 64-token run), and the client shares the server's 2 cores (vLLM's
-    serving benchmark uses aiohttp for the same reason); httpx otherwise."""
+    stream for about a quarter of httpx's CPU (0.12 vs 0.46-0.59 CPU-s per 32 x 64-token run), and
+    the client shares the server's 2 cores (vLLM's serving benchmark uses aiohttp for the same
+    reason); httpx otherwise."""
     try:
         import aiohttp
     except ImportError:
