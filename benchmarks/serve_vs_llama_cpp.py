@@ -117,7 +117,7 @@ async def one_round(system: System, texts: list[str], tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quantizations", nargs="+", default=["none", "auto"])
+    ap.add_argument("--quantizations", nargs="*", default=["none", "auto"], help="none given: llama.cpp alone")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
@@ -146,7 +146,9 @@ def main() -> None:
                                   "/v1/models", {"logit_bias": {"2": -100.0}}))
         for s in systems:
             wait_ready(s.base + s.ready_path, s.proc, 1800)
-            asyncio.run(one_round(s, prompts(2, 0), 4))  # warm up
+            # warm up with one request: after concurrent requests llama-cpp-python's server runs at about
+            # half its speed for a while (BENCHMARKS.md), which would put its first rounds in that state
+            asyncio.run(one_round(s, prompts(1, 0), 4))
         for n in args.concurrency:
             for r in range(args.rounds):
                 texts = prompts(n, seed=1000 * n + r)
