@@ -122,10 +122,16 @@ async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bo
                         tokens = usage["completion_tokens"] if usage else tokens
             return tokens
 
-        await one(prompts[0][:8])  # connection set-up and a warm server
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(p, models[i] if models else None) for i, p in enumerate(prompts)))
-        return time.perf_counter() - t0, sum(counts), counts
+        return await timed(one, prompts, models)
+
+
+async def timed(one, prompts: list[list[int]], models: list[str] | None) -> tuple[float, int, list]:
+    """Both clients' run: one warm-up request (connection set-up, a warm server), then every request
+    at once; (wall seconds, completion tokens, each request's tokens)."""
+    await one(prompts[0][:8])
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(p, models[i] if models else None) for i, p in enumerate(prompts)))
+    return time.perf_counter() - t0, sum(counts), counts
 
 
 async def served_httpx(url: str, prompts: list[list[int]], new_tokens: int, stream: bool,
@@ -154,10 +160,7 @@ async def served_httpx(url: str, prompts: list[list[int]], new_tokens: int, stre
                         tokens = usage["completion_tokens"] if usage else tokens
             return tokens
 
-        await one(prompts[0][:8])  # connection set-up and a warm server
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(p, models[i] if models else None) for i, p in enumerate(prompts)))
-        return time.perf_counter() - t0, sum(counts), counts
+        return await timed(one, prompts, models)
 
 
 def in_process(engine, prompts: list[list[int]], new_tokens: int) -> float:
