@@ -239,57 +239,94 @@ static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, con
     for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx2<W>{d_in, r});
 }
 
-// One register tile of the expand: NP pairs of one segment x NV vectors (8 columns each):
+// A region's cache lines spread over a loop's iterations (step() once per iteration): the weights
+// the thread reads next come in while it computes on the current ones. A segment's weights span
+// several pages, where the hardware prefetcher stops, and each segment starts a new region.
+struct Prefetcher {
+    const char* p = nullptr;
+    int64_t lines = 0, next = 0, per = 0;
+    void arm(const void* base, int64_t bytes, int64_t iters) {
+        p = static_cast<const char*>(base);
+        lines = base != nullptr ? (bytes + 63) / 64 : 0;
+        next = 0;
+        per = iters > 0 ? (lines + iters - 1) / iters : lines;
+    }
+    inline void step() {
+        for (int64_t l = 0; l < per && next < lines; ++l, ++next) _mm_prefetch(p + 64 * next, _MM_HINT_T0);
+    }
+};
+
+// The expand's vector width: V8 (AVX2) here, V16 (AVX-512) below.  L lanes; NV[np]: the tile width in
+// vectors for np pairs, the widest whose np * NV accumulators fit the registers.
+struct V8 {
+    using T = __m256;
+    static constexpr int L = 8;
+    static constexpr int NV[5] = {0, 8, 4, 3, 3};
+    static T zero() { return _mm256_setzero_ps(); }
+    template <typename W>
+    static T load(const W* p) { return load8(p); }
+    static T set1(float v) { return _mm256_set1_ps(v); }
+    static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+    static void add_to(float* d, T v) { _mm256_storeu_ps(d, _mm256_add_ps(v, _mm256_loadu_ps(d))); }
+};
+
+// One register tile of the expand: NP pairs of one segment x NV vectors (V::L columns each):
 //   dst[k][cols] += sum_j hs[k, j] * B[s, j, cols]    (hs: each pair's h already scaled by c_k)
 // Each B vector loaded feeds NP FMA chains (the NP * NV accumulators stay in registers).
-template <int NP, int NV, typename W>
-static inline void expand_tile(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* dst) {
-    __m256 acc[NP][NV];
+// pf: stepped once per rank row j (null: prefetch this row a little ahead instead).
+template <typename V, int NP, int NV, typename W>
+static inline void expand_tile(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* dst,
+                               Prefetcher* pf) {
+    typename V::T acc[NP][NV];
     for (int k = 0; k < NP; ++k)
-        for (int v = 0; v < NV; ++v) acc[k][v] = _mm256_setzero_ps();
+        for (int v = 0; v < NV; ++v) acc[k][v] = V::zero();
     for (int64_t j = 0; j < r; ++j) {
         const W* row = bs + j * d_out;
-        _mm_prefetch(reinterpret_cast<const char*>(row + 8 * NV) + 256, _MM_HINT_T0);  // 16 row streams
-        __m256 b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = load8(row + 8 * v);
+        if (pf != nullptr)
+            pf->step();
+        else
+            _mm_prefetch(reinterpret_cast<const char*>(row + V::L * NV) + 256, _MM_HINT_T0);  // 16 row streams
+        typename V::T b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = V::load(row + V::L * v);
         for (int k = 0; k < NP; ++k) {
-            const __m256 hv = _mm256_set1_ps(hs[k * r + j]);
-            for (int v = 0; v < NV; ++v) acc[k][v] = _mm256_fmadd_ps(hv, b[v], acc[k][v]);
+            const typename V::T hv = V::set1(hs[k * r + j]);
+            for (int v = 0; v < NV; ++v) acc[k][v] = V::fmadd(hv, b[v], acc[k][v]);
         }
     }
     for (int k = 0; k < NP; ++k)
-        for (int v = 0; v < NV; ++v)
-            _mm256_storeu_ps(dst[k] + 8 * v, _mm256_add_ps(acc[k][v], _mm256_loadu_ps(dst[k] + 8 * v)));
+        for (int v = 0; v < NV; ++v) V::add_to(dst[k] + V::L * v, acc[k][v]);
 }
 
-// Columns v0..v1 (in vectors of 8) for NP pairs: tiles of NV vectors, then single vectors.
-template <int NP, int NV, typename W>
+// Columns v0..v1 (in vectors) for NP pairs: tiles of NV vectors, then single vectors.
+template <typename V, int NP, typename W>
 static inline void expand_pairs(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* rows,
-                                int64_t v0, int64_t v1) {
+                                int64_t v0, int64_t v1, Prefetcher* pf) {
+    constexpr int NV = V::NV[NP];
     float* dst[NP];
     int64_t v = v0;
     for (; v + NV <= v1; v += NV) {
-        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
-        expand_tile<NP, NV>(bs + 8 * v, d_out, r, hs, dst);
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + V::L * v;
+        expand_tile<V, NP, NV>(bs + V::L * v, d_out, r, hs, dst, pf);
     }
     for (; v < v1; ++v) {
-        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
-        expand_tile<NP, 1>(bs + 8 * v, d_out, r, hs, dst);
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + V::L * v;
+        expand_tile<V, NP, 1>(bs + V::L * v, d_out, r, hs, dst, pf);
     }
 }
 
-// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] for the columns v0..v1 (in vectors of 8) of
-// every segment (out rows ld apart; zero: clear those columns of out's T rows first, else accumulate
-// into what is there), segment by segment, up to four pairs of a segment at a time, so each B[s]
-// value loaded from memory serves four pairs from registers (the previous one-pair loop was bound by
-// loads: one per FMA).  hs: scratch [4 r].  A thread owns one column range: no races.
-template <typename W>
+// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] for the columns v0..v1 (in vectors of V::L)
+// of every segment (out rows ld apart; zero: clear those columns of out's T rows first, else
+// accumulate into what is there), segment by segment, up to four pairs of a segment at a time, so
+// each B[s] value loaded from memory serves four pairs from registers (the previous one-pair loop was
+// bound by loads: one per FMA).  hs: scratch [4 r].  A thread owns one column range: no races.
+// pf (null: none): stepped once per rank row of every tile.
+template <typename V, typename W>
 static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T, const int64_t* pair_token,
                         const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
                         const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
-                        bool zero, int64_t v0, int64_t v1, float* hs) {
+                        bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf = nullptr) {
     if (zero)
-        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 8 * v0, 0, (v1 - v0) * 8 * sizeof(float));
+        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + V::L * v0, 0, (v1 - v0) * V::L * sizeof(float));
     if (v1 <= v0) return;
     for (int64_t g = 0; g < G; ++g) {
         const int64_t s = seg_slot[g];
@@ -305,29 +342,29 @@ static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, in
                 for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
                 rows[k] = out + pair_token[p] * ld;
             }
-            switch (np) {  // widest tile whose accumulators fit the 16 registers
-                case 4: expand_pairs<4, 3>(bs, d_out, r, hs, rows, v0, v1); break;
-                case 3: expand_pairs<3, 3>(bs, d_out, r, hs, rows, v0, v1); break;
-                case 2: expand_pairs<2, 4>(bs, d_out, r, hs, rows, v0, v1); break;
-                default: expand_pairs<1, 8>(bs, d_out, r, hs, rows, v0, v1); break;
+            switch (np) {
+                case 4: expand_pairs<V, 4>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                case 3: expand_pairs<V, 3>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                case 2: expand_pairs<V, 2>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                default: expand_pairs<V, 1>(bs, d_out, r, hs, rows, v0, v1, pf); break;
             }
         }
     }
 }
 
 // expand_cols over all columns, one contiguous column range per thread.
-template <typename W>
-static void expand_avx2(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
-                        const int64_t* pair_token, const float* pair_weight, const float* scale,
-                        float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
-                        const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
-    const int64_t nvec = d_out / 8;
+template <typename V, typename W>
+static void expand_par(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
+                       const int64_t* pair_token, const float* pair_weight, const float* scale,
+                       float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
+                       const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
+    const int64_t nvec = d_out / V::L;
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
 #pragma omp parallel for num_threads(nth) schedule(static, 1)
     for (int64_t th = 0; th < nth; ++th) {
         std::vector<float> hs(static_cast<size_t>(4 * r));
-        expand_cols(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G,
-                    out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data());
+        expand_cols<V>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
+                       G, out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data());
     }
 }
 #define MS_ROUTED_AVX2 1
@@ -350,23 +387,6 @@ static inline __m256 fold16(__m512 v) {  // the two halves added: 16 lanes -> 8,
 }
 
 // h[p, j] for four pairs (x0..x3; nb of them real) and every rank row of the segment's A, four rows a pass.
-// A region's cache lines spread over a loop's iterations (step() once per iteration): the weights
-// the thread reads next come in while it computes on the current ones. A segment's weights span
-// several pages, where the hardware prefetcher stops, and each segment starts a new region.
-struct Prefetcher {
-    const char* p = nullptr;
-    int64_t lines = 0, next = 0, per = 0;
-    void arm(const void* base, int64_t bytes, int64_t iters) {
-        p = static_cast<const char*>(base);
-        lines = base != nullptr ? (bytes + 63) / 64 : 0;
-        next = 0;
-        per = iters > 0 ? (lines + iters - 1) / iters : lines;
-    }
-    inline void step() {
-        for (int64_t l = 0; l < per && next < lines; ++l, ++next) _mm_prefetch(p + 64 * next, _MM_HINT_T0);
-    }
-};
-
 // pf (null: none): stepped once per inner iteration; a segment of n pairs makes ceil(n / 4) calls of
 // ceil(r / 4) * d_in / 16 iterations each.
 template <typename W>
@@ -404,93 +424,17 @@ struct ShrinkAvx512 {
     }
 };
 
-// expand_tile at 16 lanes: NP pairs x NV vectors of 16 columns.
-// pf (null: none): stepped once per rank row j.
-template <int NP, int NV, typename W>
-static inline void expand_tile16(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* dst,
-                                 Prefetcher* pf) {
-    __m512 acc[NP][NV];
-    for (int k = 0; k < NP; ++k)
-        for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < r; ++j) {
-        const W* row = bs + j * d_out;
-        if (pf != nullptr) pf->step();
-        __m512 b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = load16(row + 16 * v);
-        for (int k = 0; k < NP; ++k) {
-            const __m512 hv = _mm512_set1_ps(hs[k * r + j]);
-            for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_fmadd_ps(hv, b[v], acc[k][v]);
-        }
-    }
-    for (int k = 0; k < NP; ++k)
-        for (int v = 0; v < NV; ++v)
-            _mm512_storeu_ps(dst[k] + 16 * v, _mm512_add_ps(acc[k][v], _mm512_loadu_ps(dst[k] + 16 * v)));
-}
-
-template <int NP, int NV, typename W>
-static inline void expand_pairs16(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* rows,
-                                  int64_t v0, int64_t v1, Prefetcher* pf) {
-    float* dst[NP];
-    int64_t v = v0;
-    for (; v + NV <= v1; v += NV) {
-        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 16 * v;
-        expand_tile16<NP, NV>(bs + 16 * v, d_out, r, hs, dst, pf);
-    }
-    for (; v < v1; ++v) {
-        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 16 * v;
-        expand_tile16<NP, 1>(bs + 16 * v, d_out, r, hs, dst, pf);
-    }
-}
-
-// expand_cols at 16 lanes: columns v0..v1 in vectors of 16 (zero: clear them in out's T rows first).
-// pf (null: none) is stepped once per rank row of every tile: ceil(n / 4) * ceil((v1 - v0) / NV) * r
-// steps for a segment of n pairs (NV: 4 for four pairs).
-template <typename W>
-static void expand_cols16(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T, const int64_t* pair_token,
-                          const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
-                          const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
-                          bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf = nullptr) {
-    if (zero)
-        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 16 * v0, 0, (v1 - v0) * 16 * sizeof(float));
-    if (v1 <= v0) return;
-    for (int64_t g = 0; g < G; ++g) {
-        const int64_t s = seg_slot[g];
-        const float sc = scale ? scale[s] : scale_scalar;
-        const int64_t p0 = seg_start[g], n = seg_len[g];
-        const W* bs = B + s * r * d_out;
-        for (int64_t pb = 0; pb < n; pb += 4) {
-            const int np = static_cast<int>(std::min<int64_t>(4, n - pb));
-            float* rows[4];
-            for (int k = 0; k < np; ++k) {
-                const int64_t p = p0 + pb + k;
-                const float c = sc * pair_weight[p];
-                for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
-                rows[k] = out + pair_token[p] * ld;
-            }
-            switch (np) {
-                case 4: expand_pairs16<4, 4>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-                case 3: expand_pairs16<3, 6>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-                case 2: expand_pairs16<2, 8>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-                default: expand_pairs16<1, 12>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-            }
-        }
-    }
-}
-
-template <typename W>
-static void expand_avx512(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
-                          const int64_t* pair_token, const float* pair_weight, const float* scale,
-                          float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
-                          const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
-    const int64_t nvec = d_out / 16;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
-#pragma omp parallel for num_threads(nth) schedule(static, 1)
-    for (int64_t th = 0; th < nth; ++th) {
-        std::vector<float> hs(static_cast<size_t>(4 * r));
-        expand_cols16(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
-                      G, out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data());
-    }
-}
+struct V16 {
+    using T = __m512;
+    static constexpr int L = 16;
+    static constexpr int NV[5] = {0, 12, 8, 6, 4};
+    static T zero() { return _mm512_setzero_ps(); }
+    template <typename W>
+    static T load(const W* p) { return load16(p); }
+    static T set1(float v) { return _mm512_set1_ps(v); }
+    static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+    static void add_to(float* d, T v) { _mm512_storeu_ps(d, _mm512_add_ps(v, _mm512_loadu_ps(d))); }
+};
 #define MS_ROUTED_AVX512 1
 #endif
 
@@ -502,7 +446,7 @@ static void routed(const float* x, int64_t T, int64_t d_in, const W* A, const W*
 #ifdef MS_ROUTED_AVX512
     if (b_rows_are_r && d_in % 16 == 0 && d_out % 16 == 0) {
         for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx512<W>{d_in, r});
-        expand_avx512(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
+        expand_par<V16>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
                       G, out, nt, d_out, true);
         return;
     }
@@ -510,7 +454,7 @@ static void routed(const float* x, int64_t T, int64_t d_in, const W* A, const W*
 #ifdef MS_ROUTED_AVX2
     if (b_rows_are_r && d_in % 8 == 0 && d_out % 8 == 0) {
         shrink_avx2(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt);
-        expand_avx2(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
+        expand_par<V8>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
                     G, out, nt, d_out, true);
         return;
     }
@@ -937,7 +881,7 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)), groups * ((nvec + 11) / 12) * r);
                     ShrinkAvx512<W> blk16{d_in, r, &pb};
                     shrink_segment(x, d_in, a, r, ib, slot, seg[S + g], len, hm, blk16);
-                    expand_cols16(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g, seg + 2 * S + g, 1,
+                    expand_cols<V16>(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g, seg + 2 * S + g, 1,
                                   out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa);
                 });
             }
@@ -981,12 +925,12 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
 #ifdef MS_ROUTED_AVX512
                     if (wide) {
-                        expand_cols16(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale,
+                        expand_cols<V16>(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale,
                                       0.f, seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs);
                         return;
                     }
 #endif
-                    expand_cols(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale, 0.f,
+                    expand_cols<V8>(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale, 0.f,
                                 seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs);
                 });
             }
