@@ -5,7 +5,7 @@ Python path (``MOLESERVE_FUSED_DECODE=0`` while the banks run; the base always f
 runs alternate in one process (``--repeats`` rounds, each system's best kept): the machine is shared.
 
     python benchmarks/fused_banks.py [--quantization auto] [--tokens 32] [--requests 32] [--repeats 3]
-        [--threads 2] [--pool-dtype float16]
+        [--threads 2] [--pool-dtype float16|bfloat16|float32|int8]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--pool-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    ap.add_argument("--pool-dtype", default="float16", choices=("float16", "bfloat16", "float32", "int8"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(model=ensure_default_model(), device="cpu", dtype="float32",

@@ -3,7 +3,9 @@ step over 8 DynMoLE banks (6 experts, r=16, gate+up and down in each of SmolLM2-
 with the caches flushed first, as in the engine where the base model's weights stream through
 between two layers. Each pool dtype has its own pool; the dtypes alternate, best of the repeats.
 
-    python benchmarks/route_lora_step.py [--dtypes float32,float16,bfloat16] [--repeats 7] [--x-scale 0.2]
+    python benchmarks/route_lora_step.py [--dtypes float32,float16,bfloat16,int8] [--repeats 7] [--x-scale 0.2]
+
+``int8``: the int8 pool of ``--bank-dtype int8`` (each row int8 with one fp32 scale).
 
 ``--x-scale`` scales the random inputs against the random routers: 0.2 gives near-uniform routing
 (~5.9 experts per decision, as the random banks of benchmarks/banks.py), 1 peaked (~2.1).
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from adapters.runtime.layout import int8_rows  # noqa: E402
 from kernels.routed_lora.cpu_ops import RouteLoraSites, RouteLoraStats, RouteLoraStep, load_library  # noqa: E402
 from server.engine.routing_stats import ENTROPY_BUCKETS  # noqa: E402
 
@@ -33,13 +36,18 @@ def pool(dtype: torch.dtype, seed: int = 0) -> list[tuple[RouteLoraSites, RouteL
     layers = []
     for layer in range(LAYERS):
         def site(i, o):
-            return (torch.randn(S, i, generator=gen) * 2 / math.sqrt(i),
-                    (torch.randn(S, R, i, generator=gen) / math.sqrt(i)).to(dtype),
-                    (torch.randn(S, R, o, generator=gen) * 0.01).to(dtype))
+            a, b = torch.randn(S, R, i, generator=gen) / math.sqrt(i), torch.randn(S, R, o, generator=gen) * 0.01
+            if dtype == torch.int8:
+                (a, sa), (b, sb) = int8_rows(a), int8_rows(b)
+                return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a, b, sa, sb
+            return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a.to(dtype), b.to(dtype), None, None
         g, u, d = site(H, FFN), site(H, FFN), site(FFN, H)
         scale = torch.full((S,), 2.0)
-        layers.append((RouteLoraSites([g[0], u[0]], [g[1], u[1]], [g[2], u[2]], scale, [0, FFN], [2 * layer, 2 * layer + 1]),
-                       RouteLoraSites([d[0]], [d[1]], [d[2]], scale, [0], [2 * LAYERS + layer])))
+        rows = lambda *sites: ({"a_scale": [s[3] for s in sites], "b_scale": [s[4] for s in sites]}  # noqa: E731
+                               if dtype == torch.int8 else {})
+        layers.append((RouteLoraSites([g[0], u[0]], [g[1], u[1]], [g[2], u[2]], scale, [0, FFN],
+                                      [2 * layer, 2 * layer + 1], **rows(g, u)),
+                       RouteLoraSites([d[0]], [d[1]], [d[2]], scale, [0], [2 * LAYERS + layer], **rows(d))))
     return layers
 
 

@@ -56,6 +56,15 @@ def route_group(routing: RoutingConfig, n: int) -> tuple:
     return ("none", n)
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of the last dim: (values, fp32 scales over the other dims); a zero row
+    has scale 0. An int8 pool's storage (pool.py)."""
+    w = w.float()
+    scale = w.abs().amax(-1) / 127.0
+    q = torch.round(w / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), scale.contiguous()
+
+
 def _stored(w: torch.Tensor, dtype: torch.dtype, bank: str, what: str) -> torch.Tensor:
     """``w`` in the pool's dtype; a finite weight that the dtype cannot hold (float16 tops out at 65504)
     is refused rather than turned into inf."""
@@ -83,13 +92,17 @@ def build_layout(bank: ExpertBank, *, dtype: torch.dtype) -> BankLayout:
         packed = PackedBank(num_slots=bank.num_experts(), rank=1, scaling=1.0, linears={})
         return BankLayout(name=bank.name, kind=bank.kind, routing=bank.routing, act_fn=None, sites={}, blocks={},
                           packed=packed, nbytes=0)
-    linears, blocks, sites, block_rules = {}, {}, {}, {}
+    linears, blocks, sites, block_rules, row_scales = {}, {}, {}, {}, {}
     n_max = 1
     for layer, la in enumerate(bank.layers):
         for target, ex in la.linears.items():
             site = (layer, target)
-            a = _stored(ex.lora_a, dtype, bank.name, f"layer {layer} {target} lora_a")
-            b = _stored(ex.lora_b.transpose(1, 2), dtype, bank.name, f"layer {layer} {target} lora_b")
+            if dtype == torch.int8:  # rows over in (A) and over out (B): route_lora's shrink and expand rows
+                (a, sa), (b, sb) = int8_rows(ex.lora_a), int8_rows(ex.lora_b.transpose(1, 2))
+                row_scales[site] = (sa, sb)
+            else:
+                a = _stored(ex.lora_a, dtype, bank.name, f"layer {layer} {target} lora_a")
+                b = _stored(ex.lora_b.transpose(1, 2), dtype, bank.name, f"layer {layer} {target} lora_b")
             router = ex.router.float().contiguous() if ex.router is not None else None
             linears[site] = (a, b, router)
             n = ex.num_experts()
@@ -103,6 +116,7 @@ def build_layout(bank: ExpertBank, *, dtype: torch.dtype) -> BankLayout:
             n_max = max(n_max, n)
             blocks[layer] = la.block_router.float().contiguous()
             block_rules[layer] = SiteRule(n, True, route_group(bank.routing, n))
-    packed = PackedBank(num_slots=n_max, rank=bank.rank, scaling=float(bank.scaling), linears=linears, blocks=blocks)
+    packed = PackedBank(num_slots=n_max, rank=bank.rank, scaling=float(bank.scaling), linears=linears, blocks=blocks,
+                        row_scales=row_scales)
     return BankLayout(name=bank.name, kind=bank.kind, routing=bank.routing, act_fn=bank.act_fn, sites=sites,
                       blocks=block_rules, packed=packed, nbytes=packed.nbytes())

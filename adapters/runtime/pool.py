@@ -11,6 +11,11 @@ call per linear serves all banks of a batch. Per (layer, target) the pool holds
 plus ``block_router [S, hidden]`` fp32 per layer (MixLoRA) and ``scaling [S]`` fp32. R is the
 largest rank of any bank loaded so far (smaller ranks are zero-padded). S grows by doubling.
 
+An int8 pool (``--bank-dtype int8``, CPU only) stores lora_a and lora_b as int8 with one fp32 scale
+per row (``lora_a_scale``, ``lora_b_scale`` [S, R]: weight = value * its row's scale, symmetric,
+rows over ``in`` for A and over ``out`` for B). ``route_lora`` reads them as they are (the scales
+fold into its rank-r intermediate); the general path dequantizes the slots a call uses.
+
 Tensors are swapped, never resized in place: a step holds the ``PoolState`` it was built with,
 so growth while a step runs cannot move memory under it. Writes only touch free slots, which no
 running step reads.
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from kernels.pairs import PairPlan
 from server.model import ModelConfig
 
 Site = tuple[int, str]  # (layer, target)
@@ -41,6 +47,7 @@ class PackedBank:
 
     linears: site -> (lora_a [n, r, in], lora_b [n, r, out] (transposed, contiguous), router [n, in] fp32 | None)
     blocks: layer -> block router [n, hidden] fp32 (MixLoRA)
+    row_scales: site -> (lora_a's, lora_b's row scales [n, r] fp32) when lora_a / lora_b are int8
     """
 
     num_slots: int  # N: the most experts of any router in the bank
@@ -48,9 +55,11 @@ class PackedBank:
     scaling: float
     linears: dict[Site, tuple[Tensor, Tensor, Tensor | None]]
     blocks: dict[int, Tensor] = field(default_factory=dict)
+    row_scales: dict[Site, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for a, b, r in self.linears.values() for t in (a, b, r) if t is not None)
+        total += sum(t.numel() * t.element_size() for pair in self.row_scales.values() for t in pair)
         return total + sum(t.numel() * t.element_size() for t in self.blocks.values())
 
 
@@ -65,12 +74,27 @@ class PoolState:
     router: dict[Site, Tensor]
     block_router: dict[int, Tensor]
     scaling: Tensor
+    lora_a_scale: dict[Site, Tensor] = field(default_factory=dict)  # int8 pools: row scales [S, R] fp32
+    lora_b_scale: dict[Site, Tensor] = field(default_factory=dict)
     # values derived from this state's tensors (the C++ decode path's argument tables); a new state
     # (growth, compaction) starts empty, installs into the same tensors keep it valid
     cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def lora_b_view(self, site: Site) -> Tensor:
         return self.lora_b[site].transpose(1, 2)
+
+    def dequantized(self, site: Site, plan: PairPlan) -> tuple[Tensor, Tensor, Tensor, PairPlan]:
+        """An int8 site's slots that ``plan`` uses, as fp32 (lora_a [G, R, in], lora_b [G, R, out],
+        scaling [G]), and ``plan`` renumbered onto them: the general path's arguments, at the cost of
+        the G slots a call reads, not of the pool."""
+        used = plan.seg_slot
+        a = self.lora_a[site][used].float() * self.lora_a_scale[site][used].unsqueeze(-1)
+        b = self.lora_b[site][used].float() * self.lora_b_scale[site][used].unsqueeze(-1)
+        remap = torch.full((self.capacity,), -1, dtype=torch.int64, device=used.device)
+        remap[used] = torch.arange(used.numel(), device=used.device)
+        slots = torch.where(plan.slots >= 0, remap[plan.slots.clamp(min=0)], plan.slots)
+        return a, b, self.scaling[used], replace(plan, slots=slots, pair_slot=remap[plan.pair_slot],
+                                                 seg_slot=torch.arange(used.numel(), device=used.device))
 
 
 class SlotPool:
@@ -79,7 +103,11 @@ class SlotPool:
     def __init__(self, cfg: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.cfg = cfg
         self.device = torch.device(device)
+        if dtype == torch.int8 and self.device.type != "cpu":
+            raise ValueError("an int8 expert pool runs on the CPU only (route_lora reads int8 rows with their "
+                             "scales); use --bank-dtype auto on this device")
         self.dtype = dtype
+        self.int8 = dtype == torch.int8
         self.state = PoolState(0, 0, {}, {}, {}, {}, torch.zeros(0, device=self.device))
         self._ranges: dict[int, int] = {}  # offset -> n of every allocated range
 
@@ -100,7 +128,7 @@ class SlotPool:
         total = 0
         for site in set(self.state.lora_a) | set(sites):
             i, o = linear_shape(self.cfg, site[1])
-            total += r * (i + o) * elem
+            total += r * (i + o) * elem + (2 * r * 4 if self.int8 else 0)
         for site in set(self.state.router) | set(routed):
             total += linear_shape(self.cfg, site[1])[0] * 4
         total += len(set(self.state.block_router) | set(blocks)) * self.cfg.hidden_size * 4
@@ -143,6 +171,10 @@ class SlotPool:
                 k, r = a.shape[0], a.shape[1]
                 st.lora_a[site][offset:offset + k, :r].copy_(a)
                 st.lora_b[site][offset:offset + k, :r].copy_(b)
+                if self.int8:
+                    sa, sb = packed.row_scales[site]
+                    st.lora_a_scale[site][offset:offset + k, :r].copy_(sa)
+                    st.lora_b_scale[site][offset:offset + k, :r].copy_(sb)
                 if router is not None:
                     st.router[site][offset:offset + k].copy_(router)
             for layer, router in packed.blocks.items():
@@ -157,7 +189,8 @@ class SlotPool:
         n = self._ranges.pop(offset)
         st = self.state
         with torch.no_grad():
-            for t in (*st.lora_a.values(), *st.lora_b.values(), *st.router.values(), *st.block_router.values()):
+            for t in (*st.lora_a.values(), *st.lora_b.values(), *st.router.values(), *st.block_router.values(),
+                      *st.lora_a_scale.values(), *st.lora_b_scale.values()):
                 t[offset:offset + n].zero_()
             st.scaling[offset:offset + n] = 0
 
@@ -180,17 +213,21 @@ class SlotPool:
                 new[tuple(slice(0, d) for d in old.shape)].copy_(old)
             return new
 
-        lora_a, lora_b, router, block = {}, {}, {}, {}
+        lora_a, lora_b, router, block, a_scale, b_scale = {}, {}, {}, {}, {}, {}
         for site in [*st.lora_a, *new_sites]:
             i, o = linear_shape(self.cfg, site[1])
             lora_a[site] = grown(st.lora_a.get(site), (capacity, rank, i), dt)
             lora_b[site] = grown(st.lora_b.get(site), (capacity, rank, o), dt)
+            if self.int8:
+                a_scale[site] = grown(st.lora_a_scale.get(site), (capacity, rank), torch.float32)
+                b_scale[site] = grown(st.lora_b_scale.get(site), (capacity, rank), torch.float32)
         for site in [*st.router, *new_routed]:
             router[site] = grown(st.router.get(site), (capacity, linear_shape(self.cfg, site[1])[0]), torch.float32)
         for layer in [*st.block_router, *new_blocks]:
             block[layer] = grown(st.block_router.get(layer), (capacity, self.cfg.hidden_size), torch.float32)
         self.state = replace(st, capacity=capacity, rank=rank, lora_a=lora_a, lora_b=lora_b, router=router,
-                             block_router=block, scaling=grown(st.scaling, (capacity,), torch.float32))
+                             block_router=block, scaling=grown(st.scaling, (capacity,), torch.float32),
+                             lora_a_scale=a_scale, lora_b_scale=b_scale)
 
     def compact(self, keep: dict[int, PackedBank]) -> dict[int, int]:
         """Rebuild the pool holding only ``keep`` (offset -> packed) packed from slot 0; returns

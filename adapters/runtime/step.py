@@ -451,6 +451,10 @@ class BankStep:
 
     def _delta(self, site: Site, x: Tensor, plan: PairPlan) -> Tensor:
         st = self.state
+        if st.lora_a[site].dtype == torch.int8:  # the slots this call uses, dequantized
+            a, b, scaling, plan = st.dequantized(site, plan)
+            return routed_lora(x, a, b.transpose(1, 2), plan.slots, plan.weights, scaling, backend=self.backend,
+                               plan=plan)
         return routed_lora(x, st.lora_a[site], st.lora_b_view(site), plan.slots, plan.weights, st.scaling,
                            backend=self.backend, plan=plan)
 
@@ -546,7 +550,7 @@ class BankStep:
             if args is None:
                 args = st.cache[("route_lora_plain", sites)] = RouteLoraSites(
                     None, [st.lora_a[s] for s in sites], [st.lora_b[s] for s in sites], st.scaling,
-                    [c0 for _, c0, _ in self._target_columns(targets)])
+                    [c0 for _, c0, _ in self._target_columns(targets)], **self._row_scales(sites))
             return WholeLinear(sites, members, 1, args, plain=True) if args.ok else None
         if spec.static_plan is not None or len(spec.groups) != 1 or spec.plain_slot is not None:
             return None
@@ -561,10 +565,18 @@ class BankStep:
                 rows = st.cache["stat_rows"] = {site: i for i, site in enumerate(st.router)}
             args = st.cache[("route_lora", sites)] = RouteLoraSites(
                 routers, [st.lora_a[s] for s in sites], [st.lora_b[s] for s in sites], st.scaling,
-                [c0 for _, c0, _ in self._target_columns(targets)], [rows[s] for s in sites])
+                [c0 for _, c0, _ in self._target_columns(targets)], [rows[s] for s in sites],
+                **self._row_scales(sites))
         if not args.ok:
             return None
         return WholeLinear(sites, members, g.key[1], args)
+
+    def _row_scales(self, sites) -> dict:
+        """An int8 pool's row scales of ``sites`` (RouteLoraSites' a_scale / b_scale); none otherwise."""
+        st = self.state
+        if not st.lora_a_scale:
+            return {}
+        return {"a_scale": [st.lora_a_scale[s] for s in sites], "b_scale": [st.lora_b_scale[s] for s in sites]}
 
     def _whole_linear(self, d: WholeLinear, x: Tensor, out: Tensor) -> bool:
         """Routing, plans, routed LoRA and statistics of every target of ``d`` in one C++ call; False

@@ -16,8 +16,10 @@
 
 struct bf16w { uint16_t bits; };  // bfloat16: the top half of an fp32
 struct f16w { uint16_t bits; };   // IEEE half
+struct i8w { int8_t v; };         // int8 with a per-row scale beside it (route_lora only: RLSites::A_scale / B_scale)
 
 static inline float to_f32(float v) { return v; }
+static inline float to_f32(i8w v) { return static_cast<float>(v.v); }
 static inline float to_f32(bf16w v) {
     uint32_t u = static_cast<uint32_t>(v.bits) << 16;
     float f;
@@ -57,6 +59,7 @@ static inline int with_wtype(int64_t wtype, Fn&& fn) {
         case 0: fn(static_cast<const float*>(nullptr)); return 0;
         case 1: fn(static_cast<const bf16w*>(nullptr)); return 0;
         case 2: fn(static_cast<const f16w*>(nullptr)); return 0;
+        case 3: fn(static_cast<const i8w*>(nullptr)); return 0;
         default: return 1;
     }
 }
@@ -174,6 +177,9 @@ static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const bf16w* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline __m256 load8(const i8w* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 static inline __m256 load8(const f16w* p) {
 #if defined(__F16C__)
@@ -319,12 +325,14 @@ static inline void expand_pairs(const W* bs, int64_t d_out, int64_t r, const flo
 // accumulate into what is there), segment by segment, up to four pairs of a segment at a time, so
 // each B[s] value loaded from memory serves four pairs from registers (the previous one-pair loop was
 // bound by loads: one per FMA).  hs: scratch [4 r].  A thread owns one column range: no races.
-// pf (null: none): stepped once per rank row of every tile.
+// pf (null: none): stepped once per rank row of every tile.  bscale (null: none): int8 B's row scales
+// [S, r], folded into hs.
 template <typename V, typename W>
 static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T, const int64_t* pair_token,
                         const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
                         const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
-                        bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf = nullptr) {
+                        bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf = nullptr,
+                        const float* bscale = nullptr) {
     if (zero)
         for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + V::L * v0, 0, (v1 - v0) * V::L * sizeof(float));
     if (v1 <= v0) return;
@@ -339,7 +347,10 @@ static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, in
             for (int k = 0; k < np; ++k) {
                 const int64_t p = p0 + pb + k;
                 const float c = sc * pair_weight[p];
-                for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
+                if (bscale != nullptr)
+                    for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j] * bscale[s * r + j];
+                else
+                    for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
                 rows[k] = out + pair_token[p] * ld;
             }
             switch (np) {
@@ -378,6 +389,9 @@ static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const bf16w* p) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline __m512 load16(const i8w* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 static inline __m512 load16(const f16w* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -529,6 +543,13 @@ static inline float dot(const float* a, const float* b, int64_t d) {
     return s;
 }
 
+// int8 A: h[p, :] *= the slot's row scales, for the len pairs from p0 (scale null: nothing to do).
+static inline void scale_h(float* h, int64_t r, int64_t p0, int64_t len, const float* scale) {
+    if (scale == nullptr) return;
+    for (int64_t p = p0; p < p0 + len; ++p)
+        for (int64_t j = 0; j < r; ++j) h[p * r + j] *= scale[j];
+}
+
 #ifdef MS_ROUTED_AVX512
 struct RLSites;
 struct RLStep;
@@ -545,6 +566,7 @@ int routed_lora_cpu(const float* x, int64_t T, int64_t d_in, const void* A, cons
                     const float* pair_weight, const float* scale, float scale_scalar,
                     const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
                     int64_t G, float* h, float* out, int b_rows_are_r, int nt) {
+    if (wtype == 3) return 1;  // int8 weights need their row scales: route_lora only
     return with_wtype(wtype, [&](auto tag) {
         using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
         routed(x, T, d_in, static_cast<const W*>(A), static_cast<const W*>(B), r, d_out, pair_token, pair_weight,
@@ -692,6 +714,8 @@ struct RLSites {
     const int64_t* col;            // [M] each site's first column in out
     const int64_t* stat_row;       // [M] each site's row in RLStep::sel
     const float* scale;            // [S] per-slot scaling
+    const int64_t* A_scale;        // wtype 3 (int8): M addresses of lora_a's row scales [S, r] fp32; else null
+    const int64_t* B_scale;        // wtype 3: M addresses of lora_b's row scales [S, r] fp32; else null
 };
 struct RLStep {
     int64_t T, n;                  // rows; experts per bank at these sites (n <= 64)
@@ -733,7 +757,8 @@ struct RLStep {
 int route_lora_check(const RLSites* s, const RLStep* st) {
 #ifdef MS_ROUTED_AVX2
     const int64_t M = s->M, T = st->T, n = st->n, S = s->S;
-    if (s->d_in % 8 || s->wtype < 0 || s->wtype > 2) return 4;
+    if (s->d_in % 8 || s->wtype < 0 || s->wtype > 3) return 4;
+    if (s->wtype == 3 && (s->A_scale == nullptr || s->B_scale == nullptr)) return 4;
     for (int64_t m = 0; m < M; ++m)
         if (s->d_out[m] % 8) return 4;
     if (n > 64 || n < 1 || (s->routers == nullptr && n != 1)) return 3;
@@ -753,6 +778,13 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
     if (const int rc = route_lora_check(s, st)) return rc;
     const bool plain = s->routers == nullptr;
     const int64_t tn = T * n, blk = 3 * tn + 3 * S + 3;
+    // int8 weights: site m's row scales [S, r] (null: none)
+    const auto a_scale = [s](int64_t m) -> const float* {
+        return s->A_scale != nullptr ? reinterpret_cast<const float*>(s->A_scale[m]) : nullptr;
+    };
+    const auto b_scale = [s](int64_t m) -> const float* {
+        return s->B_scale != nullptr ? reinterpret_cast<const float*>(s->B_scale[m]) : nullptr;
+    };
     bool wide = false;  // every shape a multiple of 16: the AVX-512 shrink and expand
 #ifdef MS_ROUTED_AVX512
     wide = d_in % 16 == 0;
@@ -881,8 +913,10 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)), groups * ((nvec + 11) / 12) * r);
                     ShrinkAvx512<W> blk16{d_in, r, &pb};
                     shrink_segment(x, d_in, a, r, ib, slot, seg[S + g], len, hm, blk16);
+                    const float* as = a_scale(m);
+                    scale_h(hm, r, seg[S + g], len, as != nullptr ? as + slot * r : nullptr);
                     expand_cols<V16>(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g, seg + 2 * S + g, 1,
-                                  out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa);
+                                     out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa, b_scale(m));
                 });
             }
         } else
@@ -908,6 +942,8 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     shrink_segment(x, d_in, reinterpret_cast<const W*>(s->A[m]), r, ib, seg[g], seg[S + g],
                                    seg[2 * S + g], hm, blk2);
                 });
+                const float* as = a_scale(m);
+                scale_h(hm, r, seg[S + g], seg[2 * S + g], as != nullptr ? as + seg[g] * r : nullptr);
             }  // implicit barrier: h is ready
             const int th = omp_get_thread_num(), nth = omp_get_num_threads();
             std::vector<float> hsv(static_cast<size_t>(4 * r));
@@ -926,12 +962,13 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
 #ifdef MS_ROUTED_AVX512
                     if (wide) {
                         expand_cols<V16>(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale,
-                                      0.f, seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs);
+                                         0.f, seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs, nullptr,
+                                         b_scale(m));
                         return;
                     }
 #endif
                     expand_cols<V8>(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale, 0.f,
-                                seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs);
+                                    seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs, nullptr, b_scale(m));
                 });
             }
         }

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's weight types
+INT8 = 3  # route_lora only: int8 weights with per-row scales (RouteLoraSites a_scale / b_scale)
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +70,8 @@ _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 class _RLSites(ctypes.Structure):  # cpu_kernel.cpp RLSites
     _fields_ = [("M", _I64), ("d_in", _I64), ("S", _I64), ("r", _I64), ("wtype", _I64), ("routers", _P), ("A", _P),
-                ("B", _P), ("d_out", _P), ("col", _P), ("stat_row", _P), ("scale", _P)]
+                ("B", _P), ("d_out", _P), ("col", _P), ("stat_row", _P), ("scale", _P), ("A_scale", _P),
+                ("B_scale", _P)]
 
 
 class _RLStep(ctypes.Structure):  # cpu_kernel.cpp RLStep
@@ -151,32 +153,43 @@ def route_plan_cpu(x: Tensor, routers: tuple[Tensor, ...], offset: Tensor, num_e
 class RouteLoraSites:
     """The constant arguments of ``route_lora`` for M sites sharing an input: their pooled routers
     [S, d_in] fp32 (None: plain LoRA sites, each row's one slot with weight 1), lora_a [S, r, d_in]
-    and lora_b stored [S, r, d_out] (fp32, bf16 or fp16), scaling [S] fp32, each site's first column
-    in the output and its row in the step's selection counts (``RouteLoraStats``). Built once per
-    pool state and cached (adapters.runtime.step)."""
+    and lora_b stored [S, r, d_out] (fp32, bf16 or fp16; or int8 with ``a_scale`` / ``b_scale``, each
+    site's row scales [S, r] fp32: weight = int8 value * its row's scale), scaling [S] fp32, each
+    site's first column in the output and its row in the step's selection counts
+    (``RouteLoraStats``). Built once per pool state and cached (adapters.runtime.step)."""
 
-    def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int], stat_rows: list[int] | None = None):
+    def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int], stat_rows: list[int] | None = None,
+                 a_scale=None, b_scale=None):
         self.m = len(lora_a)
         self.plain = routers is None
         self.num_slots, self.rank, self.d_in = lora_a[0].shape
-        self.wtype = WTYPES.get(lora_a[0].dtype, -1)
+        int8 = lora_a[0].dtype == torch.int8
+        self.wtype = INT8 if int8 else WTYPES.get(lora_a[0].dtype, -1)
         self.d_out = [b.shape[2] for b in lora_b_rows]
         addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
         self._tables = (None if self.plain else addr(routers), addr(lora_a), addr(lora_b_rows),
                         torch.tensor(self.d_out, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64),
-                        torch.tensor(stat_rows if stat_rows is not None else [0] * self.m, dtype=torch.int64))
-        self.keep = (routers, lora_a, lora_b_rows, scaling)  # the addresses above stay valid
+                        torch.tensor(stat_rows if stat_rows is not None else [0] * self.m, dtype=torch.int64),
+                        addr(a_scale) if int8 and a_scale is not None else None,
+                        addr(b_scale) if int8 and b_scale is not None else None)
+        self.keep = (routers, lora_a, lora_b_rows, scaling, a_scale, b_scale)  # the addresses above stay valid
+        row_scales = (not int8 or (a_scale is not None and b_scale is not None and all(
+            sc.dtype == torch.float32 and sc.is_contiguous() and sc.shape == (self.num_slots, self.rank)
+            for sc in (*a_scale, *b_scale))))
         self.ok = ((self.plain or all(r.dtype == torch.float32 and r.is_contiguous()
                                       and r.shape == (self.num_slots, self.d_in) for r in routers))
-                   and all(a.dtype in WTYPES and a.dtype == b.dtype and a.is_contiguous()
+                   and all((a.dtype in WTYPES or a.dtype == torch.int8) and a.dtype == b.dtype and a.is_contiguous()
                            and b.is_contiguous() and a.shape[2] == self.d_in and a.shape[1] == self.rank
                            and b.shape[1] == self.rank and a.shape[0] == b.shape[0] == self.num_slots
                            for a, b in zip(lora_a, lora_b_rows))
+                   and row_scales
                    and scaling.dtype == torch.float32 and scaling.is_contiguous() and scaling.numel() == self.num_slots)
         t = self._tables
         self.struct = _RLSites(self.m, self.d_in, self.num_slots, self.rank, self.wtype,
                                None if self.plain else t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr(),
-                               t[3].data_ptr(), t[4].data_ptr(), t[5].data_ptr(), scaling.data_ptr())
+                               t[3].data_ptr(), t[4].data_ptr(), t[5].data_ptr(), scaling.data_ptr(),
+                               t[6].data_ptr() if t[6] is not None else None,
+                               t[7].data_ptr() if t[7] is not None else None)
         self.addr = ctypes.addressof(self.struct)
 
 

@@ -1,7 +1,7 @@
 """``route_lora`` (one routed linear in one C++ call) adds, given the routing it reports, exactly the
 routed LoRA of every site: every work split (whole banks per thread, or slot ranges then column
 ranges), both vector widths (shapes multiples of 16: AVX-512 where compiled; of 8: AVX2) and every
-weight dtype."""
+weight dtype (int8 with per-row scales: the result is the dequantized weights')."""
 
 import pytest
 import torch
@@ -11,6 +11,12 @@ from kernels.routed_lora.cpu_ops import RouteLoraSites, RouteLoraStep, load_libr
 pytestmark = pytest.mark.skipif(load_library() is None, reason="C++ CPU kernel unavailable")
 
 N, R = 6, 16
+
+
+def _rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of the last dim: (int8 values, [..] fp32 scales)."""
+    scale = w.abs().amax(-1) / 127.0
+    return torch.round(w / scale.clamp(min=1e-30).unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale.float()
 
 
 def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
@@ -30,7 +36,7 @@ def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
 
 @pytest.mark.parametrize("dims", [(64, (96, 48)), (40, (24, 56))])  # wide (x16), and x8 only
 @pytest.mark.parametrize("layout", ["balanced", "one bank", "uneven", "random"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads):
     d_in, d_outs = dims
@@ -39,11 +45,19 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
     cap = banks * N
     x = torch.randn(t, d_in, generator=gen)
     routers = [torch.randn(cap, d_in, generator=gen) * 2 / d_in**0.5 for _ in d_outs]
-    lora_a = [(torch.randn(cap, R, d_in, generator=gen) / d_in**0.5).to(dtype) for _ in d_outs]
-    lora_b = [(torch.randn(cap, R, o, generator=gen) * 0.1).to(dtype) for o in d_outs]
+    lora_a = [torch.randn(cap, R, d_in, generator=gen) / d_in**0.5 for _ in d_outs]
+    lora_b = [torch.randn(cap, R, o, generator=gen) * 0.1 for o in d_outs]
     scale = torch.rand(cap, generator=gen) + 0.5
     cols = [0, d_outs[0]]
-    sites = RouteLoraSites(routers, lora_a, lora_b, scale, cols)
+    if dtype == torch.int8:
+        (qa, sa), (qb, sb) = zip(*map(_rows_int8, lora_a)), zip(*map(_rows_int8, lora_b))
+        sites = RouteLoraSites(routers, list(qa), list(qb), scale, cols, a_scale=list(sa), b_scale=list(sb))
+        lora_a = [q.float() * sc.unsqueeze(-1) for q, sc in zip(qa, sa)]
+        lora_b = [q.float() * sc.unsqueeze(-1) for q, sc in zip(qb, sb)]
+    else:
+        lora_a, lora_b = [t.to(dtype) for t in lora_a], [t.to(dtype) for t in lora_b]
+        sites = RouteLoraSites(routers, lora_a, lora_b, scale, cols)
+    assert sites.ok
     offsets = _offsets(layout, t, banks, gen)
     logits, w, ent = torch.zeros(2, t, N), torch.zeros(2, t, N), torch.zeros(2, t)
     prev = torch.get_num_threads()
@@ -70,3 +84,12 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
                     expect[row, cols[m]:cols[m] + d_out] += w[m, row, e] * scale[s] * (b[s].t() @ (a[s] @ x[row]))
     assert (w > 0).sum(-1).max() > 1  # rows use several experts
     torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_sites_without_row_scales_are_refused():
+    a, b = torch.zeros(6, R, 32, dtype=torch.int8), torch.zeros(6, R, 32, dtype=torch.int8)
+    sites = RouteLoraSites([torch.zeros(6, 32)], [a], [b], torch.ones(6), [0])
+    assert not sites.ok
+    step = RouteLoraStep(torch.zeros(2, dtype=torch.int64), N, top_p=0.75, keep_top_k=2.0, entropy_threshold=0.9,
+                         q=1.1, eps=1e-5)
+    assert step.c_hook(sites) is None and not step(torch.zeros(2, 32), sites, torch.zeros(2, 32))

@@ -1,6 +1,9 @@
-"""Banks stored in a half-precision pool on a float32 model (``--bank-dtype``; float16 is the CPU default)."""
+"""Banks stored in a half-precision or int8 pool on a float32 model (``--bank-dtype``; float16 is the
+CPU default; int8 with per-row scales is CPU-only)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -12,7 +15,7 @@ from tests.adapters.bank_builders import fingerprint_of, write_mixlora, write_pl
 from tests.runtime.helpers import flat_logits
 
 
-@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.05), (torch.float16, 0.01), (torch.int8, 0.05)])
 def test_half_pool_matches_fp32_pool_within_rounding(tmp_path, tiny_model_dir, dtype, bound):
     model = load_model(tiny_model_dir)
     fp = fingerprint_of(tiny_model_dir)
@@ -46,8 +49,39 @@ def test_serve_bank_dtype_flag(tiny_model_dir):
     assert registry.pool.dtype == torch.bfloat16
     _, registry = build_engine(Settings(model=str(tiny_model_dir), bank_dtype="float32", kv_cache_memory=16 << 20))
     assert registry.pool.dtype == torch.float32
+    _, registry = build_engine(Settings(model=str(tiny_model_dir), bank_dtype="int8", kv_cache_memory=16 << 20))
+    assert registry.pool.dtype == torch.int8
     _, registry = build_engine(Settings(model=str(tiny_model_dir), kv_cache_memory=16 << 20))
     assert registry.pool.dtype == torch.float16  # auto on a float32 CPU model
+
+
+def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
+    """An int8 pool holds each row as int8 values and one scale: the stored weights are the bank's to
+    within half a step of its row; a freed range is zero (values and scales); compaction moves both."""
+    from adapters import load_bank
+    from adapters.runtime.pool import SlotPool
+
+    model = load_model(tiny_model_dir)
+    fp = fingerprint_of(tiny_model_dir)
+    write_plugin_moe(tmp_path / "dyn", fp, kind="dynmole", r=4, alpha=8, num_experts=4)
+    bank = load_bank(tmp_path / "dyn", base=fp, name="dyn")
+    reg = BankRegistry(model.config, dtype=torch.int8)
+    reg.add(bank)
+    st = reg.pool.state
+    site = (1, "up_proj")
+    off = min(reg.pool._ranges)
+    a = st.lora_a[site][off:off + 4].float() * st.lora_a_scale[site][off:off + 4].unsqueeze(-1)
+    b = st.lora_b[site][off:off + 4].float() * st.lora_b_scale[site][off:off + 4].unsqueeze(-1)
+    ex = bank.layers[1].linears["up_proj"]
+    step_a = ex.lora_a.abs().amax(-1, keepdim=True) / 127
+    step_b = ex.lora_b.transpose(1, 2).abs().amax(-1, keepdim=True) / 127
+    assert st.lora_a[site].dtype == torch.int8 and (a - ex.lora_a).abs().le(step_a / 2 + 1e-7).all()
+    assert (b - ex.lora_b.transpose(1, 2)).abs().le(step_b / 2 + 1e-7).all()
+    reg.add(dataclasses.replace(bank, name="dyn2"))
+    reg.unload_sync("dyn")
+    assert not st.lora_a_scale[site][off:off + 4].any() and not st.lora_a[site][off:off + 4].any()
+    with pytest.raises(ValueError, match="int8 expert pool runs on the CPU only"):
+        SlotPool(model.config, device="cuda", dtype=torch.int8)
 
 
 def test_a_weight_beyond_float16_is_refused_by_a_float16_pool_not_turned_into_inf(tmp_path, tiny_model_dir):

@@ -110,9 +110,10 @@ def test_fused_gate_up_equals_separate_calls(setup, names, whole, monkeypatch):
                 assert torch.equal(v, ob.selections[k]), (name, k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 def test_whole_linear_on_half_pools_equals_the_torch_path(setup, dtype):
-    """The one-call C++ path reads fp16 / bf16 pooled weights as the torch path does (same rounded weights)."""
+    """The one-call C++ path reads fp16 / bf16 / int8 (+ row scales) pooled weights as the torch path
+    does (same rounded weights; int8: the general path dequantizes the slots it uses)."""
     cfg, banks = setup
     names = ["a", "b", None, "a", "b", "b"]
     fast, torch_path = _steps(cfg, banks, names, dtype=dtype)
