@@ -348,12 +348,12 @@ def main() -> None:
         n, nt = args.concurrency, args.new_tokens
         # CPU seconds per 1000 tokens, summed over the runs: [event loop, whole process]
         cpu: dict[str, list] = {}
-        runs = 0  # a distinct first token per run (``own_prompts``)
+        run_no = 0  # a distinct first token per run (``own_prompts``)
 
         def next_prompts(prompts: list[list[int]]) -> list[list[int]]:
-            nonlocal runs
-            runs += 1
-            return prompts if args.reuse_prompts else own_prompts(prompts, runs)
+            nonlocal run_no
+            run_no += 1
+            return prompts if args.reuse_prompts else own_prompts(prompts, run_no)
 
         print("| workload | system | tok/s (runs) | vs engine in-process | vs transformers generate |")
         print("| --- | --- | --- | --- | --- |")
