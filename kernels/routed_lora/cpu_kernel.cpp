@@ -239,57 +239,94 @@ static void shrink_avx2(const float* x, int64_t d_in, const W* A, int64_t r, con
     for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx2<W>{d_in, r});
 }
 
-// One register tile of the expand: NP pairs of one segment x NV vectors (8 columns each):
+// A region's cache lines spread over a loop's iterations (step() once per iteration): the weights
+// the thread reads next come in while it computes on the current ones. A segment's weights span
+// several pages, where the hardware prefetcher stops, and each segment starts a new region.
+struct Prefetcher {
+    const char* p = nullptr;
+    int64_t lines = 0, next = 0, per = 0;
+    void arm(const void* base, int64_t bytes, int64_t iters) {
+        p = static_cast<const char*>(base);
+        lines = base != nullptr ? (bytes + 63) / 64 : 0;
+        next = 0;
+        per = iters > 0 ? (lines + iters - 1) / iters : lines;
+    }
+    inline void step() {
+        for (int64_t l = 0; l < per && next < lines; ++l, ++next) _mm_prefetch(p + 64 * next, _MM_HINT_T0);
+    }
+};
+
+// The expand's vector width: V8 (AVX2) here, V16 (AVX-512) below.  L lanes; NV[np]: the tile width in
+// vectors for np pairs, the widest whose np * NV accumulators fit the registers.
+struct V8 {
+    using T = __m256;
+    static constexpr int L = 8;
+    static constexpr int NV[5] = {0, 8, 4, 3, 3};
+    static T zero() { return _mm256_setzero_ps(); }
+    template <typename W>
+    static T load(const W* p) { return load8(p); }
+    static T set1(float v) { return _mm256_set1_ps(v); }
+    static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+    static void add_to(float* d, T v) { _mm256_storeu_ps(d, _mm256_add_ps(v, _mm256_loadu_ps(d))); }
+};
+
+// One register tile of the expand: NP pairs of one segment x NV vectors (V::L columns each):
 //   dst[k][cols] += sum_j hs[k, j] * B[s, j, cols]    (hs: each pair's h already scaled by c_k)
 // Each B vector loaded feeds NP FMA chains (the NP * NV accumulators stay in registers).
-template <int NP, int NV, typename W>
-static inline void expand_tile(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* dst) {
-    __m256 acc[NP][NV];
+// pf: stepped once per rank row j (null: prefetch this row a little ahead instead).
+template <typename V, int NP, int NV, typename W>
+static inline void expand_tile(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* dst,
+                               Prefetcher* pf) {
+    typename V::T acc[NP][NV];
     for (int k = 0; k < NP; ++k)
-        for (int v = 0; v < NV; ++v) acc[k][v] = _mm256_setzero_ps();
+        for (int v = 0; v < NV; ++v) acc[k][v] = V::zero();
     for (int64_t j = 0; j < r; ++j) {
         const W* row = bs + j * d_out;
-        _mm_prefetch(reinterpret_cast<const char*>(row + 8 * NV) + 256, _MM_HINT_T0);  // 16 row streams
-        __m256 b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = load8(row + 8 * v);
+        if (pf != nullptr)
+            pf->step();
+        else
+            _mm_prefetch(reinterpret_cast<const char*>(row + V::L * NV) + 256, _MM_HINT_T0);  // 16 row streams
+        typename V::T b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = V::load(row + V::L * v);
         for (int k = 0; k < NP; ++k) {
-            const __m256 hv = _mm256_set1_ps(hs[k * r + j]);
-            for (int v = 0; v < NV; ++v) acc[k][v] = _mm256_fmadd_ps(hv, b[v], acc[k][v]);
+            const typename V::T hv = V::set1(hs[k * r + j]);
+            for (int v = 0; v < NV; ++v) acc[k][v] = V::fmadd(hv, b[v], acc[k][v]);
         }
     }
     for (int k = 0; k < NP; ++k)
-        for (int v = 0; v < NV; ++v)
-            _mm256_storeu_ps(dst[k] + 8 * v, _mm256_add_ps(acc[k][v], _mm256_loadu_ps(dst[k] + 8 * v)));
+        for (int v = 0; v < NV; ++v) V::add_to(dst[k] + V::L * v, acc[k][v]);
 }
 
-// Columns v0..v1 (in vectors of 8) for NP pairs: tiles of NV vectors, then single vectors.
-template <int NP, int NV, typename W>
+// Columns v0..v1 (in vectors) for NP pairs: tiles of NV vectors, then single vectors.
+template <typename V, int NP, typename W>
 static inline void expand_pairs(const W* bs, int64_t d_out, int64_t r, const float* hs, float* const* rows,
-                                int64_t v0, int64_t v1) {
+                                int64_t v0, int64_t v1, Prefetcher* pf) {
+    constexpr int NV = V::NV[NP];
     float* dst[NP];
     int64_t v = v0;
     for (; v + NV <= v1; v += NV) {
-        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
-        expand_tile<NP, NV>(bs + 8 * v, d_out, r, hs, dst);
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + V::L * v;
+        expand_tile<V, NP, NV>(bs + V::L * v, d_out, r, hs, dst, pf);
     }
     for (; v < v1; ++v) {
-        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 8 * v;
-        expand_tile<NP, 1>(bs + 8 * v, d_out, r, hs, dst);
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + V::L * v;
+        expand_tile<V, NP, 1>(bs + V::L * v, d_out, r, hs, dst, pf);
     }
 }
 
-// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] for the columns v0..v1 (in vectors of 8) of
-// every segment (out rows ld apart; zero: clear those columns of out's T rows first, else accumulate
-// into what is there), segment by segment, up to four pairs of a segment at a time, so each B[s]
-// value loaded from memory serves four pairs from registers (the previous one-pair loop was bound by
-// loads: one per FMA).  hs: scratch [4 r].  A thread owns one column range: no races.
-template <typename W>
+// out[token(p), cols] += c_p * sum_j h[p, j] B[s, j, cols] for the columns v0..v1 (in vectors of V::L)
+// of every segment (out rows ld apart; zero: clear those columns of out's T rows first, else
+// accumulate into what is there), segment by segment, up to four pairs of a segment at a time, so
+// each B[s] value loaded from memory serves four pairs from registers (the previous one-pair loop was
+// bound by loads: one per FMA).  hs: scratch [4 r].  A thread owns one column range: no races.
+// pf (null: none): stepped once per rank row of every tile.
+template <typename V, typename W>
 static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T, const int64_t* pair_token,
                         const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
                         const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
-                        bool zero, int64_t v0, int64_t v1, float* hs) {
+                        bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf = nullptr) {
     if (zero)
-        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 8 * v0, 0, (v1 - v0) * 8 * sizeof(float));
+        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + V::L * v0, 0, (v1 - v0) * V::L * sizeof(float));
     if (v1 <= v0) return;
     for (int64_t g = 0; g < G; ++g) {
         const int64_t s = seg_slot[g];
@@ -305,32 +342,100 @@ static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, in
                 for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
                 rows[k] = out + pair_token[p] * ld;
             }
-            switch (np) {  // widest tile whose accumulators fit the 16 registers
-                case 4: expand_pairs<4, 3>(bs, d_out, r, hs, rows, v0, v1); break;
-                case 3: expand_pairs<3, 3>(bs, d_out, r, hs, rows, v0, v1); break;
-                case 2: expand_pairs<2, 4>(bs, d_out, r, hs, rows, v0, v1); break;
-                default: expand_pairs<1, 8>(bs, d_out, r, hs, rows, v0, v1); break;
+            switch (np) {
+                case 4: expand_pairs<V, 4>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                case 3: expand_pairs<V, 3>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                case 2: expand_pairs<V, 2>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                default: expand_pairs<V, 1>(bs, d_out, r, hs, rows, v0, v1, pf); break;
             }
         }
     }
 }
 
 // expand_cols over all columns, one contiguous column range per thread.
-template <typename W>
-static void expand_avx2(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
-                        const int64_t* pair_token, const float* pair_weight, const float* scale,
-                        float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
-                        const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
-    const int64_t nvec = d_out / 8;
+template <typename V, typename W>
+static void expand_par(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
+                       const int64_t* pair_token, const float* pair_weight, const float* scale,
+                       float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
+                       const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
+    const int64_t nvec = d_out / V::L;
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
 #pragma omp parallel for num_threads(nth) schedule(static, 1)
     for (int64_t th = 0; th < nth; ++th) {
         std::vector<float> hs(static_cast<size_t>(4 * r));
-        expand_cols(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G,
-                    out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data());
+        expand_cols<V>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
+                       G, out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data());
     }
 }
 #define MS_ROUTED_AVX2 1
+#endif
+
+#if defined(MS_ROUTED_AVX2) && defined(__AVX512F__)
+// AVX-512 paths (d_in % 16 == 0, d_out % 16 == 0, B laid out [S, r, d_out]), the AVX2 ones' shapes at
+// twice the width and with more accumulators: the shrink keeps four pairs x four rank rows (16 chains,
+// half a load per FMA), the expand four pairs x four vectors. fp16 / bf16 weights widen in registers.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const bf16w* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline __m512 load16(const f16w* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline __m256 fold16(__m512 v) {  // the two halves added: 16 lanes -> 8, for hsum8
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+}
+
+// h[p, j] for four pairs (x0..x3; nb of them real) and every rank row of the segment's A, four rows a pass.
+// pf (null: none): stepped once per inner iteration; a segment of n pairs makes ceil(n / 4) calls of
+// ceil(r / 4) * d_in / 16 iterations each.
+template <typename W>
+struct ShrinkAvx512 {
+    int64_t d_in, r;
+    Prefetcher* pf = nullptr;
+    void operator()(const W* a, const float* x0, const float* x1, const float* x2, const float* x3, int64_t nb,
+                    float* hg) const {
+        for (int64_t j = 0; j < r; j += 4) {
+            const W* rw[4];
+            for (int k = 0; k < 4; ++k) rw[k] = a + std::min<int64_t>(j + k, r - 1) * d_in;
+            __m512 acc[4][4];
+            for (int k = 0; k < 4; ++k)
+                for (int q = 0; q < 4; ++q) acc[k][q] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < d_in; i += 16) {
+                if (pf != nullptr) pf->step();
+                const __m512 v0 = _mm512_loadu_ps(x0 + i), v1 = _mm512_loadu_ps(x1 + i);
+                const __m512 v2 = _mm512_loadu_ps(x2 + i), v3 = _mm512_loadu_ps(x3 + i);
+                for (int k = 0; k < 4; ++k) {
+                    const __m512 w = load16(rw[k] + i);
+                    acc[k][0] = _mm512_fmadd_ps(w, v0, acc[k][0]);
+                    acc[k][1] = _mm512_fmadd_ps(w, v1, acc[k][1]);
+                    acc[k][2] = _mm512_fmadd_ps(w, v2, acc[k][2]);
+                    acc[k][3] = _mm512_fmadd_ps(w, v3, acc[k][3]);
+                }
+            }
+            alignas(32) float res[16];  // res[8 * (k / 2) + 4 * (k % 2) + q]: row j + k, pair q
+            _mm256_store_ps(res, hsum8(fold16(acc[0][0]), fold16(acc[0][1]), fold16(acc[0][2]), fold16(acc[0][3]),
+                                       fold16(acc[1][0]), fold16(acc[1][1]), fold16(acc[1][2]), fold16(acc[1][3])));
+            _mm256_store_ps(res + 8, hsum8(fold16(acc[2][0]), fold16(acc[2][1]), fold16(acc[2][2]), fold16(acc[2][3]),
+                                           fold16(acc[3][0]), fold16(acc[3][1]), fold16(acc[3][2]), fold16(acc[3][3])));
+            for (int64_t q = 0; q < nb; ++q)
+                for (int64_t k = 0; k < 4 && j + k < r; ++k) hg[q * r + j + k] = res[8 * (k / 2) + 4 * (k % 2) + q];
+        }
+    }
+};
+
+struct V16 {
+    using T = __m512;
+    static constexpr int L = 16;
+    static constexpr int NV[5] = {0, 12, 8, 6, 4};
+    static T zero() { return _mm512_setzero_ps(); }
+    template <typename W>
+    static T load(const W* p) { return load16(p); }
+    static T set1(float v) { return _mm512_set1_ps(v); }
+    static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+    static void add_to(float* d, T v) { _mm512_storeu_ps(d, _mm512_add_ps(v, _mm512_loadu_ps(d))); }
+};
+#define MS_ROUTED_AVX512 1
 #endif
 
 template <typename W>
@@ -338,10 +443,18 @@ static void routed(const float* x, int64_t T, int64_t d_in, const W* A, const W*
                    const int64_t* pair_token, const float* pair_weight, const float* scale, float scale_scalar,
                    const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* h,
                    float* out, int b_rows_are_r, int nt) {
+#ifdef MS_ROUTED_AVX512
+    if (b_rows_are_r && d_in % 16 == 0 && d_out % 16 == 0) {
+        for_pair_groups(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx512<W>{d_in, r});
+        expand_par<V16>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
+                      G, out, nt, d_out, true);
+        return;
+    }
+#endif
 #ifdef MS_ROUTED_AVX2
     if (b_rows_are_r && d_in % 8 == 0 && d_out % 8 == 0) {
         shrink_avx2(x, d_in, A, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt);
-        expand_avx2(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
+        expand_par<V8>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
                     G, out, nt, d_out, true);
         return;
     }
@@ -415,6 +528,13 @@ static inline float dot(const float* a, const float* b, int64_t d) {
     for (; i < d; ++i) s += a[i] * b[i];
     return s;
 }
+
+#ifdef MS_ROUTED_AVX512
+struct RLSites;
+struct RLStep;
+static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
+                          int64_t nwork, int nt, int64_t* tstart, int64_t* titems);
+#endif
 
 extern "C" {
 
@@ -633,6 +753,11 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
     if (const int rc = route_lora_check(s, st)) return rc;
     const bool plain = s->routers == nullptr;
     const int64_t tn = T * n, blk = 3 * tn + 3 * S + 3;
+    bool wide = false;  // every shape a multiple of 16: the AVX-512 shrink and expand
+#ifdef MS_ROUTED_AVX512
+    wide = d_in % 16 == 0;
+    for (int64_t m = 0; m < M; ++m) wide = wide && s->d_out[m] % 16 == 0;
+#endif
     thread_local std::vector<int64_t> ibuf;
     thread_local std::vector<float> fbuf, h, lgb, wb, eb, shb;
     thread_local std::vector<uint8_t> bcb;
@@ -660,6 +785,12 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
     int64_t nwork = 0;
     int rc = 0;
     const int nt = std::max(1, static_cast<int>(st->nt));
+    bool split = false;  // whole banks per thread (split_by_bank), else slot ranges then column ranges
+    thread_local std::vector<int64_t> tstart_v, titems_v;
+    tstart_v.resize(static_cast<size_t>(nt) + 1);
+    titems_v.resize(static_cast<size_t>(M * S));
+    int64_t* const tstart = tstart_v.data();
+    int64_t* const titems = titems_v.data();
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
@@ -718,7 +849,44 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     }
                 }
             }
+#ifdef MS_ROUTED_AVX512
+            if (wide && !rc && nt > 1) split = split_by_bank(s, st, ibp, blk, wk, nwork, nt, tstart, titems);
+#endif
         }  // implicit barrier: the plans are ready
+#ifdef MS_ROUTED_AVX512
+        if (!rc && split) {  // whole banks per thread: each segment's shrink then expand, no barrier
+            const int th = omp_get_thread_num();
+            std::vector<float> hsv(static_cast<size_t>(4 * r));
+            Prefetcher pa, pb;
+            for (int64_t idx = tstart[th]; idx < tstart[th + 1]; ++idx) {
+                const int64_t k = titems[idx], m = wk[k] / S, g = wk[k] - m * S;
+                const int64_t* ib = ibp + m * blk;
+                const float* fb = fbp + m * 2 * tn;
+                const int64_t* seg = ib + 3 * tn;
+                const int64_t slot = seg[g], len = seg[2 * S + g], d_out = s->d_out[m], nvec = d_out / 16;
+                float* hm = hp + m * tn * r;
+                with_wtype(s->wtype, [&](auto tag) {
+                    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+                    const W* a = reinterpret_cast<const W*>(s->A[m]);
+                    const W* b = reinterpret_cast<const W*>(s->B[m]);
+                    const int64_t groups = (len + 3) / 4;
+                    // while shrinking, this segment's B; while expanding, the next segment's A
+                    pb.arm(b + slot * r * d_out, r * d_out * static_cast<int64_t>(sizeof(W)),
+                           groups * ((r + 3) / 4) * (d_in / 16));
+                    const W* na = nullptr;
+                    if (idx + 1 < tstart[th + 1]) {
+                        const int64_t k2 = titems[idx + 1], m2 = wk[k2] / S, g2 = wk[k2] - m2 * S;
+                        na = reinterpret_cast<const W*>(s->A[m2]) + ibp[m2 * blk + 3 * tn + g2] * r * d_in;
+                    }
+                    pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)), groups * ((nvec + 11) / 12) * r);
+                    ShrinkAvx512<W> blk16{d_in, r, &pb};
+                    shrink_segment(x, d_in, a, r, ib, slot, seg[S + g], len, hm, blk16);
+                    expand_cols<V16>(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g, seg + 2 * S + g, 1,
+                                  out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa);
+                });
+            }
+        } else
+#endif
         if (!rc) {
 #pragma omp for schedule(static)  // contiguous slot ranges: one A stream per thread
             for (int64_t k = 0; k < nwork; ++k) {
@@ -728,6 +896,14 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                 float* hm = hp + m * tn * r;
                 with_wtype(s->wtype, [&](auto tag) {
                     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+#ifdef MS_ROUTED_AVX512
+                    if (wide) {
+                        ShrinkAvx512<W> blk16{d_in, r};
+                        shrink_segment(x, d_in, reinterpret_cast<const W*>(s->A[m]), r, ib, seg[g], seg[S + g],
+                                       seg[2 * S + g], hm, blk16);
+                        return;
+                    }
+#endif
                     ShrinkAvx2<W> blk2{d_in, r};
                     shrink_segment(x, d_in, reinterpret_cast<const W*>(s->A[m]), r, ib, seg[g], seg[S + g],
                                    seg[2 * S + g], hm, blk2);
@@ -740,14 +916,21 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                 const int64_t* ib = ibp + m * blk;
                 const float* fb = fbp + m * 2 * tn;
                 const int64_t* seg = ib + 3 * tn;
-                const int64_t G = seg[3 * S + 1], nvec = s->d_out[m] / 8;
+                const int64_t G = seg[3 * S + 1], nvec = s->d_out[m] / (wide ? 16 : 8);
                 const float* hm = hp + m * tn * r;
                 float* o = out + s->col[m];
                 const int64_t v0 = nvec * th / nth, v1 = nvec * (th + 1) / nth;
                 if (G == 0) continue;
                 with_wtype(s->wtype, [&](auto tag) {
                     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-                    expand_cols(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale, 0.f,
+#ifdef MS_ROUTED_AVX512
+                    if (wide) {
+                        expand_cols<V16>(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale,
+                                      0.f, seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs);
+                        return;
+                    }
+#endif
+                    expand_cols<V8>(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale, 0.f,
                                 seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs);
                 });
             }
@@ -760,3 +943,65 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
 }
 
 }  // extern "C"
+
+#ifdef MS_ROUTED_AVX512
+// route_lora's work by bank: a bank's rows are its own, so threads that take whole banks write disjoint
+// rows of out and need no barrier between a segment's shrink and its expand, and each streams its
+// segments' A and B whole (the column split reads every B in pieces, at ~70% of the shrink's rate).
+// A bank's cost is its segments' weights plus their pairs' work, (d_in + d_out) * (4 + pairs) per
+// segment; banks go largest first to the least loaded thread.  false (the column split runs) when the
+// loads differ by more than 20% from even, e.g. one bank, or one bank with most of the rows.
+// Out: tstart [nt + 1], titems: the work items (indices into wk) of thread th at tstart[th]..tstart[th + 1].
+static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
+                          int64_t nwork, int nt, int64_t* tstart, int64_t* titems) {
+    const int64_t T = st->T, n = st->n, S = s->S, tn = T * n;
+    thread_local std::vector<int64_t> banks, bidx, owner;
+    thread_local std::vector<double> cost;
+    banks.clear();
+    bidx.resize(static_cast<size_t>(S));
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t off = st->offset[t];
+        if (off < 0) continue;
+        int64_t b = 0;
+        while (b < static_cast<int64_t>(banks.size()) && banks[b] != off) ++b;
+        if (b == static_cast<int64_t>(banks.size())) {
+            banks.push_back(off);
+            for (int64_t e = 0; e < n; ++e) bidx[off + e] = b;
+        }
+    }
+    const int64_t nb = static_cast<int64_t>(banks.size());
+    if (nb < nt) return false;
+    cost.assign(static_cast<size_t>(nb), 0.0);
+    double total = 0.0;
+    for (int64_t k = 0; k < nwork; ++k) {
+        const int64_t m = wk[k] / S, g = wk[k] - m * S;
+        const int64_t* seg = ibp + m * blk + 3 * tn;
+        const double c = static_cast<double>(s->d_in + s->d_out[m]) * static_cast<double>(4 + seg[2 * S + g]);
+        cost[bidx[seg[g]]] += c;
+        total += c;
+    }
+    std::vector<int64_t> order(static_cast<size_t>(nb));
+    for (int64_t b = 0; b < nb; ++b) order[b] = b;
+    std::stable_sort(order.begin(), order.end(), [](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+    std::vector<double> load(static_cast<size_t>(nt), 0.0);
+    owner.resize(static_cast<size_t>(nb));
+    for (const int64_t b : order) {
+        const int th = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+        owner[b] = th;
+        load[th] += cost[b];
+    }
+    if (*std::max_element(load.begin(), load.end()) > 1.2 * total / nt) return false;
+    for (int th = 0; th <= nt; ++th) tstart[th] = 0;
+    for (int64_t k = 0; k < nwork; ++k) {
+        const int64_t m = wk[k] / S, g = wk[k] - m * S;
+        ++tstart[owner[bidx[ibp[m * blk + 3 * tn + g]]] + 1];
+    }
+    for (int th = 0; th < nt; ++th) tstart[th + 1] += tstart[th];
+    std::vector<int64_t> pos(tstart, tstart + nt);
+    for (int64_t k = 0; k < nwork; ++k) {
+        const int64_t m = wk[k] / S, g = wk[k] - m * S;
+        titems[pos[owner[bidx[ibp[m * blk + 3 * tn + g]]]]++] = k;
+    }
+    return true;
+}
+#endif
