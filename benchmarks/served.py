@@ -12,9 +12,15 @@ at once on one event loop, as a load generator does) runs in this process. Syste
 each repeat so the machine's load hits them alike; the best run of each is reported. The in-process
 engine is the one ``moleserve serve`` builds from the same flags (int4 base weights by default).
 
+Every run sends prompts of its own: the workload's prompts (the same lengths for every system)
+with a first token unique to the run, so each run prefills its prompts and none reads KV blocks an
+earlier run left in its prefix cache (``--reuse-prompts``: the same prompts every run, as before;
+then whichever system runs first pays the prefill and the later ones read it from the cache).
+
 A second table gives CPU seconds per 1000 tokens, of the whole server process and of its event loop
-(the main thread), next to the in-process engine's: CPU time is what the served path adds whatever
-the machine's load. A third: 16 requests over 4 MixLoRA banks served (``--banks``) vs transformers +
+(the main thread), next to the in-process engine's, counted over the timed requests only (not the
+client's warm-up request, which the in-process engine does not make): CPU time is what the served
+path adds whatever the machine's load. A third: 16 requests over 4 MixLoRA banks served (``--banks``) vs transformers +
 the ``mixlora`` package (benchmarks/banks.py's peer).
 """
 
@@ -92,16 +98,17 @@ def start_server(threads: int, flags: list[str], tree: Path | None = None,
 
 
 async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bool,
-                 models: list[str] | None = None) -> tuple[float, int, list]:
-    """Wall time, completion tokens and each request's token count, all requests at once (request i
-    asks for ``models[i]``, a bank, when given). The client is aiohttp where installed: it parses a
+                 models: list[str] | None = None, pid: int | None = None) -> tuple[float, int, list, tuple | None]:
+    """Wall time, completion tokens, each request's token count and, given the server's ``pid``, its
+    CPU seconds over those requests (``process_cpu``: event loop, whole process), all requests at
+    once (request i asks for ``models[i]``, a bank, when given). The client is aiohttp where installed: it parses a
     stream for about a quarter of httpx's CPU (0.12 vs 0.46-0.59 CPU-s per 32 x 64-token run), and
     the client shares the server's 2 cores (vLLM's serving benchmark uses aiohttp for the same
     reason); httpx otherwise."""
     try:
         import aiohttp
     except ImportError:
-        return await served_httpx(url, prompts, new_tokens, stream, models)
+        return await served_httpx(url, prompts, new_tokens, stream, models, pid)
     body = dict(max_tokens=new_tokens, temperature=0, ignore_eos=True, stream=stream)
     headers = {"Authorization": f"Bearer {KEY}"}
     connector = aiohttp.TCPConnector(limit=len(prompts) + 4)
@@ -122,22 +129,28 @@ async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bo
                         tokens = usage["completion_tokens"] if usage else tokens
             return tokens
 
-        return await timed(one, prompts, models)
+        return await timed(one, prompts, models, pid)
 
 
-async def timed(one, prompts: list[list[int]], models: list[str] | None) -> tuple[float, int, list]:
+async def timed(one, prompts: list[list[int]], models: list[str] | None, pid: int | None = None
+                ) -> tuple[float, int, list, tuple | None]:
     """Both clients' run: one warm-up request (connection set-up, a warm server), then every request
-    at once; (wall seconds, completion tokens, each request's tokens)."""
+    at once; (wall seconds, completion tokens, each request's tokens, the server's CPU seconds over
+    them when ``pid`` is given). The warm-up is neither timed nor counted: 64 tokens at batch 1
+    cost the server ~0.8 CPU-s per 1000 tokens of a 32 x 64 run, which the in-process engine never
+    pays."""
     await one(prompts[0][:8])
+    cpu0 = process_cpu(pid) if pid is not None else None
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one(p, models[i] if models else None) for i, p in enumerate(prompts)))
-    return time.perf_counter() - t0, sum(counts), counts
+    wall = time.perf_counter() - t0
+    cpu = None if cpu0 is None else tuple(b - a for a, b in zip(cpu0, process_cpu(pid)))
+    return wall, sum(counts), counts, cpu
 
 
 async def served_httpx(url: str, prompts: list[list[int]], new_tokens: int, stream: bool,
-                       models: list[str] | None = None) -> tuple[float, int, list]:
-    """Wall time, completion tokens and each request's token count, all requests at once (request i
-    asks for ``models[i]``, a bank, when given)."""
+                       models: list[str] | None = None, pid: int | None = None) -> tuple[float, int, list, tuple | None]:
+    """``served`` with httpx."""
     import httpx
 
     body = dict(max_tokens=new_tokens, temperature=0, ignore_eos=True, stream=stream)
@@ -160,7 +173,7 @@ async def served_httpx(url: str, prompts: list[list[int]], new_tokens: int, stre
                         tokens = usage["completion_tokens"] if usage else tokens
             return tokens
 
-        return await timed(one, prompts, models)
+        return await timed(one, prompts, models, pid)
 
 
 def in_process(engine, prompts: list[list[int]], new_tokens: int) -> float:
@@ -170,6 +183,12 @@ def in_process(engine, prompts: list[list[int]], new_tokens: int) -> float:
     t0 = time.perf_counter()
     engine.generate([GenerationRequest(f"b{i}-{time.monotonic_ns()}", p, params) for i, p in enumerate(prompts)])
     return time.perf_counter() - t0
+
+
+def own_prompts(prompts: list[list[int]], run: int) -> list[list[int]]:
+    """``prompts`` with first token ``100 + run``: the same lengths, but no full KV block in common
+    with another run's, so the prefix cache gives one run nothing another computed."""
+    return [[100 + run] + p[1:] for p in prompts]
 
 
 def process_cpu(pid: int) -> tuple[float, float]:
@@ -224,7 +243,7 @@ def mixlora_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
             rates: dict[str, list[float]] = {}
             for _ in range(args.repeats):  # alternate
                 for stream in (False, True):
-                    wall, tokens, counts = asyncio.run(served(url, prompts, nt, stream, models))
+                    wall, tokens, counts, _ = asyncio.run(served(url, prompts, nt, stream, models))
                     assert tokens == 16 * nt, (tokens, counts)
                     rates.setdefault(f"served, {'streaming' if stream else 'non-streaming'}", []).append(tokens / wall)
                 if not args.skip_hf:
@@ -267,7 +286,7 @@ def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
             rates: dict[str, list[float]] = {}
             for _ in range(args.repeats):  # alternate
                 for label, models in (("base alone", None), ("over 8 DynMoLE banks", [r.bank for r in reqs])):
-                    wall, tokens, counts = asyncio.run(served(url, prompts, nt, True, models))
+                    wall, tokens, counts, _ = asyncio.run(served(url, prompts, nt, True, models))
                     assert tokens == n * nt, (tokens, counts)
                     rates.setdefault(label, []).append(tokens / wall)
         finally:
@@ -296,6 +315,9 @@ def main() -> None:
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also serve from this checkout (e.g. the commit before a change), alternating with this one")
     ap.add_argument("--server-env", nargs="*", default=[], help="NAME=VALUE for the server process (this tree's)")
+    ap.add_argument("--reuse-prompts", action="store_true",
+                    help="the same prompts every run (the first run of each system pays their prefill, later runs "
+                         "read it from the prefix cache); default: prompts of its own per run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -325,7 +347,14 @@ def main() -> None:
         in_process(engine, prompts_for(2, vocab, 8, 8, 99), 4)  # warm-up
         n, nt = args.concurrency, args.new_tokens
         # CPU seconds per 1000 tokens, summed over the runs: [event loop, whole process]
-        cpu: dict[str, list[float]] = {}
+        cpu: dict[str, list] = {}
+        run_no = 0  # a distinct first token per run (``own_prompts``)
+
+        def next_prompts(prompts: list[list[int]]) -> list[list[int]]:
+            nonlocal run_no
+            run_no += 1
+            return prompts if args.reuse_prompts else own_prompts(prompts, run_no)
+
         print("| workload | system | tok/s (runs) | vs engine in-process | vs transformers generate |")
         print("| --- | --- | --- | --- | --- |")
         for name in args.workloads:
@@ -334,24 +363,26 @@ def main() -> None:
             rates: dict[str, list[float]] = {}
             for _ in range(args.repeats):  # alternate the systems within each repeat
                 c0 = time.process_time()
-                rates.setdefault("engine in-process", []).append(n * nt / in_process(engine, prompts, nt))
-                acc = cpu.setdefault("engine in-process", [0.0, 0.0, 0])
+                rates.setdefault("engine in-process", []).append(n * nt / in_process(engine, next_prompts(prompts), nt))
+                acc = cpu.setdefault("engine in-process", [0.0, 0.0, 0, []])
                 acc[1] += time.process_time() - c0
                 acc[2] += n * nt
+                acc[3].append(1000 * (time.process_time() - c0) / (n * nt))
                 for label, (proc, url) in servers.items():
                     for stream in (False, True):
                         system = f"{label}, {'streaming' if stream else 'non-streaming'}"
-                        loop0, all0 = process_cpu(proc.pid)
-                        wall, tokens, counts = asyncio.run(served(url, prompts, nt, stream))
-                        loop1, all1 = process_cpu(proc.pid)
+                        wall, tokens, counts, (loop_s, all_s) = asyncio.run(
+                            served(url, next_prompts(prompts), nt, stream, pid=proc.pid))
                         assert tokens == n * nt, (tokens, counts)
                         rates.setdefault(system, []).append(tokens / wall)
-                        acc = cpu.setdefault(system, [0.0, 0.0, 0])
-                        acc[0] += loop1 - loop0
-                        acc[1] += all1 - all0
+                        acc = cpu.setdefault(system, [0.0, 0.0, 0, []])
+                        acc[0] += loop_s
+                        acc[1] += all_s
                         acc[2] += tokens
+                        acc[3].append(1000 * all_s / tokens)
                 if hf is not None:
-                    rates.setdefault("transformers generate", []).append(n * nt / hf_generate(hf, prompts, nt, pad))
+                    rates.setdefault("transformers generate", []).append(
+                        n * nt / hf_generate(hf, next_prompts(prompts), nt, pad))
             best = {k: max(v) for k, v in rates.items()}
             for system, runs in rates.items():
                 vs_hf = f"{best[system] / best['transformers generate']:.2f}x" if hf is not None else "-"
@@ -360,11 +391,12 @@ def main() -> None:
                       flush=True)
         # CPU time does not depend on how busy the machine is the way wall time does: where the
         # served path spends more than the engine, per token, whatever the load.
-        print("\n| system | CPU s / 1000 tokens, whole process | of which the event loop (main thread) |")
+        print("\n| system | CPU s / 1000 tokens, whole process (runs) | of which the event loop (main thread) |")
         print("| --- | --- | --- |")
-        for system, (loop_s, all_s, tokens) in cpu.items():
+        for system, (loop_s, all_s, tokens, per_run) in cpu.items():
             loop = f"{1000 * loop_s / tokens:.2f}" if system != "engine in-process" else "-"
-            print(f"| {system} | {1000 * all_s / tokens:.2f} | {loop} |", flush=True)
+            print(f"| {system} | {1000 * all_s / tokens:.2f} ({', '.join(f'{r:.2f}' for r in per_run)}) | {loop} |",
+                  flush=True)
         if not args.skip_mixlora:
             del engine, hf  # their memory, before the banks' server and the peer's models load
             mixlora_table(args, flags, folder)
