@@ -275,15 +275,17 @@ def _stats_equal(a, b):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(dict(o.selections)[k])), (name, k)
 
 
-@pytest.mark.parametrize("name", ["gqa-tied", "int4"])
-def test_bank_rows_in_the_fused_step_equal_the_python_path(variant_models, name, monkeypatch):
+@pytest.mark.parametrize("name,pool_dtype", [("gqa-tied", torch.float32), ("int4", torch.float32),
+                                             ("int4", torch.int8)])
+def test_bank_rows_in_the_fused_step_equal_the_python_path(variant_models, name, pool_dtype, monkeypatch):
     """Decode steps mixing base rows, rows of 3 DynMoLE banks (FFN, per-bank routing parameters) and
     rows of a PEFT LoRA bank (attention): fused (banks' route_lora calls inside the one C forward)
-    and per-layer logits, cache writes, routing statistics and route_lora records are the same."""
+    and per-layer logits, cache writes, routing statistics and route_lora records are the same
+    (an int8 pool too: its row scales reach the fused step's route_lora calls)."""
     from adapters.runtime import BankRegistry
 
     model = variant_models[name]
-    registry = BankRegistry(model.config)
+    registry = BankRegistry(model.config, dtype=pool_dtype)
     registry.add(_bank("dynmole", model, 0, "dyn0", FFN))
     registry.add(_bank("dynmole", model, 1, "dyn1", FFN, top_p=0.8, entropy_threshold=0.7))
     registry.add(_bank("dynmole", model, 2, "dyn2", FFN, keep_top_k=2))
