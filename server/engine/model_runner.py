@@ -212,8 +212,13 @@ class ModelRunner:
             rows = [j for j, s in enumerate(sampling) for _ in range(1 + len(s.forks))]
             sampling = [c for s in sampling for c in (s, *s.forks)]
             logits = logits[torch.tensor(rows, device=logits.device)]
-        finite = torch.isfinite(logits).all(dim=-1)
-        if not bool(finite.all()):  # one host sync per step; a NaN row must never sample a token
+        # a NaN row must never sample a token. A NaN or infinite logit makes its row's sum non-finite, and
+        # a row sum is one pass (elementwise isfinite over [rows, vocab] cost ~5 ms a 32-row step on the
+        # CPU); a finite row whose sum overflows (logits ~1e34) is then checked element by element.
+        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+        if not bool(finite.all()):  # one host sync per step
+            suspect = (~finite).nonzero().flatten()
+            finite[suspect] = torch.isfinite(logits[suspect]).all(dim=-1)
             for i in (~finite).nonzero().flatten().tolist():
                 where = f" with bank {sampling[i].bank!r}" if sampling[i].bank else ""
                 sampling[i].fault = f"the model produced NaN or infinite logits for this request{where}"

@@ -78,18 +78,38 @@ def test_base_model_fault_isolated_to_its_request(make_engine, monkeypatch):
 
 
 class _NaNFirstRow:
-    """The model, with the first sampled row's logits NaN (what an overflowing bank produces)."""
+    """The model, with the first sampled row's logits NaN (what an overflowing bank produces), or
+    another edit of its logits (``edit(logits)``)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, edit=None):
+        self.model, self.edit = model, edit
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def __call__(self, ids):
         logits = self.model(ids).clone()
-        logits[0] = float("nan")
+        if self.edit is None:
+            logits[0] = float("nan")
+        else:
+            self.edit(logits)
         return logits
+
+
+def _edit_huge_then_inf(logits):
+    logits[0, :8] = 1e38  # finite (fp32 holds 3.4e38), but the row's sum overflows: not a fault
+    logits[1, 3] = float("-inf")  # one infinite logit: a fault
+
+
+def test_one_infinite_logit_is_a_fault_and_huge_finite_logits_are_not(make_engine):
+    engine = make_engine()
+    engine.add_request(greedy_request("huge", [5, 6, 7], None, 3))
+    engine.add_request(greedy_request("inf", [8, 9, 10], None, 3))
+    engine.runner.model = _NaNFirstRow(engine.model, _edit_huge_then_inf)
+    events = {e.request_id: e for e in engine.step()}
+    engine.runner.model = engine.model
+    assert events["inf"].finished and "NaN or infinite logits" in events["inf"].error
+    assert not events["huge"].finished and len(events["huge"].token_ids) == 1
 
 
 def test_non_finite_logits_end_that_sequence_with_an_error(make_engine):
