@@ -384,7 +384,7 @@ static void expand_par(const float* h, const W* B, int64_t r, int64_t d_out, int
 #if defined(MS_ROUTED_AVX2) && defined(__AVX512F__)
 // AVX-512 paths (d_in % 16 == 0, d_out % 16 == 0, B laid out [S, r, d_out]), the AVX2 ones' shapes at
 // twice the width and with more accumulators: the shrink keeps four pairs x four rank rows (16 chains,
-// half a load per FMA), the expand four pairs x four vectors. fp16 / bf16 weights widen in registers.
+// half a load per FMA), the expand four pairs x four vectors. fp16 / bf16 / int8 weights widen in registers.
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const bf16w* p) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -992,8 +992,8 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
 static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
                           int64_t nwork, int nt, int64_t* tstart, int64_t* titems) {
     const int64_t T = st->T, n = st->n, S = s->S, tn = T * n;
-    thread_local std::vector<int64_t> banks, bidx, owner;
-    thread_local std::vector<double> cost;
+    thread_local std::vector<int64_t> banks, bidx, owner, order, pos;  // scratch: no allocation per call
+    thread_local std::vector<double> cost, load;
     banks.clear();
     bidx.resize(static_cast<size_t>(S));
     for (int64_t t = 0; t < T; ++t) {
@@ -1017,10 +1017,10 @@ static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp
         cost[bidx[seg[g]]] += c;
         total += c;
     }
-    std::vector<int64_t> order(static_cast<size_t>(nb));
+    order.resize(static_cast<size_t>(nb));
     for (int64_t b = 0; b < nb; ++b) order[b] = b;
     std::stable_sort(order.begin(), order.end(), [](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-    std::vector<double> load(static_cast<size_t>(nt), 0.0);
+    load.assign(static_cast<size_t>(nt), 0.0);
     owner.resize(static_cast<size_t>(nb));
     for (const int64_t b : order) {
         const int th = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
@@ -1034,7 +1034,7 @@ static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp
         ++tstart[owner[bidx[ibp[m * blk + 3 * tn + g]]] + 1];
     }
     for (int th = 0; th < nt; ++th) tstart[th + 1] += tstart[th];
-    std::vector<int64_t> pos(tstart, tstart + nt);
+    pos.assign(tstart, tstart + nt);
     for (int64_t k = 0; k < nwork; ++k) {
         const int64_t m = wk[k] / S, g = wk[k] - m * S;
         titems[pos[owner[bidx[ibp[m * blk + 3 * tn + g]]]]++] = k;
