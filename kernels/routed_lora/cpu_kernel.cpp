@@ -553,8 +553,8 @@ static inline void scale_h(float* h, int64_t r, int64_t p0, int64_t len, const f
 #ifdef MS_ROUTED_AVX512
 struct RLSites;
 struct RLStep;
-static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
-                          int64_t nwork, int nt, int64_t* tstart, int64_t* titems);
+static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
+                             int64_t nwork, int nt, int64_t* ustart, int64_t* uitems);
 #endif
 
 extern "C" {
@@ -817,12 +817,13 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
     int64_t nwork = 0;
     int rc = 0;
     const int nt = std::max(1, static_cast<int>(st->nt));
-    bool split = false;  // whole banks per thread (split_by_bank), else slot ranges then column ranges
-    thread_local std::vector<int64_t> tstart_v, titems_v;
-    tstart_v.resize(static_cast<size_t>(nt) + 1);
-    titems_v.resize(static_cast<size_t>(M * S));
-    int64_t* const tstart = tstart_v.data();
-    int64_t* const titems = titems_v.data();
+    int64_t units = 0;  // > 0: (site, bank) units taken by the threads in turn (split_by_bank), else slot ranges
+                        // then column ranges
+    thread_local std::vector<int64_t> ustart_v, uitems_v;
+    ustart_v.resize(static_cast<size_t>(M * S) + 1);
+    uitems_v.resize(static_cast<size_t>(M * S));
+    int64_t* const ustart = ustart_v.data();
+    int64_t* const uitems = uitems_v.data();
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
@@ -882,16 +883,19 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                 }
             }
 #ifdef MS_ROUTED_AVX512
-            if (wide && !rc && nt > 1) split = split_by_bank(s, st, ibp, blk, wk, nwork, nt, tstart, titems);
+            if (wide && !rc && nt > 1) units = split_by_bank(s, st, ibp, blk, wk, nwork, nt, ustart, uitems);
 #endif
         }  // implicit barrier: the plans are ready
 #ifdef MS_ROUTED_AVX512
-        if (!rc && split) {  // whole banks per thread: each segment's shrink then expand, no barrier
-            const int th = omp_get_thread_num();
-            std::vector<float> hsv(static_cast<size_t>(4 * r));
+        if (!rc && units > 0) {  // (site, bank) units, largest first, to whichever thread is free: a unit's
+                                 // rows and columns are its own, so each segment's shrink then expand, no barrier
+            thread_local std::vector<float> hsv;
+            hsv.resize(static_cast<size_t>(4 * r));
             Prefetcher pa, pb;
-            for (int64_t idx = tstart[th]; idx < tstart[th + 1]; ++idx) {
-                const int64_t k = titems[idx], m = wk[k] / S, g = wk[k] - m * S;
+#pragma omp for schedule(dynamic, 1) nowait  // the region's end is the barrier
+            for (int64_t u = 0; u < units; ++u)
+            for (int64_t idx = ustart[u]; idx < ustart[u + 1]; ++idx) {
+                const int64_t k = uitems[idx], m = wk[k] / S, g = wk[k] - m * S;
                 const int64_t* ib = ibp + m * blk;
                 const float* fb = fbp + m * 2 * tn;
                 const int64_t* seg = ib + 3 * tn;
@@ -902,12 +906,12 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     const W* a = reinterpret_cast<const W*>(s->A[m]);
                     const W* b = reinterpret_cast<const W*>(s->B[m]);
                     const int64_t groups = (len + 3) / 4;
-                    // while shrinking, this segment's B; while expanding, the next segment's A
+                    // while shrinking, this segment's B; while expanding, the unit's next segment's A
                     pb.arm(b + slot * r * d_out, r * d_out * static_cast<int64_t>(sizeof(W)),
                            groups * ((r + 3) / 4) * (d_in / 16));
                     const W* na = nullptr;
-                    if (idx + 1 < tstart[th + 1]) {
-                        const int64_t k2 = titems[idx + 1], m2 = wk[k2] / S, g2 = wk[k2] - m2 * S;
+                    if (idx + 1 < ustart[u + 1]) {
+                        const int64_t k2 = uitems[idx + 1], m2 = wk[k2] / S, g2 = wk[k2] - m2 * S;
                         na = reinterpret_cast<const W*>(s->A[m2]) + ibp[m2 * blk + 3 * tn + g2] * r * d_in;
                     }
                     pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)), groups * ((nvec + 11) / 12) * r);
@@ -982,17 +986,21 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
 }  // extern "C"
 
 #ifdef MS_ROUTED_AVX512
-// route_lora's work by bank: a bank's rows are its own, so threads that take whole banks write disjoint
-// rows of out and need no barrier between a segment's shrink and its expand, and each streams its
-// segments' A and B whole (the column split reads every B in pieces, at ~70% of the shrink's rate).
-// A bank's cost is its segments' weights plus their pairs' work, (d_in + d_out) * (4 + pairs) per
-// segment; banks go largest first to the least loaded thread.  false (the column split runs) when the
-// loads differ by more than 20% from even, e.g. one bank, or one bank with most of the rows.
-// Out: tstart [nt + 1], titems: the work items (indices into wk) of thread th at tstart[th]..tstart[th + 1].
-static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
-                          int64_t nwork, int nt, int64_t* tstart, int64_t* titems) {
-    const int64_t T = st->T, n = st->n, S = s->S, tn = T * n;
-    thread_local std::vector<int64_t> banks, bidx, owner, order, pos;  // scratch: no allocation per call
+// route_lora's work by (site, bank) unit: a bank's rows are its own and a site's columns its own, so
+// threads that take whole units write disjoint parts of out and need no barrier between a segment's
+// shrink and its expand, and each streams its segments' A and B whole (the column split reads every B
+// in pieces, at ~70% of the shrink's rate).  A unit's cost is its segments' weights plus their pairs'
+// work, (d_in + d_out) * (4 + pairs) per segment.  The units go largest first to whichever thread is
+// free (route_lora's dynamic loop): the two cores of a small machine do not run at one speed (a
+// neighbour's load, the memory bus), and a static split waits for the slower one.  0 (the column split
+// runs) when even on equal threads the units cannot balance within 20% (largest first to the least
+// loaded), e.g. one bank, or one bank with most of the rows.
+// Out: the number of units; ustart [units + 1], uitems: unit u's work items (indices into wk) at
+// ustart[u]..ustart[u + 1].
+static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
+                             int64_t nwork, int nt, int64_t* ustart, int64_t* uitems) {
+    const int64_t T = st->T, n = st->n, S = s->S, tn = T * n, M = s->M;
+    thread_local std::vector<int64_t> banks, bidx, order, rank, pos;  // scratch: no allocation per call
     thread_local std::vector<double> cost, load;
     banks.clear();
     bidx.resize(static_cast<size_t>(S));
@@ -1006,39 +1014,35 @@ static bool split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp
             for (int64_t e = 0; e < n; ++e) bidx[off + e] = b;
         }
     }
-    const int64_t nb = static_cast<int64_t>(banks.size());
-    if (nb < nt) return false;
-    cost.assign(static_cast<size_t>(nb), 0.0);
+    const int64_t nb = static_cast<int64_t>(banks.size()), nu = M * nb;  // unit m * nb + bank
+    if (nu < nt) return 0;
+    const auto unit = [&](int64_t k) {
+        const int64_t m = wk[k] / S, g = wk[k] - m * S;
+        return m * nb + bidx[ibp[m * blk + 3 * tn + g]];
+    };
+    cost.assign(static_cast<size_t>(nu), 0.0);
     double total = 0.0;
     for (int64_t k = 0; k < nwork; ++k) {
         const int64_t m = wk[k] / S, g = wk[k] - m * S;
         const int64_t* seg = ibp + m * blk + 3 * tn;
         const double c = static_cast<double>(s->d_in + s->d_out[m]) * static_cast<double>(4 + seg[2 * S + g]);
-        cost[bidx[seg[g]]] += c;
+        cost[unit(k)] += c;
         total += c;
     }
-    order.resize(static_cast<size_t>(nb));
-    for (int64_t b = 0; b < nb; ++b) order[b] = b;
+    order.resize(static_cast<size_t>(nu));
+    for (int64_t u = 0; u < nu; ++u) order[u] = u;
     std::stable_sort(order.begin(), order.end(), [](int64_t a, int64_t b) { return cost[a] > cost[b]; });
     load.assign(static_cast<size_t>(nt), 0.0);
-    owner.resize(static_cast<size_t>(nb));
-    for (const int64_t b : order) {
-        const int th = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-        owner[b] = th;
-        load[th] += cost[b];
-    }
-    if (*std::max_element(load.begin(), load.end()) > 1.2 * total / nt) return false;
-    for (int th = 0; th <= nt; ++th) tstart[th] = 0;
-    for (int64_t k = 0; k < nwork; ++k) {
-        const int64_t m = wk[k] / S, g = wk[k] - m * S;
-        ++tstart[owner[bidx[ibp[m * blk + 3 * tn + g]]] + 1];
-    }
-    for (int th = 0; th < nt; ++th) tstart[th + 1] += tstart[th];
-    pos.assign(tstart, tstart + nt);
-    for (int64_t k = 0; k < nwork; ++k) {
-        const int64_t m = wk[k] / S, g = wk[k] - m * S;
-        titems[pos[owner[bidx[ibp[m * blk + 3 * tn + g]]]]++] = k;
-    }
-    return true;
+    for (const int64_t u : order) *std::min_element(load.begin(), load.end()) += cost[u];
+    if (*std::max_element(load.begin(), load.end()) > 1.2 * total / nt) return 0;
+    rank.resize(static_cast<size_t>(nu));
+    int64_t units = 0;
+    for (const int64_t u : order) rank[u] = cost[u] > 0.0 ? units++ : -1;
+    for (int64_t u = 0; u <= units; ++u) ustart[u] = 0;
+    for (int64_t k = 0; k < nwork; ++k) ++ustart[rank[unit(k)] + 1];
+    for (int64_t u = 0; u < units; ++u) ustart[u + 1] += ustart[u];
+    pos.assign(ustart, ustart + units);
+    for (int64_t k = 0; k < nwork; ++k) uitems[pos[rank[unit(k)]]++] = k;
+    return units;
 }
 #endif
