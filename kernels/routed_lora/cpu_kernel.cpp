@@ -554,7 +554,7 @@ static inline void scale_h(float* h, int64_t r, int64_t p0, int64_t len, const f
 struct RLSites;
 struct RLStep;
 static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
-                             int64_t nwork, int nt, int64_t* ustart, int64_t* uitems);
+                             int64_t nwork, int nt, int64_t* ustart, int64_t* uitems, int64_t* udense);
 #endif
 
 extern "C" {
@@ -820,8 +820,11 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
     int64_t units = 0;  // > 0: (site, bank) units taken by the threads in turn (split_by_bank), else slot ranges
                         // then column ranges
     thread_local std::vector<int64_t> ustart_v, uitems_v;
+    thread_local std::vector<int64_t> udense_v;
     ustart_v.resize(static_cast<size_t>(M * S) + 1);
     uitems_v.resize(static_cast<size_t>(M * S));
+    udense_v.resize(static_cast<size_t>(M * S));
+    int64_t* const udense = udense_v.data();
     int64_t* const ustart = ustart_v.data();
     int64_t* const uitems = uitems_v.data();
 #pragma omp parallel num_threads(nt)
@@ -883,17 +886,53 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                 }
             }
 #ifdef MS_ROUTED_AVX512
-            if (wide && !rc && nt > 1) units = split_by_bank(s, st, ibp, blk, wk, nwork, nt, ustart, uitems);
+            if (wide && !rc && nt > 1) units = split_by_bank(s, st, ibp, blk, wk, nwork, nt, ustart, uitems, udense);
 #endif
         }  // implicit barrier: the plans are ready
 #ifdef MS_ROUTED_AVX512
         if (!rc && units > 0) {  // (site, bank) units, largest first, to whichever thread is free: a unit's
                                  // rows and columns are its own, so each segment's shrink then expand, no barrier
-            thread_local std::vector<float> hsv;
-            hsv.resize(static_cast<size_t>(4 * r));
+            thread_local std::vector<float> hsv, hd, ones;
+            thread_local std::vector<int64_t> tb;
+            hsv.resize(static_cast<size_t>(4 * n * r));
             Prefetcher pa, pb;
 #pragma omp for schedule(dynamic, 1) nowait  // the region's end is the barrier
-            for (int64_t u = 0; u < units; ++u)
+            for (int64_t u = 0; u < units; ++u) {
+            if (udense[u] >= 0) {
+                // a dense unit: the bank's n experts as one segment of rank n * r over all its rows, each
+                // row's unselected experts weighted 0, so a row's deltas sum in registers and reach out
+                // once (not once per expert) and A and B stream once, n * r rows each
+                const int64_t off = udense[u], m = wk[uitems[ustart[u]]] / S, rr = n * r;
+                const int64_t d_out = s->d_out[m], nvec = d_out / 16;
+                tb.clear();
+                for (int64_t t = 0; t < T; ++t)
+                    if (st->offset[t] == off) tb.push_back(t);
+                const int64_t tbn = static_cast<int64_t>(tb.size());
+                hd.resize(static_cast<size_t>(tbn * rr));
+                ones.assign(static_cast<size_t>(tbn), 1.f);
+                with_wtype(s->wtype, [&](auto tag) {
+                    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+                    const W* a = reinterpret_cast<const W*>(s->A[m]) + off * r * d_in;
+                    const W* b = reinterpret_cast<const W*>(s->B[m]) + off * r * d_out;
+                    ShrinkAvx512<W> blk16{d_in, rr};
+                    shrink_segment(x, d_in, a, rr, tb.data(), 0, 0, tbn, hd.data(), blk16);
+                    const float* as = a_scale(m);
+                    const float* bsc = b_scale(m);
+                    const float* fw = wv + m * tn;
+                    for (int64_t k = 0; k < tbn; ++k)
+                        for (int64_t e = 0; e < n; ++e) {
+                            const float c = s->scale[off + e] * fw[tb[k] * n + e];
+                            float* hr = hd.data() + k * rr + e * r;
+                            const int64_t sr = (off + e) * r;
+                            for (int64_t j = 0; j < r; ++j)
+                                hr[j] *= c * (as != nullptr ? as[sr + j] : 1.f) * (bsc != nullptr ? bsc[sr + j] : 1.f);
+                        }
+                    const int64_t zero = 0;
+                    expand_cols<V16>(hd.data(), b, rr, d_out, T, tb.data(), ones.data(), nullptr, 1.f, &zero, &zero, &tbn,
+                                     1, out + s->col[m], ld, false, 0, nvec, hsv.data());
+                });
+                continue;
+            }
             for (int64_t idx = ustart[u]; idx < ustart[u + 1]; ++idx) {
                 const int64_t k = uitems[idx], m = wk[k] / S, g = wk[k] - m * S;
                 const int64_t* ib = ibp + m * blk;
@@ -922,6 +961,7 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     expand_cols<V16>(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g, seg + 2 * S + g, 1,
                                      out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa, b_scale(m));
                 });
+            }
             }
         } else
 #endif
@@ -997,12 +1037,14 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
 // loaded), e.g. one bank, or one bank with most of the rows.
 // Out: the number of units; ustart [units + 1], uitems: unit u's work items (indices into wk) at
 // ustart[u]..ustart[u + 1].
+constexpr int64_t DENSE_MIN_ROWS = 16;
 static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
-                             int64_t nwork, int nt, int64_t* ustart, int64_t* uitems) {
+                             int64_t nwork, int nt, int64_t* ustart, int64_t* uitems, int64_t* udense) {
     const int64_t T = st->T, n = st->n, S = s->S, tn = T * n, M = s->M;
-    thread_local std::vector<int64_t> banks, bidx, order, rank, pos;  // scratch: no allocation per call
+    thread_local std::vector<int64_t> banks, bidx, order, rank, pos, rows, segs, pairs;  // scratch: no allocation per call
     thread_local std::vector<double> cost, load;
     banks.clear();
+    rows.clear();
     bidx.resize(static_cast<size_t>(S));
     for (int64_t t = 0; t < T; ++t) {
         const int64_t off = st->offset[t];
@@ -1011,8 +1053,10 @@ static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* 
         while (b < static_cast<int64_t>(banks.size()) && banks[b] != off) ++b;
         if (b == static_cast<int64_t>(banks.size())) {
             banks.push_back(off);
+            rows.push_back(0);
             for (int64_t e = 0; e < n; ++e) bidx[off + e] = b;
         }
+        ++rows[b];
     }
     const int64_t nb = static_cast<int64_t>(banks.size()), nu = M * nb;  // unit m * nb + bank
     if (nu < nt) return 0;
@@ -1021,12 +1065,16 @@ static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* 
         return m * nb + bidx[ibp[m * blk + 3 * tn + g]];
     };
     cost.assign(static_cast<size_t>(nu), 0.0);
+    segs.assign(static_cast<size_t>(nu), 0);
+    pairs.assign(static_cast<size_t>(nu), 0);
     double total = 0.0;
     for (int64_t k = 0; k < nwork; ++k) {
         const int64_t m = wk[k] / S, g = wk[k] - m * S;
         const int64_t* seg = ibp + m * blk + 3 * tn;
         const double c = static_cast<double>(s->d_in + s->d_out[m]) * static_cast<double>(4 + seg[2 * S + g]);
         cost[unit(k)] += c;
+        ++segs[unit(k)];
+        pairs[unit(k)] += seg[2 * S + g];
         total += c;
     }
     order.resize(static_cast<size_t>(nu));
@@ -1043,6 +1091,15 @@ static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* 
     for (int64_t u = 0; u < units; ++u) ustart[u + 1] += ustart[u];
     pos.assign(ustart, ustart + units);
     for (int64_t k = 0; k < nwork; ++k) uitems[pos[rank[unit(k)]]++] = k;
+    // dense (the bank's offset; else -1): a prefill's many rows of the bank (DENSE_MIN_ROWS), every expert
+    // of the bank with pairs here (its weights are read anyway) and at least half of the (row, expert)
+    // products selected (the rest are computed for weight 0).  A decode step's few rows per bank keep
+    // the segments: their software prefetch of the next segment's weights is worth more there.
+    for (int64_t u = 0; u < nu; ++u)
+        if (rank[u] >= 0) {
+            const int64_t b = u % nb;
+            udense[rank[u]] = rows[b] >= DENSE_MIN_ROWS && segs[u] == n && 2 * pairs[u] >= rows[b] * n ? banks[b] : -1;
+        }
     return units;
 }
 #endif

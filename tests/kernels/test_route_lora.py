@@ -1,7 +1,7 @@
 """``route_lora`` (one routed linear in one C++ call) adds, given the routing it reports, exactly the
 routed LoRA of every site: every work split (whole banks per thread, or slot ranges then column
-ranges), both vector widths (shapes multiples of 16: AVX-512 where compiled; of 8: AVX2) and every
-weight dtype (int8 with per-row scales: the result is the dequantized weights')."""
+ranges; a prefill's banks dense), both vector widths (shapes multiples of 16: AVX-512 where compiled;
+of 8: AVX2) and every weight dtype (int8 with per-row scales: the result is the dequantized weights')."""
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ def _rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
-    if layout == "balanced":  # every bank the same rows: whole banks per thread
+    if layout in ("balanced", "long", "long broadcast"):  # every bank the same rows: whole banks per thread
         off = torch.arange(t) % banks
     elif layout == "one bank":  # one bank: the column split
         off = torch.zeros(t, dtype=torch.int64)
@@ -35,13 +35,16 @@ def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dims", [(64, (96, 48)), (40, (24, 56))])  # wide (x16), and x8 only
-@pytest.mark.parametrize("layout", ["balanced", "one bank", "uneven", "random"])
+@pytest.mark.parametrize("layout", ["balanced", "one bank", "uneven", "random", "long", "long broadcast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads):
     d_in, d_outs = dims
     gen = torch.Generator().manual_seed(d_in + len(layout))
-    t, banks = 21, 4
+    # "long": a prefill's many rows per bank (a bank whose rows select most of its experts runs dense:
+    # all experts over all its rows, weight 0 where unselected); "long broadcast": every row selects
+    # every expert (the entropy threshold 0), so the dense path surely runs
+    t, banks = (96, 2) if layout.startswith("long") else (21, 4)
     cap = banks * N
     x = torch.randn(t, d_in, generator=gen)
     routers = [torch.randn(cap, d_in, generator=gen) * 2 / d_in**0.5 for _ in d_outs]
@@ -63,7 +66,8 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        step = RouteLoraStep(offsets, N, top_p=0.75, keep_top_k=2.0, entropy_threshold=0.9, q=1.1, eps=1e-5,
+        step = RouteLoraStep(offsets, N, top_p=0.75, keep_top_k=2.0,
+                             entropy_threshold=0.0 if layout == "long broadcast" else 0.9, q=1.1, eps=1e-5,
                              outputs=(logits, w, ent))
     finally:
         torch.set_num_threads(prev)
