@@ -9,7 +9,10 @@ between two layers. Each pool dtype has its own pool; the dtypes alternate, best
 
 ``--x-scale`` scales the random inputs against the random routers: 0.2 gives near-uniform routing
 (~5.9 experts per decision, as the random banks of benchmarks/banks.py), 1 peaked (~2.1).
-Prints ms per step, the expert bytes read per step and the rate (bytes / time).
+Prints ms per step, the expert bytes read per step and the rate (bytes / time), and beside them the
+machine's read rate measured in the same run (one pass summing 256 MB, alternating with the pools)
+and the time all the step's weight bytes (experts, routers, int8 row scales) take at that rate: the
+floor of a step that reads each weight once from memory.
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ def main() -> None:
                          eps=1e-5, stats=stats)
     flush = torch.empty(64 << 20)  # 256 MB, 8x the L3
     best: dict[str, float] = {}
+    read = math.inf  # the machine's read rate, side by side: one pass summing the 256 MB
     for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        flush.sum()
+        read = min(read, time.perf_counter() - t0)
         for name, layers in pools.items():
             flush.add_(1)
             t0 = time.perf_counter()
@@ -80,10 +87,16 @@ def main() -> None:
             best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
     decisions = int(stats.acc[:, 0].sum())
     print(f"threads={args.threads}, x-scale {args.x_scale}: {stats.sel.sum().item() / decisions:.2f} experts per decision\n")
-    print("| pool dtype | ms per step (60 calls) | expert bytes per step | rate |\n|---|---|---|---|")
+    rate = flush.numel() * 4 / read
+    print(f"memory read rate (sum of 256 MB, {args.threads} threads): {rate / 1e9:.1f} GB/s\n")
+    print("| pool dtype | ms per step (60 calls) | expert bytes per step | rate | all bytes (+ routers, scales) "
+          "| their read time at the measured rate |\n|---|---|---|---|---|---|")
     for name, layers in pools.items():
         nbytes = sum(t.numel() * t.element_size() for gu, dn in layers for s in (gu, dn) for t in (*s.keep[1], *s.keep[2]))
-        print(f"| {name} | {best[name] * 1000:.1f} | {nbytes / 1e6:.0f} MB | {nbytes / best[name] / 1e9:.1f} GB/s |")
+        allb = sum(t.numel() * t.element_size() for gu, dn in layers for s in (gu, dn)
+                   for t in (*s.keep[0], *s.keep[1], *s.keep[2], *(s.keep[4] or []), *(s.keep[5] or [])))
+        print(f"| {name} | {best[name] * 1000:.1f} | {nbytes / 1e6:.0f} MB | {nbytes / best[name] / 1e9:.1f} GB/s "
+              f"| {allb / 1e6:.0f} MB | {allb / rate * 1000:.1f} ms |")
 
 
 if __name__ == "__main__":
