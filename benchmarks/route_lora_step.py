@@ -4,6 +4,7 @@ with the caches flushed first, as in the engine where the base model's weights s
 between two layers. Each pool dtype has its own pool; the dtypes alternate, best of the repeats.
 
     python benchmarks/route_lora_step.py [--dtypes float32,float16,bfloat16,int8] [--repeats 7] [--x-scale 0.2]
+        [--rows 32]
 
 ``int8``: the int8 pool of ``--bank-dtype int8`` (each row int8 with one fp32 scale).
 
@@ -60,16 +61,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--x-scale", type=float, default=0.2)
+    ap.add_argument("--rows", type=int, default=T, help="rows of the step, over the 8 banks in turn (512: a "
+                    "prefill chunk, 64 rows per bank, the banks dense)")
     args = ap.parse_args()
     if load_library() is None:
         sys.exit("the C++ kernel is unavailable")
     torch.set_num_threads(args.threads)
     pools = {name: pool(getattr(torch, name)) for name in args.dtypes.split(",")}
     gen = torch.Generator().manual_seed(1)
-    xh, xi = torch.randn(T, H, generator=gen) * args.x_scale, torch.randn(T, FFN, generator=gen) * args.x_scale
-    out_gu, out_d = torch.zeros(T, 2 * FFN), torch.zeros(T, H)
+    t = args.rows
+    xh, xi = torch.randn(t, H, generator=gen) * args.x_scale, torch.randn(t, FFN, generator=gen) * args.x_scale
+    out_gu, out_d = torch.zeros(t, 2 * FFN), torch.zeros(t, H)
     stats = RouteLoraStats(3 * LAYERS, S, ENTROPY_BUCKETS)
-    step = RouteLoraStep((torch.arange(T) % 8) * N, N, top_p=0.75, keep_top_k=2.0, entropy_threshold=0.9, q=1.1,
+    step = RouteLoraStep((torch.arange(t) % 8) * N, N, top_p=0.75, keep_top_k=2.0, entropy_threshold=0.9, q=1.1,
                          eps=1e-5, stats=stats)
     flush = torch.empty(64 << 20)  # 256 MB, 8x the L3
     best: dict[str, float] = {}
@@ -86,7 +90,8 @@ def main() -> None:
                 step(xi, dn, out_d)
             best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
     decisions = int(stats.acc[:, 0].sum())
-    print(f"threads={args.threads}, x-scale {args.x_scale}: {stats.sel.sum().item() / decisions:.2f} experts per decision\n")
+    print(f"threads={args.threads}, rows {t}, x-scale {args.x_scale}: {stats.sel.sum().item() / decisions:.2f} experts "
+          "per decision\n")
     rate = flush.numel() * 4 / read
     print(f"memory read rate (sum of 256 MB, {args.threads} threads): {rate / 1e9:.1f} GB/s\n")
     print("| pool dtype | ms per step (60 calls) | expert bytes per step | rate | all bytes (+ routers, scales) "
