@@ -222,6 +222,7 @@ class BankStep:
         self._decide = self._decisions()  # (layer, targets) -> WholeLinear | _NOTHING | None (general path)
         self._group_steps: dict[tuple, RouteLoraStep] = {}  # (members, n) -> the step's route_lora group
         self._fast = _FastRecords()  # what the route_lora calls did (shared with sub-steps)
+        self._kept: tuple[RouteLoraStats, dict] | None = None  # _kept_groups
         self._factor_routes: list[tuple[int, int, Tensor]] = []  # (factor index, layer, chosen experts [F, K])
 
     # -- per-step metadata, built on first use and cached --------------------------------------
@@ -598,17 +599,57 @@ class BankStep:
     def _route_lora_step(self, d: WholeLinear) -> RouteLoraStep:
         """The step's rows for ``d``'s group, from the site's spec: each row's bank slot offset (-1
         outside the group) and the members' DynMoLE parameters (``_row_params``); plain sites: each
-        plain row's one slot."""
-        spec = self._site_spec(d.sites[0])
+        plain row's one slot.
+
+        Routed groups are kept across steps (``_kept_groups``): consecutive decode steps of one batch
+        have the same rows, banks and offsets, and building the group (the site's spec, the row
+        parameters, the C structs) cost ~0.6 ms of a step's Python, most of a batch-1 bank step's
+        overhead beside its weight reads. A kept group's statistics are zeroed when a step first uses
+        them (the previous step's were reduced into copies by then: ``routing_stats``)."""
         if d.plain:
+            spec = self._site_spec(d.sites[0])
             return RouteLoraStep(spec.plain_slot, 1, top_p=1.0, keep_top_k=1.0, entropy_threshold=1.0, q=1.0, eps=0.0)
-        offsets, prm = self._row_params(spec.groups[0])
+        kept = self._kept_groups()
+        if kept is not None:
+            stats, steps = kept
+            if self.collect_stats and self._fast.stats is None:
+                for t in (stats.sel, stats.acc, stats.esum):
+                    t.zero_()
+                self._fast.stats = stats
+            if stats is self._fast.stats:
+                step = steps.get((d.members, d.n))
+                if step is None:
+                    offsets, prm = self._row_params(self._site_spec(d.sites[0]).groups[0])
+                    step = steps[(d.members, d.n)] = RouteLoraStep(offsets, d.n, stats=stats, **prm)
+                return step
+        offsets, prm = self._row_params(self._site_spec(d.sites[0]).groups[0])
         stats = None
         if self.collect_stats:
             if self._fast.stats is None:
                 self._fast.stats = RouteLoraStats(len(self.state.router), self.state.capacity, ENTROPY_BUCKETS)
             stats = self._fast.stats
         return RouteLoraStep(offsets, d.n, stats=stats, **prm)
+
+    def _kept_groups(self) -> tuple[RouteLoraStats, dict] | None:
+        """The statistics and routed groups kept (in the pool state's cache) for steps with this
+        step's bank layouts, pool offsets and rows' banks; None when statistics are off (nothing to
+        share, groups are cheap to keep per step then: not kept)."""
+        if not self.collect_stats:
+            return None
+        if self._kept is None:
+            key = ("route_lora_groups", tuple(id(b.layout) for b in self.banks), tuple(b.offset for b in self.banks),
+                   self.token_bank.cpu().numpy().tobytes())
+            cache = self.state.cache
+            hit = cache.get(key)
+            if hit is None or not all(ref() is b.layout for ref, b in zip(hit[0], self.banks)):
+                if sum(1 for k in cache if k[0] == "route_lora_groups") >= 32:  # batches come and go: bounded
+                    for k in [k for k in cache if k[0] == "route_lora_groups"]:
+                        del cache[k]
+                with torch.inference_mode(False):  # normal tensors: a later step may zero them outside it
+                    stats = RouteLoraStats(len(self.state.router), self.state.capacity, ENTROPY_BUCKETS)
+                hit = cache[key] = ([weakref.ref(b.layout) for b in self.banks], stats, {})
+            self._kept = hit[1:]
+        return self._kept
 
     def _record(self, g: RouteGroup, sites: tuple, logits: Tensor, w: Tensor, ent: Tensor) -> None:
         """Routing statistics records of a fused call's [M, T, ...] outputs (the group's rows only)."""
