@@ -23,6 +23,7 @@ serve: model
 	$(VENV)/bin/moleserve serve --host $(HOST) --port $(PORT) --first-run-bank
 
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff check --select F,E741 --quiet .
 	$(PY) -c "from server.model import ensure_default_model; print(ensure_default_model())"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

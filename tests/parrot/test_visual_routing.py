@@ -14,7 +14,7 @@ import torch
 
 from adapters.parrot import ParrotConfig, VisualMixture, VisualRouting
 
-D, E, I, N, NT = 16, 6, 24, 5, 7
+D, E, INTER, N, NT = 16, 6, 24, 5, 7
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def reference_weights(mix: VisualMixture, visual, text, routing: VisualRouting) 
                                               ("dynmole", 0.01), ("dynmole", 1.0), ("dynmole", 30.0)])
 def test_routing_modes_equal_the_reference_and_run_only_chosen_experts(spec, gate_scale):
     torch.manual_seed(0)
-    mix = VisualMixture(ParrotConfig(hidden_size=D, mm_hidden_size=D, num_experts=E, moe_intermediate_size=I,
+    mix = VisualMixture(ParrotConfig(hidden_size=D, mm_hidden_size=D, num_experts=E, moe_intermediate_size=INTER,
                                      moe_weight=0.1, use_moe=True)).double()
     with torch.no_grad():
         mix.gate.weight.mul_(gate_scale)
