@@ -631,24 +631,28 @@ class BankStep:
         return RouteLoraStep(offsets, d.n, stats=stats, **prm)
 
     def _kept_groups(self) -> tuple[RouteLoraStats, dict] | None:
-        """The statistics and routed groups kept (in the pool state's cache) for steps with this
-        step's bank layouts, pool offsets and rows' banks; None when statistics are off (nothing to
-        share, groups are cheap to keep per step then: not kept)."""
+        """The routed groups kept (in the pool state's cache) for steps with this step's bank layouts,
+        pool offsets and rows' banks, and the statistics they all write (one per pool state: one step
+        runs at a time, and [router sites, pool slots] is large for a large pool); None when
+        statistics are off (the groups are then not kept)."""
         if not self.collect_stats:
             return None
         if self._kept is None:
+            cache = self.state.cache
+            stats = cache.get("route_lora_stats")
+            if stats is None:
+                with torch.inference_mode(False):  # normal tensors: a later step may zero them outside it
+                    stats = cache["route_lora_stats"] = RouteLoraStats(len(self.state.router), self.state.capacity,
+                                                                       ENTROPY_BUCKETS)
             key = ("route_lora_groups", tuple(id(b.layout) for b in self.banks), tuple(b.offset for b in self.banks),
                    self.token_bank.cpu().numpy().tobytes())
-            cache = self.state.cache
             hit = cache.get(key)
             if hit is None or not all(ref() is b.layout for ref, b in zip(hit[0], self.banks)):
                 if sum(1 for k in cache if k[0] == "route_lora_groups") >= 32:  # batches come and go: bounded
                     for k in [k for k in cache if k[0] == "route_lora_groups"]:
                         del cache[k]
-                with torch.inference_mode(False):  # normal tensors: a later step may zero them outside it
-                    stats = RouteLoraStats(len(self.state.router), self.state.capacity, ENTROPY_BUCKETS)
-                hit = cache[key] = ([weakref.ref(b.layout) for b in self.banks], stats, {})
-            self._kept = hit[1:]
+                hit = cache[key] = ([weakref.ref(b.layout) for b in self.banks], {})
+            self._kept = (stats, hit[1])
         return self._kept
 
     def _record(self, g: RouteGroup, sites: tuple, logits: Tensor, w: Tensor, ent: Tensor) -> None:
