@@ -130,8 +130,10 @@ class EngineGenerator:
     """
 
     def __init__(self, model: LlamaModel, tokenizer, bank=None, *, model_path: str = "<in memory>",
-                 max_num_seqs: int = 16, kv_cache_memory: int | None = 256 << 20, vision=None):
-        """``vision``: the model's ``server.model.parrot.ModelVision`` (image prompts), None for text only."""
+                 max_num_seqs: int = 16, kv_cache_memory: int | None = 256 << 20, vision=None,
+                 bank_dtype=None):
+        """``vision``: the model's ``server.model.parrot.ModelVision`` (image prompts), None for text only.
+        ``bank_dtype``: the pool's storage dtype for the bank's expert weights (None: the model's)."""
         from adapters.runtime.registry import BankRegistry
         from server.engine.config import EngineConfig
         from server.engine.llm_engine import LLMEngine
@@ -144,7 +146,7 @@ class EngineGenerator:
             from adapters.parrot.bank import TowerSpec
 
             tower = TowerSpec.of(vision.tower) if vision is not None else None  # parrot banks check they fit it
-            registry = BankRegistry(model.config, device=model.device, dtype=model.dtype, tower=tower)
+            registry = BankRegistry(model.config, device=model.device, dtype=bank_dtype or model.dtype, tower=tower)
             registry.add(bank)
             self.engine.set_adapter_provider(registry)
             self.bank_name = bank.name

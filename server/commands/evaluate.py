@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="generate mode: new tokens at most")
     parser.add_argument("--kv-cache-memory", type=int, default=256 << 20, metavar="BYTES",
                         help="engine runner: bytes of KV cache (default 256 MiB; a 7B model with image prompts needs more)")
+    parser.add_argument("--bank-dtype", choices=("model", "auto", "float32", "bfloat16", "float16", "int8"),
+                        default="model",
+                        help="engine runner: storage dtype of the bank's expert weights (model: the model's dtype, "
+                             "the default; auto: as `moleserve serve` stores them, float16 for a float32 CPU model; "
+                             "int8: CPU only, as `serve --bank-dtype int8`)")
     parser.add_argument("--json", metavar="OUT", help="write the results (accuracy, per-set numbers, predictions) here")
 
 
@@ -64,9 +69,15 @@ def run(args: argparse.Namespace) -> int:
         runner = LocalRunner(model, bank, batch_size=args.batch_size)
         generator = scorer = runner
     else:
+        import torch
+
+        from adapters.runtime import serving_bank_dtype
+
+        bank_dtype = (None if args.bank_dtype == "model" else serving_bank_dtype(model.dtype, model.device)
+                      if args.bank_dtype == "auto" else getattr(torch, args.bank_dtype))
         generator = scorer = EngineGenerator(model, tokenizer, bank, model_path=str(path),
                                              max_num_seqs=args.batch_size, kv_cache_memory=args.kv_cache_memory,
-                                             vision=vision)
+                                             vision=vision, bank_dtype=bank_dtype)
     results = []
     try:
         for file in args.data:

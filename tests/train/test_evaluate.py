@@ -140,3 +140,48 @@ def test_engine_and_local_runner_agree_on_a_trained_bank(kind, tiny_model, tiny_
     local_scores = LocalRunner(tiny_model, bank).score(prefix, conts)
     for e, loc in zip(engine_scores, local_scores):
         assert e == pytest.approx(loc, abs=1e-3)
+
+
+def test_engine_scores_a_trained_bank_in_the_served_pool_dtypes(tiny_model, tiny_tokenizer, train_file, tiny_model_dir,
+                                                               tmp_path):
+    """``moleserve eval --bank-dtype``: the engine runner stores the bank's experts as ``serve`` would
+    (float16, or int8 with row scales); the scores stay near the float32 pool's, and do change."""
+    import torch
+
+    from adapters import load_bank
+    from adapters.evaluate import EngineGenerator
+    from adapters.train import TrainConfig, train
+
+    train(TrainConfig(data=[str(train_file)], out=str(tmp_path / "dyn"), model=str(tiny_model_dir), kind="dynmole",
+                      experts=3, rank=4, max_steps=3, batch_size=4, lr=2e-2, progress=False),
+          tokenizer=tiny_tokenizer, model=tiny_model)
+    bank = load_bank(tmp_path / "dyn")
+    prompts = [tiny_tokenizer(parse_item(r).prompt)["input_ids"] for r in RECORDS]
+    prefix = [p[:-2] for p in prompts]
+    conts = [[p[-2:], p[-1:], [5, 6, 7]] for p in prompts]
+    scores = {dt: EngineGenerator(tiny_model, tiny_tokenizer, bank, bank_dtype=dt).score(prefix, conts)
+              for dt in (None, torch.float16, torch.int8)}
+    ref = [s for item in scores[None] for s in item]
+    for dt, tol in ((torch.float16, 1e-2), (torch.int8, 1e-1)):
+        got = [s for item in scores[dt] for s in item]
+        assert got == pytest.approx(ref, abs=tol), dt
+    assert [s for item in scores[torch.int8] for s in item] != ref  # the int8 pool is in use
+
+
+def test_eval_cli_scores_with_the_int8_pool(tiny_model_dir, tmp_path, capsys):
+    from adapters.train import TrainConfig, train
+    from server.cli import main
+
+    data = tmp_path / "mini" / "test.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps(RECORDS))
+    bank = tmp_path / "bank"
+    train(TrainConfig(data=[str(data)], out=str(bank), model=str(tiny_model_dir), experts=2, rank=2, max_steps=1,
+                      batch_size=4, progress=False))
+    out = tmp_path / "report.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--bank", str(bank), "--data", str(data), "--mode", "loglik",
+                 "--bank-dtype", "int8", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["sets"]["mini"]["n"] == len(RECORDS)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--bank-dtype", "int4"])
+    assert "invalid choice" in capsys.readouterr().err
