@@ -87,9 +87,9 @@ def test_loglik_mode_on_the_tiny_model_matches_full_sequence_scoring(tiny_model,
         assert pred == item.choices[max(range(len(scores)), key=scores.__getitem__)]
 
 
-def test_generate_mode_through_the_local_runner_and_cli(tiny_model_dir, tmp_path, capsys):
+def _set_and_bank(tiny_model_dir, tmp_path):
+    """A test set ``mini`` of RECORDS and a bank trained one step on it (the CLI tests' inputs)."""
     from adapters.train import TrainConfig, train
-    from server.cli import main
 
     data = tmp_path / "mini" / "test.json"
     data.parent.mkdir()
@@ -97,6 +97,13 @@ def test_generate_mode_through_the_local_runner_and_cli(tiny_model_dir, tmp_path
     bank = tmp_path / "bank"
     train(TrainConfig(data=[str(data)], out=str(bank), model=str(tiny_model_dir), experts=2, rank=2, max_steps=1,
                       batch_size=4, progress=False))
+    return data, bank
+
+
+def test_generate_mode_through_the_local_runner_and_cli(tiny_model_dir, tmp_path, capsys):
+    from server.cli import main
+
+    data, bank = _set_and_bank(tiny_model_dir, tmp_path)
     (tmp_path / "r.json").write_text(json.dumps(RECORDS[1:]))
     out = tmp_path / "report.json"
     assert main(["eval", "--model", str(tiny_model_dir), "--bank", str(bank), "--data", str(data), "--data", str(tmp_path / "r.json"),
@@ -169,15 +176,9 @@ def test_engine_scores_a_trained_bank_in_the_served_pool_dtypes(tiny_model, tiny
 
 
 def test_eval_cli_scores_with_the_int8_pool(tiny_model_dir, tmp_path, capsys):
-    from adapters.train import TrainConfig, train
     from server.cli import main
 
-    data = tmp_path / "mini" / "test.json"
-    data.parent.mkdir()
-    data.write_text(json.dumps(RECORDS))
-    bank = tmp_path / "bank"
-    train(TrainConfig(data=[str(data)], out=str(bank), model=str(tiny_model_dir), experts=2, rank=2, max_steps=1,
-                      batch_size=4, progress=False))
+    data, bank = _set_and_bank(tiny_model_dir, tmp_path)
     out = tmp_path / "report.json"
     assert main(["eval", "--model", str(tiny_model_dir), "--bank", str(bank), "--data", str(data), "--mode", "loglik",
                  "--bank-dtype", "int8", "--json", str(out)]) == 0
