@@ -551,6 +551,43 @@ static inline void scale_h(float* h, int64_t r, int64_t p0, int64_t len, const f
 }
 
 #ifdef MS_ROUTED_AVX512
+// A dense unit of route_lora (split_by_bank chose it): the bank at slot offset off as one segment of
+// rank n * r over all its rows (offset[t] == off), each row's unselected experts weighted 0, so a
+// row's deltas sum in registers and reach out once (not once per expert) and the bank's A and B
+// stream once, n * r rows each.  A, B: the site's whole lora_a [S, r, d_in] and lora_b [S, r, d_out];
+// w: the site's routing weights [T, n]; scale [S]; a_scale / b_scale: int8 row scales [S, r] or null;
+// hs: scratch [4 n r].
+template <typename W>
+static void dense_unit(const float* x, int64_t d_in, const W* A, const W* B, int64_t r, int64_t n, int64_t d_out,
+                       int64_t off, const int64_t* offset, int64_t T, const float* w, const float* scale,
+                       const float* a_scale, const float* b_scale, float* out, int64_t ld, float* hs) {
+    thread_local std::vector<float> hd, ones;
+    thread_local std::vector<int64_t> tb;
+    const int64_t rr = n * r;
+    tb.clear();
+    for (int64_t t = 0; t < T; ++t)
+        if (offset[t] == off) tb.push_back(t);
+    const int64_t tbn = static_cast<int64_t>(tb.size());
+    hd.resize(static_cast<size_t>(tbn * rr));
+    ones.assign(static_cast<size_t>(tbn), 1.f);
+    ShrinkAvx512<W> blk16{d_in, rr};
+    shrink_segment(x, d_in, A + off * r * d_in, rr, tb.data(), 0, 0, tbn, hd.data(), blk16);
+    for (int64_t k = 0; k < tbn; ++k)  // the routing weight, slot scaling and int8 row scales, folded into h
+        for (int64_t e = 0; e < n; ++e) {
+            const float c = scale[off + e] * w[tb[k] * n + e];
+            float* hr = hd.data() + k * rr + e * r;
+            const int64_t sr = (off + e) * r;
+            for (int64_t j = 0; j < r; ++j)
+                hr[j] *= c * (a_scale != nullptr ? a_scale[sr + j] : 1.f)
+                         * (b_scale != nullptr ? b_scale[sr + j] : 1.f);
+        }
+    const int64_t zero = 0;
+    expand_cols<V16>(hd.data(), B + off * r * d_out, rr, d_out, T, tb.data(), ones.data(), nullptr, 1.f, &zero, &zero,
+                     &tbn, 1, out, ld, false, 0, d_out / 16, hs);
+}
+#endif
+
+#ifdef MS_ROUTED_AVX512
 struct RLSites;
 struct RLStep;
 static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
@@ -892,76 +929,51 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
 #ifdef MS_ROUTED_AVX512
         if (!rc && units > 0) {  // (site, bank) units, largest first, to whichever thread is free: a unit's
                                  // rows and columns are its own, so each segment's shrink then expand, no barrier
-            thread_local std::vector<float> hsv, hd, ones;
-            thread_local std::vector<int64_t> tb;
+            thread_local std::vector<float> hsv;
             hsv.resize(static_cast<size_t>(4 * n * r));
             Prefetcher pa, pb;
 #pragma omp for schedule(dynamic, 1) nowait  // the region's end is the barrier
             for (int64_t u = 0; u < units; ++u) {
-            if (udense[u] >= 0) {
-                // a dense unit: the bank's n experts as one segment of rank n * r over all its rows, each
-                // row's unselected experts weighted 0, so a row's deltas sum in registers and reach out
-                // once (not once per expert) and A and B stream once, n * r rows each
-                const int64_t off = udense[u], m = wk[uitems[ustart[u]]] / S, rr = n * r;
-                const int64_t d_out = s->d_out[m], nvec = d_out / 16;
-                tb.clear();
-                for (int64_t t = 0; t < T; ++t)
-                    if (st->offset[t] == off) tb.push_back(t);
-                const int64_t tbn = static_cast<int64_t>(tb.size());
-                hd.resize(static_cast<size_t>(tbn * rr));
-                ones.assign(static_cast<size_t>(tbn), 1.f);
-                with_wtype(s->wtype, [&](auto tag) {
-                    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-                    const W* a = reinterpret_cast<const W*>(s->A[m]) + off * r * d_in;
-                    const W* b = reinterpret_cast<const W*>(s->B[m]) + off * r * d_out;
-                    ShrinkAvx512<W> blk16{d_in, rr};
-                    shrink_segment(x, d_in, a, rr, tb.data(), 0, 0, tbn, hd.data(), blk16);
-                    const float* as = a_scale(m);
-                    const float* bsc = b_scale(m);
-                    const float* fw = wv + m * tn;
-                    for (int64_t k = 0; k < tbn; ++k)
-                        for (int64_t e = 0; e < n; ++e) {
-                            const float c = s->scale[off + e] * fw[tb[k] * n + e];
-                            float* hr = hd.data() + k * rr + e * r;
-                            const int64_t sr = (off + e) * r;
-                            for (int64_t j = 0; j < r; ++j)
-                                hr[j] *= c * (as != nullptr ? as[sr + j] : 1.f) * (bsc != nullptr ? bsc[sr + j] : 1.f);
+                if (udense[u] >= 0) {  // a dense unit (dense_unit)
+                    const int64_t m = wk[uitems[ustart[u]]] / S;
+                    with_wtype(s->wtype, [&](auto tag) {
+                        using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+                        dense_unit(x, d_in, reinterpret_cast<const W*>(s->A[m]), reinterpret_cast<const W*>(s->B[m]),
+                                   r, n, s->d_out[m], udense[u], st->offset, T, wv + m * tn, s->scale, a_scale(m),
+                                   b_scale(m), out + s->col[m], ld, hsv.data());
+                    });
+                    continue;
+                }
+                for (int64_t idx = ustart[u]; idx < ustart[u + 1]; ++idx) {
+                    const int64_t k = uitems[idx], m = wk[k] / S, g = wk[k] - m * S;
+                    const int64_t* ib = ibp + m * blk;
+                    const float* fb = fbp + m * 2 * tn;
+                    const int64_t* seg = ib + 3 * tn;
+                    const int64_t slot = seg[g], len = seg[2 * S + g], d_out = s->d_out[m], nvec = d_out / 16;
+                    float* hm = hp + m * tn * r;
+                    with_wtype(s->wtype, [&](auto tag) {
+                        using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+                        const W* a = reinterpret_cast<const W*>(s->A[m]);
+                        const W* b = reinterpret_cast<const W*>(s->B[m]);
+                        const int64_t groups = (len + 3) / 4;
+                        // while shrinking, this segment's B; while expanding, the unit's next segment's A
+                        pb.arm(b + slot * r * d_out, r * d_out * static_cast<int64_t>(sizeof(W)),
+                               groups * ((r + 3) / 4) * (d_in / 16));
+                        const W* na = nullptr;
+                        if (idx + 1 < ustart[u + 1]) {
+                            const int64_t k2 = uitems[idx + 1], m2 = wk[k2] / S, g2 = wk[k2] - m2 * S;
+                            na = reinterpret_cast<const W*>(s->A[m2]) + ibp[m2 * blk + 3 * tn + g2] * r * d_in;
                         }
-                    const int64_t zero = 0;
-                    expand_cols<V16>(hd.data(), b, rr, d_out, T, tb.data(), ones.data(), nullptr, 1.f, &zero, &zero, &tbn,
-                                     1, out + s->col[m], ld, false, 0, nvec, hsv.data());
-                });
-                continue;
-            }
-            for (int64_t idx = ustart[u]; idx < ustart[u + 1]; ++idx) {
-                const int64_t k = uitems[idx], m = wk[k] / S, g = wk[k] - m * S;
-                const int64_t* ib = ibp + m * blk;
-                const float* fb = fbp + m * 2 * tn;
-                const int64_t* seg = ib + 3 * tn;
-                const int64_t slot = seg[g], len = seg[2 * S + g], d_out = s->d_out[m], nvec = d_out / 16;
-                float* hm = hp + m * tn * r;
-                with_wtype(s->wtype, [&](auto tag) {
-                    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-                    const W* a = reinterpret_cast<const W*>(s->A[m]);
-                    const W* b = reinterpret_cast<const W*>(s->B[m]);
-                    const int64_t groups = (len + 3) / 4;
-                    // while shrinking, this segment's B; while expanding, the unit's next segment's A
-                    pb.arm(b + slot * r * d_out, r * d_out * static_cast<int64_t>(sizeof(W)),
-                           groups * ((r + 3) / 4) * (d_in / 16));
-                    const W* na = nullptr;
-                    if (idx + 1 < ustart[u + 1]) {
-                        const int64_t k2 = uitems[idx + 1], m2 = wk[k2] / S, g2 = wk[k2] - m2 * S;
-                        na = reinterpret_cast<const W*>(s->A[m2]) + ibp[m2 * blk + 3 * tn + g2] * r * d_in;
-                    }
-                    pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)), groups * ((nvec + 11) / 12) * r);
-                    ShrinkAvx512<W> blk16{d_in, r, &pb};
-                    shrink_segment(x, d_in, a, r, ib, slot, seg[S + g], len, hm, blk16);
-                    const float* as = a_scale(m);
-                    scale_h(hm, r, seg[S + g], len, as != nullptr ? as + slot * r : nullptr);
-                    expand_cols<V16>(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g, seg + 2 * S + g, 1,
-                                     out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa, b_scale(m));
-                });
-            }
+                        pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)), groups * ((nvec + 11) / 12) * r);
+                        ShrinkAvx512<W> blk16{d_in, r, &pb};
+                        shrink_segment(x, d_in, a, r, ib, slot, seg[S + g], len, hm, blk16);
+                        const float* as = a_scale(m);
+                        scale_h(hm, r, seg[S + g], len, as != nullptr ? as + slot * r : nullptr);
+                        expand_cols<V16>(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g,
+                                         seg + 2 * S + g, 1, out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa,
+                                         b_scale(m));
+                    });
+                }
             }
         } else
 #endif
@@ -1041,7 +1053,8 @@ constexpr int64_t DENSE_MIN_ROWS = 16;
 static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
                              int64_t nwork, int nt, int64_t* ustart, int64_t* uitems, int64_t* udense) {
     const int64_t T = st->T, n = st->n, S = s->S, tn = T * n, M = s->M;
-    thread_local std::vector<int64_t> banks, bidx, order, rank, pos, rows, segs, pairs;  // scratch: no allocation per call
+    // scratch: no allocation per call
+    thread_local std::vector<int64_t> banks, bidx, order, rank, pos, rows, segs, pairs;
     thread_local std::vector<double> cost, load;
     banks.clear();
     rows.clear();
