@@ -478,6 +478,19 @@ static void routed(const float* x, int64_t T, int64_t d_in, const W* A, const W*
            b_rows_are_r, nt);
 }
 
+// idx[0, k) sorted by key descending, ties in their order (a stable insertion sort: k <= 64 here, where
+// std::stable_sort's temporary buffer, a heap allocation per call, costs more than the sort).
+template <typename Key>
+static inline void sort_desc(int64_t* idx, int64_t k, Key key) {
+    for (int64_t i = 1; i < k; ++i) {
+        const int64_t v = idx[i];
+        const float kv = key(v);
+        int64_t j = i;
+        for (; j > 0 && key(idx[j - 1]) < kv; --j) idx[j] = idx[j - 1];
+        idx[j] = v;
+    }
+}
+
 // One row of DynMoLE hybrid routing (see dynamic_route below); returns the row's entropy.  With
 // shannon non-null, also the normalised Shannon entropy of p (the routing statistics' entropy) there,
 // and whether the row broadcast in *bcast.
@@ -515,7 +528,7 @@ static float route_row(const float* l, int64_t n, float tp, float kk, float th, 
         return h;
     }
     for (int64_t e = 0; e < n; ++e) idx[e] = e;
-    std::stable_sort(idx, idx + n, [&p](int64_t a, int64_t b) { return p[a] > p[b]; });
+    sort_desc(idx, n, [&p](int64_t e) { return p[e]; });
     float cum = 0.f;
     for (int64_t j = 0; j < n; ++j) {
         const int64_t e = idx[j];
@@ -541,6 +554,47 @@ static inline float dot(const float* a, const float* b, int64_t d) {
 #endif
     for (; i < d; ++i) s += a[i] * b[i];
     return s;
+}
+
+// lr[e] = x . R[e] for the n router rows R [n, d] of one row's bank.  With AVX-512, NE rows at a time:
+// each x vector loaded once feeds NE independent FMA chains (one dot at a time leaves the FMA units
+// waiting on its chain's latency).
+template <int NE>
+static inline void dots_ne(const float* x, const float* R, int64_t d, float* lr) {
+#ifdef MS_ROUTED_AVX512
+    __m512 acc[NE];
+    for (int k = 0; k < NE; ++k) acc[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        for (int k = 0; k < NE; ++k) acc[k] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(R + k * d + i), acc[k]);
+    }
+    for (int k = 0; k < NE; ++k) {
+        float s = _mm512_reduce_add_ps(acc[k]);
+        for (int64_t j = i; j < d; ++j) s += x[j] * R[k * d + j];
+        lr[k] = s;
+    }
+#else
+    for (int k = 0; k < NE; ++k) lr[k] = dot(x, R + k * d, d);
+#endif
+}
+
+static void dots(const float* x, const float* R, int64_t d, int64_t n, float* lr) {
+    for (int64_t e = 0; e < n;) {
+        const int64_t k = std::min<int64_t>(n - e, 8);
+        const float* Re = R + e * d;
+        switch (k) {
+            case 8: dots_ne<8>(x, Re, d, lr + e); break;
+            case 7: dots_ne<7>(x, Re, d, lr + e); break;
+            case 6: dots_ne<6>(x, Re, d, lr + e); break;
+            case 5: dots_ne<5>(x, Re, d, lr + e); break;
+            case 4: dots_ne<4>(x, Re, d, lr + e); break;
+            case 3: dots_ne<3>(x, Re, d, lr + e); break;
+            case 2: dots_ne<2>(x, Re, d, lr + e); break;
+            default: dots_ne<1>(x, Re, d, lr + e); break;
+        }
+        e += k;
+    }
 }
 
 // int8 A: h[p, :] *= the slot's row scales, for the len pairs from p0 (scale null: nothing to do).
@@ -634,7 +688,7 @@ int build_plan(int dense, const float* w, int64_t ws, const int64_t* offset, int
             if (offset[t] >= 0)
                 for (int64_t e = 0; e < n; ++e)
                     if (wr[e] != 0.f) idx[k++] = e;
-            std::stable_sort(idx, idx + k, [wr](int64_t a, int64_t b) { return wr[a] > wr[b]; });
+            sort_desc(idx, k, [wr](int64_t e) { return wr[e]; });
             for (int64_t j = 0; j < k; ++j) {
                 sr[j] = offset[t] + idx[j];
                 wo[j] = wr[idx[j]];
@@ -646,7 +700,8 @@ int build_plan(int dense, const float* w, int64_t ws, const int64_t* offset, int
         }
     }
     const int64_t tk = T * n;
-    std::vector<int64_t> cnt(static_cast<size_t>(S) + 1, 0);
+    thread_local std::vector<int64_t> cnt;  // no allocation per call
+    cnt.assign(static_cast<size_t>(S) + 1, 0);
     for (int64_t i = 0; i < tk; ++i) {
         const int64_t s = slots[i];
         if (s >= S) return 2;
@@ -726,7 +781,7 @@ int route_plan(const float* x, int64_t xs, int64_t T, int64_t d_in, int64_t M, c
         }
         const float* R = reinterpret_cast<const float*>(routers[m]) + offset[t] * d_in;
         const float* xr = x + t * xs;
-        for (int64_t e = 0; e < n; ++e) lr[e] = dot(xr, R + e * d_in, d_in);
+        dots(xr, R, d_in, n, lr);
         ent[i] = route_row(lr, n, top_p[t * s_top_p], keep_k[t * s_keep_k], thr[t * s_thr], qv[t * s_q], eps, wr);
     }
     for (int64_t m = 0; m < M; ++m) {
@@ -881,7 +936,7 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
             }
             const float* R = reinterpret_cast<const float*>(s->routers[m]) + off * d_in;
             const float* xr = x + t * d_in;
-            for (int64_t e = 0; e < n; ++e) lr[e] = dot(xr, R + e * d_in, d_in);
+            dots(xr, R, d_in, n, lr);
             bool b = false;
             en[i] = route_row(lr, n, st->top_p[t * st->s_top_p], st->keep_k[t * st->s_keep_k], st->thr[t * st->s_thr],
                               st->q[t * st->s_q], st->eps, wr, stats ? sh + i : nullptr, &b);
