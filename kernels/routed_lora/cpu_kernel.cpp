@@ -919,11 +919,23 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
     int64_t* const udense = udense_v.data();
     int64_t* const ustart = ustart_v.data();
     int64_t* const uitems = uitems_v.data();
+    // the rows in bank order (a counting sort by slot offset, stable): the routing loop's threads then
+    // take whole banks, each reading its banks' routers once (a bank's n rows stay in L1 for its rows)
+    thread_local std::vector<int64_t> rord_v, rcnt_v;
+    rord_v.resize(static_cast<size_t>(T));
+    rcnt_v.assign(static_cast<size_t>(S) + 2, 0);
+    int64_t* const rord = rord_v.data();
+    const auto rkey = [st, S](int64_t t) {
+        return static_cast<size_t>(std::clamp<int64_t>(st->offset[t], -1, S - 1) + 1);
+    };
+    for (int64_t t = 0; t < T; ++t) ++rcnt_v[rkey(t) + 1];
+    for (int64_t k = 1; k < S + 2; ++k) rcnt_v[k] += rcnt_v[k - 1];
+    for (int64_t t = 0; t < T; ++t) rord[rcnt_v[rkey(t)]++] = t;
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * T; ++i) {
-            const int64_t m = i / T, t = i - m * T;
+        for (int64_t j = 0; j < M * T; ++j) {
+            const int64_t m = j / T, t = rord[j - m * T], i = m * T + t;
             float* lr = lg + i * n;
             float* wr = wv + i * n;
             const int64_t off = st->offset[t];
