@@ -3,6 +3,7 @@ uvicorn on 127.0.0.1 (a free port, in a thread), and a client for it."""
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -51,9 +52,28 @@ def bound_socket(port: int = 0) -> socket.socket:
 
 def free_port() -> int:
     """A port free just now, for a server this process cannot hand a socket to (a subprocess, Ray
-    Serve's proxy): another process may take it before the server binds it, so prefer
-    ``bound_socket`` where the test runs uvicorn itself."""
-    with socket.socket() as s:
+    Serve's proxy): prefer ``bound_socket`` where the test runs uvicorn itself.
+
+    Chosen below the kernel's ephemeral range: the ports the OS hands to every ``bind(0)`` and
+    outgoing connection (Ray's own workers and gRPC servers open dozens while a cluster starts)
+    come from that range, so one of them cannot take this port between choosing and serving; only
+    another explicit bind to the same number could."""
+    lo = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()
+    for _ in range(200) if lo > 12000 else ():
+        port = rng.randrange(10000, lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range: an ephemeral port, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
