@@ -9,7 +9,7 @@ build is the kernel source at a git revision (or a file), compiled as the server
 Prints, per pool dtype, each build's median and best ms per step and the median of the per-round
 ratios B / A (each round runs both builds back to back, so a host that slows for a while slows both):
 on a noisy machine that ratio is the figure to read, not the two medians. Both builds must produce
-the same outputs (checked once, to 1e-5 relative).
+the same outputs (checked once, to 1e-4 of the largest output: builds may round differently).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
 
     for name, layers in pools.items():  # same outputs (the sums' order may differ between builds)
         for a, b in zip(run(0, layers), run(1, layers)):
-            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item()):
+            if not torch.allclose(a, b, rtol=0, atol=1e-4 * a.abs().max().item()):
                 sys.exit(f"{name}: builds A and B disagree (max diff {(a - b).abs().max().item():.3g})")
     flush = torch.empty(64 << 20)  # 256 MB, past the L3
     og, od = torch.zeros(t, 2 * rls.FFN), torch.zeros(t, rls.H)
