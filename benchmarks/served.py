@@ -263,8 +263,11 @@ def mixlora_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
 
 def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> None:
     """32 requests over 8 DynMoLE banks vs 32 requests on the base alone, both served by one
-    ``moleserve serve --banks`` (its defaults: the int4 base, the float16 bank pool), alternating
-    (issue #21: banks on the quantized base >= 0.8x the quantized base alone)."""
+    ``moleserve serve --banks`` (its defaults: the int4 base, the int8 bank pool), alternating
+    (issue #21: banks on the quantized base >= 0.8x the quantized base alone). With
+    ``--dynmole-in-process``, the same two workloads through the engine that ``serve`` builds from
+    the same flags, in this process, alternating with the served runs: what the served path adds to
+    a bank step beyond a base step."""
     import tempfile
 
     from banks import PROMPT_LEN, dynmole_bank, requests
@@ -281,14 +284,19 @@ def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
         reqs = requests(n, names, nt, vocab, seed=5)
         prompts = [r.prompt_token_ids for r in reqs]
         proc, url = start_server(args.threads, [*flags, "--banks", tmp])
+        engine = in_process_engine([*flags, "--banks", tmp]) if args.dynmole_in_process else None
         try:
             asyncio.run(served(url, prompts[:8], 4, False, names))  # warm: every bank's first step
+            if engine is not None:
+                bank_run(engine, prompts[:8], names, 4)
             rates: dict[str, list[float]] = {}
             for _ in range(args.repeats):  # alternate
                 for label, models in (("base alone", None), ("over 8 DynMoLE banks", [r.bank for r in reqs])):
                     wall, tokens, counts, _ = asyncio.run(served(url, prompts, nt, True, models))
                     assert tokens == n * nt, (tokens, counts)
                     rates.setdefault(label, []).append(tokens / wall)
+                    if engine is not None:
+                        rates.setdefault(f"{label}, in-process", []).append(n * nt / bank_run(engine, prompts, models, nt))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -296,8 +304,20 @@ def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
     print(f"\n| {n} requests served, streaming ({PROMPT_LEN}-token prompts, {nt} new tokens; 6 experts, r=16, "
           "gate/up/down) | tok/s (runs) | vs base alone (goal >= 0.8x) |\n| --- | --- | --- |")
     for system, runs in rates.items():
+        ref = best["base alone, in-process" if system.endswith("in-process") else "base alone"]
         print(f"| {system} | {best[system]:.1f} ({', '.join(f'{r:.1f}' for r in runs)}) | "
-              f"{best[system] / best['base alone']:.2f}x |", flush=True)
+              f"{best[system] / ref:.2f}x |", flush=True)
+
+
+def bank_run(engine, prompts: list[list[int]], models: list[str] | None, new_tokens: int) -> float:
+    """Seconds for ``prompts`` through the in-process ``engine``, request i on bank ``models[i]``."""
+    from server.engine.protocol import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    engine.generate([GenerationRequest(f"d{i}-{time.monotonic_ns()}", p, params, bank=models[i] if models else None)
+                     for i, p in enumerate(prompts)])
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -310,6 +330,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="no transformers baselines (generate, + mixlora)")
     ap.add_argument("--skip-mixlora", action="store_true", help="no 4-MixLoRA-banks table")
     ap.add_argument("--dynmole", action="store_true", help="also the 8-DynMoLE-banks vs base table (issue #21)")
+    ap.add_argument("--dynmole-in-process", action="store_true",
+                    help="the DynMoLE table also runs both workloads through the engine in-process (each row's "
+                         "ratio against its own path's base)")
     ap.add_argument("--only-banks", action="store_true", help="only the bank tables (MixLoRA unless skipped, DynMoLE if asked)")
     ap.add_argument("--server-args", default="", help="extra `moleserve serve` flags, space-separated")
     ap.add_argument("--baseline-tree", type=Path, default=None,
