@@ -235,10 +235,9 @@ def serving_bank_dtype(model_dtype: torch.dtype, device: torch.device | str, qua
       (int4 / int8, the embedded default's GGUF blocks): a decode step with many banks is bound by
       the bytes of expert weights it reads, and int8 halves float16's (8 DynMoLE banks: 0.78x vs
       0.70x the quantized base's tokens/s served, BENCHMARKS.md "Quantized base (issue #21)"). Its
-      rounding (255 levels per row; ~1e-2 in log-probability on the equivalence tests' random banks)
-      is finer than the 4-bit base's own (16 levels per group of 32); a trained DynMoLE bank gave
-      the same answer on all 400 test items in float32, float16 and int8 (BENCHMARKS.md "int8 and
-      float16 expert pools on a trained bank").
+      rounding (~1e-2 in log-probability on the equivalence tests' random banks) is far below the
+      4-bit base's own; a trained DynMoLE bank gave the same answer on all 400 test items in
+      float32, float16 and int8 (BENCHMARKS.md "int8 and float16 expert pools on a trained bank").
     - float16 for a float32 model on the CPU: float32 experts would read ~580 MB a step for 8
       DynMoLE banks, more than the 135M-parameter base; float16 halves them (0.74x -> 0.82x the
       base model's tokens/s, BENCHMARKS.md "Expert banks") and keeps 11 significant bits: the
