@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.engine.protocol import GenerationRequest, SamplingParams
+from tests.stats_sink import RecordingSink
 
 BS = 16
 
@@ -24,22 +25,11 @@ def _tokens(events):
     return [t for e in events for t in e.token_ids]
 
 
-class Sink:
-    def __init__(self):
-        self.steps, self.requests = [], []
-
-    def on_step(self, s):
-        self.steps.append(s)
-
-    def on_request_finished(self, s):
-        self.requests.append(s)
-
-
 def test_seeded_choices_equal_single_requests_seeded_seed_plus_j(make_engine):
     prompt = _prompt(37)  # a partial last block: each choice copies it before writing
     params = dict(max_tokens=12, temperature=1.0, ignore_eos=True)
     engine = make_engine(block_size=BS)
-    sink = Sink()
+    sink = RecordingSink()
     engine.set_stats_sink(sink)
     events = engine.generate([GenerationRequest("g", prompt, SamplingParams(seed=7, **params), n=3)])["g"]
     choices = _by_choice(events)
@@ -97,7 +87,7 @@ def test_choices_survive_preemption(make_engine):
                                                for j in range(4)])  # seeded: batch-independent
     want = [_tokens(ref[f"s{j}"]) for j in range(4)]
     engine = make_engine(block_size=BS, kv_cache_memory=9 * block)
-    sink = Sink()
+    sink = RecordingSink()
     engine.set_stats_sink(sink)
     got = _by_choice(engine.generate([GenerationRequest("g", prompt, SamplingParams(seed=3, **params), n=4)])["g"])
     assert sum(s.num_preempted for s in sink.steps) > 0

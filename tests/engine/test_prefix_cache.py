@@ -8,27 +8,9 @@ import torch
 from adapters.runtime import BankRegistry
 from server.engine.protocol import GenerationRequest, SamplingParams
 from tests.adapters.bank_builders import fingerprint_of, write_peft_lora
+from tests.stats_sink import RecordingSink
 
 BS = 16
-
-
-class Sink:
-    def __init__(self):
-        self.steps = []
-
-    def on_step(self, s):
-        self.steps.append(s)
-
-    def on_request_finished(self, s):
-        pass
-
-    @property
-    def hits(self):
-        return sum(s.prefix_cache_hits for s in self.steps)
-
-    @property
-    def prefill(self):
-        return sum(s.num_prefill_tokens for s in self.steps)
 
 
 def _prompts(vocab, seed=0, prefix_len=40, n=4):
@@ -88,7 +70,7 @@ def test_same_greedy_outputs_and_logprobs_with_and_without_caching(make_engine, 
     for caching in (False, True):
         engine = make_engine(block_size=BS, enable_prefix_caching=caching)
         _with_banks(engine, bank_dir)
-        sink = Sink()
+        sink = RecordingSink()
         engine.set_stats_sink(sink)
         runs[caching] = _run_rounds(engine, _prompts(engine.model_config.vocab_size), [None, "kv", "ffn"])
         if caching:
@@ -107,7 +89,7 @@ def test_a_reloaded_bank_does_not_reuse_the_old_versions_blocks(make_engine, ban
     prompt = _prompts(49152, seed=3, n=1)[0]
     engine = make_engine(block_size=BS)
     registry = _with_banks(engine, bank_dir, ("kv",))
-    sink = Sink()
+    sink = RecordingSink()
     engine.set_stats_sink(sink)
     engine.generate([_greedy("old", prompt, "kv")])
     registry.load_sync("kv", bank_dir / "kv2")  # same name, new version (other weights)
@@ -147,7 +129,7 @@ def test_loglikelihood_choices_reuse_their_context_with_the_same_scores(make_eng
             reqs.append((f"q{q}c{c}", context + choice))
 
     def run(engine):
-        sink = Sink()
+        sink = RecordingSink()
         engine.set_stats_sink(sink)
         out = {}
         for rid, prompt in reqs:  # one at a time, as lm-eval with batch size 1 sends them
@@ -165,7 +147,7 @@ def test_loglikelihood_choices_reuse_their_context_with_the_same_scores(make_eng
     # a request wanting more alternatives than the records hold computes its prompt
     engine = make_engine(block_size=BS)
     engine.generate([_greedy("a", reqs[0][1], max_tokens=1, prompt_logprobs=True)])
-    sink = Sink()
+    sink = RecordingSink()
     engine.set_stats_sink(sink)
     engine.generate([GenerationRequest("b", reqs[1][1], SamplingParams(max_tokens=1, logprobs=5, prompt_logprobs=True))])
     assert sink.hits == 0
@@ -185,7 +167,7 @@ def test_choices_sent_together_compute_their_context_once(make_engine):
                                 max_tokens=1, prompt_logprobs=True))
 
     def run(engine):
-        sink = Sink()
+        sink = RecordingSink()
         engine.set_stats_sink(sink)
         return engine.generate([GenerationRequest(r.request_id, list(r.prompt_token_ids), r.params) for r in reqs]), sink
 
@@ -210,7 +192,7 @@ def test_preemption_with_a_small_cache_keeps_outputs(make_engine):
     reqs = lambda tag: [_greedy(f"{tag}{i}", p, max_tokens=40) for i, p in enumerate(prompts)]  # noqa: E731
     ref = make_engine(block_size=BS, enable_prefix_caching=False).generate(reqs("a"))
     engine = make_engine(block_size=BS, kv_cache_memory=14 * block, max_num_batched_tokens=64)
-    sink = Sink()
+    sink = RecordingSink()
     engine.set_stats_sink(sink)
     got = engine.generate(reqs("a"))
     assert sum(s.num_preempted for s in sink.steps) > 0 and sink.hits > 0

@@ -8,6 +8,7 @@ import torch
 from server.engine.protocol import GenerationRequest, SamplingParams
 from server.model import SequenceKVCache, StepContext, step_context
 from tests.runtime.helpers import make_engine
+from tests.stats_sink import RecordingSink
 
 
 def _reference(model, ids: list[int]) -> list[float]:
@@ -50,22 +51,14 @@ def test_prompt_logprobs_survive_preemption(tiny_model_dir):
     probe = make_engine(tiny_model_dir, None)
     block = bytes_per_block(probe.model_config, probe.config.block_size, torch.float32)
     engine = make_engine(tiny_model_dir, None, kv_cache_memory=14 * block, max_num_batched_tokens=64)
-    preempted = []
-
-    class Sink:
-        def on_step(self, s):
-            preempted.append(s.num_preempted)
-
-        def on_request_finished(self, s):
-            pass
-
-    engine.set_stats_sink(Sink())
+    sink = RecordingSink()
+    engine.set_stats_sink(sink)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, engine.model_config.vocab_size, (n,), generator=gen).tolist() for n in (50, 60, 45, 55)]
     reqs = [GenerationRequest(f"q{i}", p, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
                                                          prompt_logprobs=True)) for i, p in enumerate(prompts)]
     out = engine.generate(reqs)
-    assert sum(preempted) > 0
+    assert sink.preempted > 0
     for r, p in zip(reqs, prompts):
         got = out[r.request_id][0].prompt_logprobs
         assert len(got) == len(p) - 1

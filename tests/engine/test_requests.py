@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from server.engine.protocol import GenerationRequest, InvalidRequest, SamplingParams, UnknownBank
+from tests.stats_sink import RecordingSink
 
 
 def _prompt(n, seed=0, vocab=49152):
@@ -114,20 +115,9 @@ def test_validation_errors_name_lengths(make_engine):
     assert not engine.has_unfinished()
 
 
-class _Sink:
-    def __init__(self):
-        self.steps, self.requests = [], []
-
-    def on_step(self, s):
-        self.steps.append(s)
-
-    def on_request_finished(self, s):
-        self.requests.append(s)
-
-
 def test_stats(make_engine):
     engine = make_engine(max_num_batched_tokens=16)
-    sink = _Sink()
+    sink = RecordingSink()
     engine.set_stats_sink(sink)
     engine.generate([GenerationRequest(f"r{i}", _prompt(20, i), SamplingParams(max_tokens=4, ignore_eos=True))
                      for i in range(3)])

@@ -6,18 +6,7 @@ from adapters.runtime import BankRegistry
 from server.engine.routing_stats import RoutingStats
 from tests.adapters.bank_builders import fingerprint_of, random_bank
 from tests.runtime.helpers import greedy_request, make_engine
-
-
-class Sink:
-    def __init__(self):
-        self.steps = []
-        self.requests = []
-
-    def on_step(self, stats):
-        self.steps.append(stats)
-
-    def on_request_finished(self, stats):
-        self.requests.append(stats)
+from tests.stats_sink import RecordingSink
 
 
 def test_step_stats_carry_routing_of_banks_in_the_batch(tiny_model_dir):
@@ -26,7 +15,7 @@ def test_step_stats_carry_routing_of_banks_in_the_batch(tiny_model_dir):
     registry.add(random_bank("dynmole", fingerprint_of(tiny_model_dir), r=4, experts_per_layer=(4, 4), seed=3,
                              name="dyn"))
     engine.set_adapter_provider(registry)
-    sink = Sink()
+    sink = RecordingSink()
     engine.set_stats_sink(sink)
     engine.generate([greedy_request("a", [5, 6, 7, 8], "dyn", 3), greedy_request("b", [9, 10], None, 3)])
     routed = [s.routing for s in sink.steps if s.routing is not None and s.routing.banks]

@@ -18,6 +18,7 @@ from server.engine.protocol import GenerationRequest, InvalidRequest, SamplingPa
 from server.engine.sequence import Sequence
 from server.multimodal import ImageInput
 from tests.adapters.bank_builders import random_bank
+from tests.stats_sink import RecordingSink
 
 from .builders import TOKENS_PER_IMAGE, pad_and_process, random_image
 from .helpers import chat_pieces, image_request, make_engine, tokens_of
@@ -159,19 +160,11 @@ def test_preemption_recomputes_image_prompts_exactly(parrot_dir, parrot_model, p
         return [image_request(f"r{i}", *chat_pieces(tok, q), images[1 + i % 2], f"h{1 + i % 2}", N, ph, max_tokens=20)
                 for i, q in enumerate(qs)]
 
-    class Sink:
-        preempted = 0
-
-        def on_step(self, stats):
-            Sink.preempted += stats.num_preempted
-
-        def on_request_finished(self, stats):
-            pass
-
-    tight.set_stats_sink(Sink())
+    sink = RecordingSink()
+    tight.set_stats_sink(sink)
     expect = roomy.generate(reqs())
     got = tight.generate(reqs())
-    assert Sink.preempted > 0
+    assert sink.preempted > 0
     for rid, events in expect.items():
         assert tokens_of(got[rid]) == tokens_of(events), rid
 
