@@ -39,7 +39,7 @@ from torch import Tensor
 
 from kernels import PairPlan, dynamic_route, plan_from_slots, routed_lora, slots_from_dense, topk_route
 from kernels.routed_lora.cpu_ops import (STAT_WIDTH, RouteLoraSites, RouteLoraStats, RouteLoraStep, build_plan_cpu,
-                                        route_plan_cpu)
+                                        route_plan_cpu, routed_lora_int8_cpu)
 from server.engine.routing_stats import ENTROPY_BUCKETS, BankRoutingStats, RoutingStats, SiteCounts
 from adapters.factor.serving import factor_mlp
 from adapters.fingerprint import FFN_TARGETS
@@ -452,8 +452,13 @@ class BankStep:
 
     def _delta(self, site: Site, x: Tensor, plan: PairPlan) -> Tensor:
         st = self.state
-        if st.lora_a[site].dtype == torch.int8:  # the slots this call uses, dequantized
-            a, b, scaling, plan = st.dequantized(site, plan)
+        if st.lora_a[site].dtype == torch.int8:
+            if self.backend in ("auto", "cpu"):  # the int8 rows as stored, their scales folded into h
+                out = routed_lora_int8_cpu(x, st.lora_a[site], st.lora_a_scale[site], st.lora_b[site],
+                                           st.lora_b_scale[site], plan, st.scaling)
+                if out is not None:
+                    return out
+            a, b, scaling, plan = st.dequantized(site, plan)  # the slots this call uses, dequantized
             return routed_lora(x, a, b.transpose(1, 2), plan.slots, plan.weights, scaling, backend=self.backend,
                                plan=plan)
         return routed_lora(x, st.lora_a[site], st.lora_b_view(site), plan.slots, plan.weights, st.scaling,

@@ -665,6 +665,39 @@ int routed_lora_cpu(const float* x, int64_t T, int64_t d_in, const void* A, cons
     });
 }
 
+// routed_lora_cpu for an int8 pool (B laid out [S, r, d_out], as the pool stores it): A and B int8 with
+// per-row scales a_scale, b_scale [S, r] (weight = value * its row's scale), read as stored, the scales
+// folded into the rank-r intermediate h (the general path's MixLoRA / MoLA calls, which route_lora does
+// not take).  AVX-512 and d_in, d_out multiples of 16 only: returns 1 otherwise (the caller then
+// dequantizes the slots it uses).
+int routed_lora_cpu_int8(const float* x, int64_t T, int64_t d_in, const void* A, const void* B, int64_t r,
+                         int64_t d_out, const float* a_scale, const float* b_scale, const int64_t* pair_token,
+                         const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
+                         const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* h, float* out, int nt) {
+#ifdef MS_ROUTED_AVX512
+    if (d_in % 16 != 0 || d_out % 16 != 0 || a_scale == nullptr || b_scale == nullptr) return 1;
+    const i8w* a = static_cast<const i8w*>(A);
+    const i8w* b = static_cast<const i8w*>(B);
+    for_pair_groups(x, d_in, a, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx512<i8w>{d_in, r});
+    for (int64_t g = 0; g < G; ++g) scale_h(h, r, seg_start[g], seg_len[g], a_scale + seg_slot[g] * r);
+    const int64_t nvec = d_out / 16;
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
+#pragma omp parallel for num_threads(nth) schedule(static, 1)
+    for (int64_t th = 0; th < nth; ++th) {
+        std::vector<float> hs(static_cast<size_t>(4 * r));
+        expand_cols<V16>(h, b, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start,
+                         seg_len, G, out, d_out, true, nvec * th / nth, nvec * (th + 1) / nth, hs.data(), nullptr,
+                         b_scale);
+    }
+    return 0;
+#else
+    (void)x, (void)T, (void)d_in, (void)A, (void)B, (void)r, (void)d_out, (void)a_scale, (void)b_scale;
+    (void)pair_token, (void)pair_weight, (void)scale, (void)scale_scalar, (void)seg_slot, (void)seg_start;
+    (void)seg_len, (void)G, (void)h, (void)out, (void)nt;
+    return 1;
+#endif
+}
+
 // The pair plan (kernels/pairs.py) in one call, for the decode path where a dozen small torch ops
 // (sort, unique, three host syncs) cost more than the routed GEMMs they prepare.
 // dense = 1: w is dense routing weights [T, n] (row stride ws); a token's pairs are its experts e

@@ -62,6 +62,9 @@ def load_library() -> ctypes.CDLL | None:
     rl.restype = ctypes.c_int
     lib.route_lora_check.argtypes = [p, p]
     lib.route_lora_check.restype = ctypes.c_int
+    q8 = lib.routed_lora_cpu_int8
+    q8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, p, p, p, ctypes.c_float, p, p, p, i64, p, p, ctypes.c_int]
+    q8.restype = ctypes.c_int
     return lib
 
 
@@ -366,6 +369,33 @@ def _call_kernel(lib, x, lora_a, lora_b, plan: PairPlan, scaling) -> Tensor:
     )
     if rc != 0:
         raise RuntimeError(f"routed_lora_cpu kernel failed with code {rc}")
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def routed_lora_int8_cpu(x: Tensor, lora_a: Tensor, a_scale: Tensor, lora_b: Tensor, b_scale: Tensor,
+                         plan: PairPlan, scaling: Tensor) -> Tensor | None:
+    """`routed_lora_cpu` on an int8 pool's site as stored: lora_a [S, r, d_in] and lora_b [S, r, d_out]
+    int8 with row scales a_scale, b_scale [S, r] fp32 (weight = value * its row's scale), scaling [S];
+    the routed delta [T, d_out] fp32. None when the kernel does not take it (no AVX-512 build, shapes
+    not multiples of 16): the caller then dequantizes the slots it uses."""
+    lib = load_library()
+    if (lib is None or lora_a.dtype != torch.int8 or lora_b.dtype != torch.int8 or not lora_a.is_contiguous()
+            or not lora_b.is_contiguous() or a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32
+            or not a_scale.is_contiguous() or not b_scale.is_contiguous() or x.device.type != "cpu"):
+        return None
+    t, d_in = x.shape
+    r, d_out = lora_a.shape[1], lora_b.shape[2]
+    xf = x.float().contiguous()
+    scale = scaling.float().contiguous()
+    h = torch.empty(plan.num_pairs, r, dtype=torch.float32)
+    out = torch.empty(t, d_out, dtype=torch.float32)
+    rc = lib.routed_lora_cpu_int8(
+        xf.data_ptr(), t, d_in, lora_a.data_ptr(), lora_b.data_ptr(), r, d_out, a_scale.data_ptr(),
+        b_scale.data_ptr(), plan.pair_token.data_ptr(), plan.pair_weight.data_ptr(), scale.data_ptr(), 0.0,
+        plan.seg_slot.data_ptr(), plan.seg_start.data_ptr(), plan.seg_len.data_ptr(), plan.num_segments,
+        h.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        return None
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 

@@ -141,3 +141,36 @@ def test_static_plan_matches_reference_on_triton(case):
     ref = routed_lora_torch(x, a, b, slots, w, sc)
     out = routed_lora(x, a, b, slots, w, sc, backend="triton", plan=plan)
     assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("case", [(9, 2, 6, 16, 64, 96, "random"), (5, 3, 4, 8, 32, 48, "sparse"),
+                                  (12, 2, 3, 16, 48, 32, "one_slot")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_rows_as_stored_match_their_dequantized_weights(case, threads):
+    """An int8 pool's site (values and row scales, B [S, r, d_out] as the pool stores it) gives the
+    dequantized weights' routed delta; shapes the kernel does not take give None (the caller then
+    dequantizes)."""
+    t, k, s, r, d_in, d_out, mode = case
+    x, a, b, slots, weights, scaling = make_case(t, k, s, r, d_in, d_out, slot_mode=mode)
+    b = b.transpose(1, 2).contiguous()  # [S, r, d_out]
+
+    def rows(w):
+        sc = w.abs().amax(-1).clamp_min(1e-30) / 127
+        return torch.round(w / sc.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), sc.float()
+
+    (qa, sa), (qb, sb) = rows(a), rows(b)
+    deq_a, deq_b = qa.float() * sa.unsqueeze(-1), qb.float() * sb.unsqueeze(-1)
+    ref = routed_lora_torch(x, deq_a, deq_b.transpose(1, 2), slots, weights, scaling)
+    plan = plan_from_slots(slots, weights)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_ops.routed_lora_int8_cpu(x, qa, sa, qb, sb, plan, scaling)
+    finally:
+        torch.set_num_threads(prev)
+    if cpu_ops.load_library() is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("no AVX-512 build of the kernel here")
+    assert out is not None
+    assert rel_err(out, ref) < 1e-5
+    assert cpu_ops.routed_lora_int8_cpu(x[:, :-8].contiguous(), qa[:, :, :-8].contiguous(), sa, qb, sb, plan,
+                                        scaling) is None  # d_in not a multiple of 16
