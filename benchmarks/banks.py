@@ -7,7 +7,8 @@ BENCHMARKS.md ("Expert banks").
 
 ``--pool-dtypes``: the bank pool's storage dtypes to measure, each with its own pool of the same 8
 banks, their runs alternating with the base model's. The first is the server's default on this
-model (``serve --bank-dtype auto``: float16 for a float32 CPU model); float32 keeps the weights exact.
+model (``serve --bank-dtype auto``: float16 for a float32 CPU model, int8 on a quantized one, as with
+``--quantization auto``); float32 keeps the weights exact.
 
 The engine reports every step to the server's Prometheus sink (routing statistics included), as
 ``moleserve serve`` does; ``--no-metrics`` leaves it out (the runs before the third session did).

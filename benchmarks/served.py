@@ -266,7 +266,7 @@ def mixlora_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
 
 def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> None:
     """32 requests over 8 DynMoLE banks vs 32 requests on the base alone, both served by one
-    ``moleserve serve --banks`` (its defaults: the int4 base, the float16 bank pool), alternating
+    ``moleserve serve --banks`` (its defaults: the int4 base, the int8 bank pool), alternating
     (issue #21: banks on the quantized base >= 0.8x the quantized base alone). With
     ``--dynmole-in-process``, the same two workloads through the engine that ``serve`` builds from
     the same flags, in this process, alternating with the served runs: what the served path adds to

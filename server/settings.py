@@ -34,8 +34,9 @@ class Settings(BaseSettings):
         description="folder under which banks may be loaded at run time (repeatable; env: comma-separated); --banks is always allowed")
 
     bank_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
-        "auto", description="storage dtype of the expert weights in the bank pool (auto: float16 for a float32 "
-        "model on the CPU, which halves their memory and the bytes each step reads; otherwise the model's dtype); "
+        "auto", description="storage dtype of the expert weights in the bank pool (auto: int8 on the CPU when the "
+        "base is served quantized, as the embedded default is; float16 for a float32 model on the CPU; each halves "
+        "their memory and the bytes each step reads; otherwise the model's dtype); "
         "float32 keeps them exact; int8 (CPU only) stores each row as int8 with one fp32 scale, half float16's "
         "bytes, at ~1e-2 in log-probability from the fp32 references instead of ~1e-3")
 

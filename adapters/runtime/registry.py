@@ -226,16 +226,31 @@ def checked_bank_request(name: str, path: str | Path, allowed_roots) -> Path:
         raise err from None
 
 
-def serving_bank_dtype(model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The pool's storage dtype for ``serve --bank-dtype auto``: the model's dtype, except float16 for
-    a float32 model on the CPU. There a decode step with many banks is bound by the bytes of expert
-    weights it reads (8 DynMoLE banks of 6 experts read ~580 MB per step in float32, more than the
-    135M-parameter base model); float16 halves them (0.74x -> 0.82x the base model's tokens/s,
-    BENCHMARKS.md "Expert banks") and keeps 11 significant bits: the equivalence tests hold at 1e-3 in
-    log-probability with it (tests/runtime/test_equivalence.py runs them in both dtypes). Compute
-    and accumulation stay fp32; ``--bank-dtype float32`` keeps the weights exact."""
-    if torch.device(device).type == "cpu" and model_dtype == torch.float32:
-        return torch.float16
+def serving_bank_dtype(model_dtype: torch.dtype, device: torch.device | str, quantization: str = "none"
+                       ) -> torch.dtype:
+    """The pool's storage dtype for ``serve --bank-dtype auto`` (``quantization``: the base linears',
+    ``LlamaModel.quantization``):
+
+    - int8 (each row int8 with one fp32 scale) on the CPU when the base itself is served quantized
+      (int4 / int8, the embedded default's GGUF blocks): a decode step with many banks is bound by
+      the bytes of expert weights it reads, and int8 halves float16's (8 DynMoLE banks: 0.78x vs
+      0.70x the quantized base's tokens/s served, BENCHMARKS.md "Quantized base (issue #21)"). Its
+      rounding (255 levels per row; ~1e-2 in log-probability on the equivalence tests' random banks)
+      is finer than the 4-bit base's own (16 levels per group of 32); a trained DynMoLE bank gave
+      the same answer on all 400 test items in float32, float16 and int8 (BENCHMARKS.md "int8 and
+      float16 expert pools on a trained bank").
+    - float16 for a float32 model on the CPU: float32 experts would read ~580 MB a step for 8
+      DynMoLE banks, more than the 135M-parameter base; float16 halves them (0.74x -> 0.82x the
+      base model's tokens/s, BENCHMARKS.md "Expert banks") and keeps 11 significant bits: the
+      equivalence tests hold at 1e-3 in log-probability with it.
+    - otherwise the model's dtype.
+
+    Compute and accumulation stay fp32; ``--bank-dtype float32`` keeps the weights exact."""
+    if torch.device(device).type == "cpu":
+        if quantization in ("int4", "int8"):
+            return torch.int8
+        if model_dtype == torch.float32:
+            return torch.float16
     return model_dtype
 
 
@@ -244,8 +259,8 @@ class BankRegistry:
 
     model_config: the served model's config (its fingerprint is checked on every load).
     dtype: the pool's storage dtype (float32 by default here; the server's default is
-        ``serving_bank_dtype``: float16 for a float32 CPU model, which halves the memory and the
-        bandwidth of routed LoRA calls).
+        ``serving_bank_dtype``: int8 on a quantized CPU base, float16 for a float32 CPU model, which
+        halve the memory and the bandwidth of routed LoRA calls).
     pool_memory_bytes: budget of the device pool (None: unbounded).
     memory_bytes: budget of every loaded bank version together, in bytes of their packed weights
         (None: unbounded); a load past it is refused (409) naming the budget, before the weights

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank-dtype", choices=("model", "auto", "float32", "bfloat16", "float16", "int8"),
                         default="model",
                         help="engine runner: storage dtype of the bank's expert weights (model: the model's dtype, "
-                             "the default; auto: as `moleserve serve` stores them, float16 for a float32 CPU model; "
+                             "the default; auto: as `moleserve serve` stores them, int8 on a quantized CPU base, float16 "
+                             "for a float32 CPU model; "
                              "int8: CPU only, as `serve --bank-dtype int8`)")
     parser.add_argument("--json", metavar="OUT", help="write the results (accuracy, per-set numbers, predictions) here")
 
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
         from adapters.runtime import serving_bank_dtype
 
-        bank_dtype = (None if args.bank_dtype == "model" else serving_bank_dtype(model.dtype, model.device)
+        bank_dtype = (None if args.bank_dtype == "model"
+                      else serving_bank_dtype(model.dtype, model.device, getattr(model, "quantization", "none"))
                       if args.bank_dtype == "auto" else getattr(torch, args.bank_dtype))
         generator = scorer = EngineGenerator(model, tokenizer, bank, model_path=str(path),
                                              max_num_seqs=args.batch_size, kv_cache_memory=args.kv_cache_memory,

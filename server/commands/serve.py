@@ -112,7 +112,8 @@ def build_engine(settings: Any) -> tuple[Any, Any]:
     except EngineConfigError as exc:
         raise UserError(str(exc)) from None
     llm = LLMEngine(config)
-    bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device) if settings.bank_dtype == "auto"
+    bank_dtype = (serving_bank_dtype(llm.model.dtype, llm.model.device, getattr(llm.model, "quantization", "none"))
+                  if settings.bank_dtype == "auto"
                   else getattr(torch, settings.bank_dtype))
     from adapters.parrot.bank import TowerSpec
 

@@ -1,5 +1,5 @@
-"""Banks stored in a half-precision or int8 pool on a float32 model (``--bank-dtype``; float16 is the
-CPU default; int8 with per-row scales is CPU-only)."""
+"""Banks stored in a half-precision or int8 pool on a float32 model (``--bank-dtype``; the CPU default
+is float16 on a float32 base, int8 on a quantized one; int8 with per-row scales is CPU-only)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ def test_serve_bank_dtype_flag(tiny_model_dir):
     assert registry.pool.dtype == torch.int8
     _, registry = build_engine(Settings(model=str(tiny_model_dir), kv_cache_memory=16 << 20))
     assert registry.pool.dtype == torch.float16  # auto on a float32 CPU model
+    _, registry = build_engine(Settings(model=str(tiny_model_dir), quantization="int8", kv_cache_memory=16 << 20))
+    assert registry.pool.dtype == torch.int8  # auto on a quantized CPU base
+    _, registry = build_engine(Settings(model=str(tiny_model_dir), quantization="int8", bank_dtype="float16",
+                                        kv_cache_memory=16 << 20))
+    assert registry.pool.dtype == torch.float16  # the flag overrides it
 
 
 def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
