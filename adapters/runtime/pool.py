@@ -13,8 +13,9 @@ largest rank of any bank loaded so far (smaller ranks are zero-padded). S grows 
 
 An int8 pool (``--bank-dtype int8``, CPU only) stores lora_a and lora_b as int8 with one fp32 scale
 per row (``lora_a_scale``, ``lora_b_scale`` [S, R]: weight = value * its row's scale, symmetric,
-rows over ``in`` for A and over ``out`` for B). ``route_lora`` reads them as they are (the scales
-fold into its rank-r intermediate); the general path dequantizes the slots a call uses.
+rows over ``in`` for A and over ``out`` for B). ``route_lora`` and the general path's kernel
+(``routed_lora_int8_cpu``) read them as they are (the scales fold into the rank-r intermediate);
+without an AVX-512 build the general path dequantizes the slots a call uses.
 
 Tensors are swapped, never resized in place: a step holds the ``PoolState`` it was built with,
 so growth while a step runs cannot move memory under it. Writes only touch free slots, which no
