@@ -368,14 +368,15 @@ template <typename V, typename W>
 static void expand_par(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
                        const int64_t* pair_token, const float* pair_weight, const float* scale,
                        float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
-                       const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero) {
+                       const int64_t* seg_len, int64_t G, float* out, int nt, int64_t ld, bool zero,
+                       const float* bscale = nullptr) {
     const int64_t nvec = d_out / V::L;
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
 #pragma omp parallel for num_threads(nth) schedule(static, 1)
     for (int64_t th = 0; th < nth; ++th) {
         std::vector<float> hs(static_cast<size_t>(4 * r));
         expand_cols<V>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len,
-                       G, out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data());
+                       G, out, ld, zero, nvec * th / nth, nvec * (th + 1) / nth, hs.data(), nullptr, bscale);
     }
 }
 #define MS_ROUTED_AVX2 1
@@ -680,15 +681,8 @@ int routed_lora_cpu_int8(const float* x, int64_t T, int64_t d_in, const void* A,
     const i8w* b = static_cast<const i8w*>(B);
     for_pair_groups(x, d_in, a, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx512<i8w>{d_in, r});
     for (int64_t g = 0; g < G; ++g) scale_h(h, r, seg_start[g], seg_len[g], a_scale + seg_slot[g] * r);
-    const int64_t nvec = d_out / 16;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
-#pragma omp parallel for num_threads(nth) schedule(static, 1)
-    for (int64_t th = 0; th < nth; ++th) {
-        std::vector<float> hs(static_cast<size_t>(4 * r));
-        expand_cols<V16>(h, b, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start,
-                         seg_len, G, out, d_out, true, nvec * th / nth, nvec * (th + 1) / nth, hs.data(), nullptr,
-                         b_scale);
-    }
+    expand_par<V16>(h, b, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G,
+                    out, nt, d_out, true, b_scale);
     return 0;
 #else
     (void)x, (void)T, (void)d_in, (void)A, (void)B, (void)r, (void)d_out, (void)a_scale, (void)b_scale;
