@@ -6,7 +6,9 @@ between two layers. Each pool dtype has its own pool; the dtypes alternate, best
     python benchmarks/route_lora_step.py [--dtypes float32,float16,bfloat16,int8] [--repeats 7] [--x-scale 0.2]
         [--rows 32]
 
-``int8``: the int8 pool of ``--bank-dtype int8`` (each row int8 with one fp32 scale).
+``int8``: the int8 pool of ``--bank-dtype int8`` (each row int8 with one fp32 scale), B in rows;
+``int8-packed``: the same with B packed for the VNNI expand, as the pool stores it where the kernel
+build has that expand (``packs_int8_b``).
 
 ``--x-scale`` scales the random inputs against the random routers: 0.2 gives near-uniform routing
 (~5.9 experts per decision, as the random banks of benchmarks/banks.py), 1 peaked (~2.1).
@@ -29,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from adapters.runtime.layout import int8_rows  # noqa: E402
-from kernels.routed_lora.cpu_ops import RouteLoraSites, RouteLoraStats, RouteLoraStep, load_library  # noqa: E402
+from kernels.routed_lora.cpu_ops import (RouteLoraSites, RouteLoraStats, RouteLoraStep, load_library,  # noqa: E402
+                                         pack_int8_b, packs_int8_b)
 from server.engine.routing_stats import ENTROPY_BUCKETS  # noqa: E402
 
 LAYERS, H, FFN, S, R, T, N = 30, 576, 1536, 48, 16, 32, 6
 
 
-def pool(dtype: torch.dtype, seed: int = 0) -> list[tuple[RouteLoraSites, RouteLoraSites]]:
+def pool(dtype: torch.dtype, seed: int = 0, packed: bool = False) -> list[tuple[RouteLoraSites, RouteLoraSites]]:
     gen = torch.Generator().manual_seed(seed)
     layers = []
     for layer in range(LAYERS):
@@ -43,11 +46,12 @@ def pool(dtype: torch.dtype, seed: int = 0) -> list[tuple[RouteLoraSites, RouteL
             a, b = torch.randn(S, R, i, generator=gen) / math.sqrt(i), torch.randn(S, R, o, generator=gen) * 0.01
             if dtype == torch.int8:
                 (a, sa), (b, sb) = int8_rows(a), int8_rows(b)
-                return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a, b, sa, sb
+                return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a, pack_int8_b(b) if packed else b, sa, sb
             return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a.to(dtype), b.to(dtype), None, None
         g, u, d = site(H, FFN), site(H, FFN), site(FFN, H)
         scale = torch.full((S,), 2.0)
-        rows = lambda *sites: ({"a_scale": [s[3] for s in sites], "b_scale": [s[4] for s in sites]}  # noqa: E731
+        rows = lambda *sites: ({"a_scale": [s[3] for s in sites], "b_scale": [s[4] for s in sites],  # noqa: E731
+                                "b_packed": packed}
                                if dtype == torch.int8 else {})
         layers.append((RouteLoraSites([g[0], u[0]], [g[1], u[1]], [g[2], u[2]], scale, [0, FFN],
                                       [2 * layer, 2 * layer + 1], **rows(g, u)),
@@ -67,7 +71,11 @@ def main() -> None:
     if load_library() is None:
         sys.exit("the C++ kernel is unavailable")
     torch.set_num_threads(args.threads)
-    pools = {name: pool(getattr(torch, name)) for name in args.dtypes.split(",")}
+    names = args.dtypes.split(",")
+    if "int8-packed" in names and not packs_int8_b():
+        sys.exit("int8-packed: this kernel build has no VNNI expand")
+    pools = {name: pool(torch.int8, packed=True) if name == "int8-packed" else pool(getattr(torch, name))
+             for name in names}
     gen = torch.Generator().manual_seed(1)
     t = args.rows
     xh, xi = torch.randn(t, H, generator=gen) * args.x_scale, torch.randn(t, FFN, generator=gen) * args.x_scale

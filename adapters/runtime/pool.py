@@ -15,7 +15,9 @@ An int8 pool (``--bank-dtype int8``, CPU only) stores lora_a and lora_b as int8 
 per row (``lora_a_scale``, ``lora_b_scale`` [S, R]: weight = value * its row's scale, symmetric,
 rows over ``in`` for A and over ``out`` for B). ``route_lora`` and the general path's kernel
 (``routed_lora_int8_cpu``) read them as they are (the scales fold into the rank-r intermediate);
-without an AVX-512 build the general path dequantizes the slots a call uses.
+without an AVX-512 build the general path dequantizes the slots a call uses. Where the kernel build
+has the VNNI expand (``packs_int8_b``), lora_b's slots are stored packed for it (``pack_int8_b``:
+same shape and bytes, tile order; ``PoolState.b_packed``) and R is a multiple of 4.
 
 Tensors are swapped, never resized in place: a step holds the ``PoolState`` it was built with,
 so growth while a step runs cannot move memory under it. Writes only touch free slots, which no
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from kernels.pairs import PairPlan
+from kernels.routed_lora.cpu_ops import pack_int8_b, packs_int8_b, unpack_int8_b
 from server.model import ModelConfig
 
 Site = tuple[int, str]  # (layer, target)
@@ -77,6 +80,7 @@ class PoolState:
     scaling: Tensor
     lora_a_scale: dict[Site, Tensor] = field(default_factory=dict)  # int8 pools: row scales [S, R] fp32
     lora_b_scale: dict[Site, Tensor] = field(default_factory=dict)
+    b_packed: bool = False  # int8 pools: lora_b's slots in pack_int8_b's order
     # values derived from this state's tensors (the C++ decode path's argument tables); a new state
     # (growth, compaction) starts empty, installs into the same tensors keep it valid
     cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -90,7 +94,8 @@ class PoolState:
         the G slots a call reads, not of the pool."""
         used = plan.seg_slot
         a = self.lora_a[site][used].float() * self.lora_a_scale[site][used].unsqueeze(-1)
-        b = self.lora_b[site][used].float() * self.lora_b_scale[site][used].unsqueeze(-1)
+        b = self.lora_b[site][used]
+        b = (unpack_int8_b(b) if self.b_packed else b).float() * self.lora_b_scale[site][used].unsqueeze(-1)
         remap = torch.full((self.capacity,), -1, dtype=torch.int64, device=used.device)
         remap[used] = torch.arange(used.numel(), device=used.device)
         slots = torch.where(plan.slots >= 0, remap[plan.slots.clamp(min=0)], plan.slots)
@@ -109,8 +114,19 @@ class SlotPool:
                              "scales); use --bank-dtype auto on this device")
         self.dtype = dtype
         self.int8 = dtype == torch.int8
-        self.state = PoolState(0, 0, {}, {}, {}, {}, torch.zeros(0, device=self.device))
+        # int8 B packed for the VNNI expand: the build has it and every linear's out is in 16-column tiles
+        self.b_packed = self.int8 and packs_int8_b() and all(
+            linear_shape(cfg, t)[1] % 16 == 0 for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                        "down_proj"))
+        self.state = self._empty()
         self._ranges: dict[int, int] = {}  # offset -> n of every allocated range
+
+    def _empty(self) -> PoolState:
+        return PoolState(0, 0, {}, {}, {}, {}, torch.zeros(0, device=self.device), b_packed=self.b_packed)
+
+    def _rank(self, rank: int) -> int:
+        """The pool's R for banks of rank up to ``rank``: a packed int8 B's rank rows go in fours."""
+        return -(-rank // 4) * 4 if self.b_packed else rank
 
     # -- accounting ---------------------------------------------------------------------------
 
@@ -124,7 +140,7 @@ class SlotPool:
 
     def bytes_per_slot(self, rank: int | None = None, sites=(), routed=(), blocks=()) -> int:
         """Device bytes one slot costs with the pool's (plus the given extra) sites at ``rank``."""
-        r = self.state.rank if rank is None else rank
+        r = self._rank(self.state.rank if rank is None else rank)
         elem = torch.empty((), dtype=self.dtype).element_size()
         total = 0
         for site in set(self.state.lora_a) | set(sites):
@@ -171,7 +187,12 @@ class SlotPool:
             for site, (a, b, router) in packed.linears.items():
                 k, r = a.shape[0], a.shape[1]
                 st.lora_a[site][offset:offset + k, :r].copy_(a)
-                st.lora_b[site][offset:offset + k, :r].copy_(b)
+                if st.b_packed:  # whole slots, zero beyond the bank's rank, in the packed order
+                    full = torch.zeros_like(st.lora_b[site][offset:offset + k])
+                    full[:, :r] = b
+                    st.lora_b[site][offset:offset + k].copy_(pack_int8_b(full))
+                else:
+                    st.lora_b[site][offset:offset + k, :r].copy_(b)
                 if self.int8:
                     sa, sb = packed.row_scales[site]
                     st.lora_a_scale[site][offset:offset + k, :r].copy_(sa)
@@ -198,7 +219,7 @@ class SlotPool:
     def _reshape(self, packed: PackedBank, capacity: int) -> None:
         """Publish a new state with ``capacity`` slots, the larger rank and ``packed``'s sites."""
         st = self.state
-        rank = max(st.rank, packed.rank)
+        rank = self._rank(max(st.rank, packed.rank))
         new_sites = [s for s in packed.linears if s not in st.lora_a]
         new_routed = [s for s, (_, _, r) in packed.linears.items() if r is not None and s not in st.router]
         new_blocks = [b for b in packed.blocks if b not in st.block_router]
@@ -206,10 +227,13 @@ class SlotPool:
             return
         dev, dt = self.device, self.dtype
 
-        def grown(old: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        def grown(old: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, packed: bool = False) -> Tensor:
             if old is not None and tuple(old.shape) == shape:
                 return old
             new = torch.zeros(shape, device=dev, dtype=dtype)
+            if old is not None and packed and old.shape[1] != shape[1]:  # a packed slot's order depends on R
+                new[:old.shape[0], :old.shape[1]].copy_(unpack_int8_b(old))
+                return pack_int8_b(new)
             if old is not None:
                 new[tuple(slice(0, d) for d in old.shape)].copy_(old)
             return new
@@ -218,7 +242,7 @@ class SlotPool:
         for site in [*st.lora_a, *new_sites]:
             i, o = linear_shape(self.cfg, site[1])
             lora_a[site] = grown(st.lora_a.get(site), (capacity, rank, i), dt)
-            lora_b[site] = grown(st.lora_b.get(site), (capacity, rank, o), dt)
+            lora_b[site] = grown(st.lora_b.get(site), (capacity, rank, o), dt, st.b_packed)
             if self.int8:
                 a_scale[site] = grown(st.lora_a_scale.get(site), (capacity, rank), torch.float32)
                 b_scale[site] = grown(st.lora_b_scale.get(site), (capacity, rank), torch.float32)
@@ -233,7 +257,7 @@ class SlotPool:
     def compact(self, keep: dict[int, PackedBank]) -> dict[int, int]:
         """Rebuild the pool holding only ``keep`` (offset -> packed) packed from slot 0; returns
         old offset -> new offset. Running steps keep the old tensors (states are swapped)."""
-        self.state = PoolState(0, 0, {}, {}, {}, {}, torch.zeros(0, device=self.device))
+        self.state = self._empty()
         self._ranges = {}
         cap = sum(p.num_slots for p in keep.values())
         moved, pos = {}, 0

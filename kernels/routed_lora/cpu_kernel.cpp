@@ -59,7 +59,8 @@ static inline int with_wtype(int64_t wtype, Fn&& fn) {
         case 0: fn(static_cast<const float*>(nullptr)); return 0;
         case 1: fn(static_cast<const bf16w*>(nullptr)); return 0;
         case 2: fn(static_cast<const f16w*>(nullptr)); return 0;
-        case 3: fn(static_cast<const i8w*>(nullptr)); return 0;
+        case 3:
+        case 4: fn(static_cast<const i8w*>(nullptr)); return 0;  // 4: int8, B packed (expand_cols_packed)
         default: return 1;
     }
 }
@@ -453,6 +454,139 @@ struct V16 {
 #define MS_ROUTED_AVX512 1
 #endif
 
+#if defined(MS_ROUTED_AVX512) && defined(__AVX512VNNI__)
+// An int8 pool's B packed for the VNNI expand (wtype 4, INT8_PACKED in cpu_ops.py): each slot's
+// [r, d_out] values in 16-column tiles, each tile's rank rows in groups of four with the four values
+// of a column adjacent,
+//   Bp[c16][g][c][jj] = B[4 g + jj][16 c16 + c]    (r % 4 == 0, d_out % 16 == 0; r * d_out bytes a slot)
+// so one 64-byte load is a [16 columns x 4 rank rows] operand of vpdpbusd, and a tile's bytes (and
+// four tiles') are contiguous: a segment's B streams in order, where the row layout read 16 rows in
+// pieces.  The rank-r intermediate h is quantized per pair (symmetric int8 over the pair's r values,
+// stored + 128 as vpdpbusd's unsigned operand; the + 128 comes off through the column sums of B):
+// one vpdpbusd does 4 rank rows x 16 columns for a pair where the fp32 expand widened each int8 row
+// (two uops) and spent an FMA per rank row.  h's rounding adds ~0.3% of a pair's delta (rms) to the
+// pool's own int8 rounding.
+#define MS_ROUTED_VNNI 1
+
+// A pair group's h as vpdpbusd operands: hq[k][j] = round(hs[k, j] / sk[k]) + 128, sk[k] = max|hs[k, :]| / 127
+// (rr values a pair; pairs np..3 zero).
+static inline void quantize_h(const float* hs, int64_t rr, int np, uint8_t* hq, float* sk) {
+    for (int k = 0; k < 4; ++k) {
+        float m = 0.f;
+        if (k < np)
+            for (int64_t j = 0; j < rr; ++j) m = std::max(m, std::fabs(hs[k * rr + j]));
+        sk[k] = m / 127.f;
+        const float inv = m > 0.f ? 127.f / m : 0.f;
+        uint8_t* q = hq + k * rr;
+        if (k < np)
+            for (int64_t j = 0; j < rr; ++j) q[j] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(hs[k * rr + j] * inv)) + 128);
+        else
+            std::memset(q, 128, static_cast<size_t>(rr));
+    }
+}
+
+// dst[k][16 (c16 + v) + c] += sk[k] * sum over the parts e and rank rows j of hq'[k][e r + j] * B_e[j][..]
+// for NV tiles from c16 (hq' = hq - 128): parts are slots (one for a segment, a bank's n experts for a
+// dense unit), each a packed [r, d_out] slot.  pf (null: none): stepped once per rank-row group.
+template <int NP, int NV>
+static inline void vnni_tile(const int8_t* const* parts, int64_t nparts, int64_t r, int64_t c16, const uint8_t* hq,
+                             int64_t rr, const float* sk, float* const* dst, Prefetcher* pf) {
+    __m512i acc[NP][NV], cs[NV];
+    for (int v = 0; v < NV; ++v) {
+        cs[v] = _mm512_setzero_si512();
+        for (int k = 0; k < NP; ++k) acc[k][v] = _mm512_setzero_si512();
+    }
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int64_t tile = r * 16;  // bytes of one slot's 16-column tile
+    for (int64_t e = 0; e < nparts; ++e) {
+        const int8_t* p = parts[e] + c16 * tile;
+        const uint8_t* he = hq + e * r;
+        for (int64_t j = 0; j < r; j += 4, p += 64) {
+            if (pf != nullptr) pf->step();
+            __m512i q[NV];
+            for (int v = 0; v < NV; ++v) q[v] = _mm512_loadu_si512(p + v * tile);
+            for (int v = 0; v < NV; ++v) cs[v] = _mm512_dpbusd_epi32(cs[v], ones, q[v]);
+            for (int k = 0; k < NP; ++k) {
+                int32_t hv4;
+                std::memcpy(&hv4, he + k * rr + j, 4);
+                const __m512i hv = _mm512_set1_epi32(hv4);
+                for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_dpbusd_epi32(acc[k][v], hv, q[v]);
+            }
+        }
+    }
+    for (int k = 0; k < NP; ++k) {
+        const __m512 s = _mm512_set1_ps(sk[k]);
+        for (int v = 0; v < NV; ++v) {
+            float* d = dst[k] + 16 * v;
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[k][v], _mm512_slli_epi32(cs[v], 7)));
+            _mm512_storeu_ps(d, _mm512_fmadd_ps(s, f, _mm512_loadu_ps(d)));
+        }
+    }
+}
+
+// Tiles v0..v1 (16 columns each) of NP pairs' rows: four tiles at a time, then one.
+template <int NP>
+static inline void vnni_cols(const int8_t* const* parts, int64_t nparts, int64_t r, const uint8_t* hq, int64_t rr,
+                             const float* sk, float* const* rows, int64_t v0, int64_t v1, Prefetcher* pf) {
+    float* dst[NP];
+    int64_t v = v0;
+    for (; v + 4 <= v1; v += 4) {
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 16 * v;
+        vnni_tile<NP, 4>(parts, nparts, r, v, hq, rr, sk, dst, pf);
+    }
+    for (; v < v1; ++v) {
+        for (int k = 0; k < NP; ++k) dst[k] = rows[k] + 16 * v;
+        vnni_tile<NP, 1>(parts, nparts, r, v, hq, rr, sk, dst, pf);
+    }
+}
+
+// Up to four pairs (np) of hs [np, rr] (each pair's h already scaled) into their out rows, columns v0..v1.
+static inline void vnni_pairs(const int8_t* const* parts, int64_t nparts, int64_t r, const float* hs, int np,
+                              float* const* rows, int64_t v0, int64_t v1, Prefetcher* pf) {
+    const int64_t rr = nparts * r;
+    thread_local std::vector<uint8_t> hqv;
+    hqv.resize(static_cast<size_t>(4 * rr));
+    float sk[4];
+    quantize_h(hs, rr, np, hqv.data(), sk);
+    switch (np) {
+        case 4: vnni_cols<4>(parts, nparts, r, hqv.data(), rr, sk, rows, v0, v1, pf); break;
+        case 3: vnni_cols<3>(parts, nparts, r, hqv.data(), rr, sk, rows, v0, v1, pf); break;
+        case 2: vnni_cols<2>(parts, nparts, r, hqv.data(), rr, sk, rows, v0, v1, pf); break;
+        default: vnni_cols<1>(parts, nparts, r, hqv.data(), rr, sk, rows, v0, v1, pf); break;
+    }
+}
+
+// expand_cols (V16) for a packed int8 B: the same arguments, B packed (see above), columns v0..v1 in
+// tiles of 16.
+static void expand_cols_packed(const float* h, const i8w* B, int64_t r, int64_t d_out, int64_t T,
+                               const int64_t* pair_token, const float* pair_weight, const float* scale,
+                               float scale_scalar, const int64_t* seg_slot, const int64_t* seg_start,
+                               const int64_t* seg_len, int64_t G, float* out, int64_t ld, bool zero, int64_t v0,
+                               int64_t v1, float* hs, Prefetcher* pf, const float* bscale) {
+    if (zero)
+        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 16 * v0, 0, (v1 - v0) * 16 * sizeof(float));
+    if (v1 <= v0) return;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t s = seg_slot[g];
+        const float sc = scale ? scale[s] : scale_scalar;
+        const int64_t p0 = seg_start[g], n = seg_len[g];
+        const int8_t* part = reinterpret_cast<const int8_t*>(B + s * r * d_out);
+        for (int64_t pb = 0; pb < n; pb += 4) {
+            const int np = static_cast<int>(std::min<int64_t>(4, n - pb));
+            float* rows[4];
+            for (int k = 0; k < np; ++k) {
+                const int64_t p = p0 + pb + k;
+                const float c = sc * pair_weight[p];
+                for (int64_t j = 0; j < r; ++j)
+                    hs[k * r + j] = c * h[p * r + j] * (bscale != nullptr ? bscale[s * r + j] : 1.f);
+                rows[k] = out + pair_token[p] * ld;
+            }
+            vnni_pairs(&part, 1, r, hs, np, rows, v0, v1, pf);
+        }
+    }
+}
+#endif
+
 template <typename W>
 static void routed(const float* x, int64_t T, int64_t d_in, const W* A, const W* B, int64_t r, int64_t d_out,
                    const int64_t* pair_token, const float* pair_weight, const float* scale, float scale_scalar,
@@ -611,11 +745,12 @@ static inline void scale_h(float* h, int64_t r, int64_t p0, int64_t len, const f
 // row's deltas sum in registers and reach out once (not once per expert) and the bank's A and B
 // stream once, n * r rows each.  A, B: the site's whole lora_a [S, r, d_in] and lora_b [S, r, d_out];
 // w: the site's routing weights [T, n]; scale [S]; a_scale / b_scale: int8 row scales [S, r] or null;
-// hs: scratch [4 n r].
+// hs: scratch [4 n r].  packed: B is a packed int8 pool's (expand_cols_packed).
 template <typename W>
 static void dense_unit(const float* x, int64_t d_in, const W* A, const W* B, int64_t r, int64_t n, int64_t d_out,
                        int64_t off, const int64_t* offset, int64_t T, const float* w, const float* scale,
-                       const float* a_scale, const float* b_scale, float* out, int64_t ld, float* hs) {
+                       const float* a_scale, const float* b_scale, float* out, int64_t ld, float* hs,
+                       bool packed) {
     thread_local std::vector<float> hd, ones;
     thread_local std::vector<int64_t> tb;
     const int64_t rr = n * r;
@@ -636,9 +771,44 @@ static void dense_unit(const float* x, int64_t d_in, const W* A, const W* B, int
                 hr[j] *= c * (a_scale != nullptr ? a_scale[sr + j] : 1.f)
                          * (b_scale != nullptr ? b_scale[sr + j] : 1.f);
         }
+#ifdef MS_ROUTED_VNNI
+    if constexpr (std::is_same_v<W, i8w>)
+        if (packed) {  // the n experts' slots as the parts of one rank-n r operand, four rows at a time
+            const int8_t* parts[64];
+            for (int64_t e = 0; e < n; ++e) parts[e] = reinterpret_cast<const int8_t*>(B + (off + e) * r * d_out);
+            for (int64_t k0 = 0; k0 < tbn; k0 += 4) {
+                const int np = static_cast<int>(std::min<int64_t>(4, tbn - k0));
+                float* rows[4];
+                for (int k = 0; k < np; ++k) rows[k] = out + tb[k0 + k] * ld;
+                vnni_pairs(parts, n, r, hd.data() + k0 * rr, np, rows, 0, d_out / 16, nullptr);
+            }
+            return;
+        }
+#endif
+    (void)packed;
     const int64_t zero = 0;
     expand_cols<V16>(hd.data(), B + off * r * d_out, rr, d_out, T, tb.data(), ones.data(), nullptr, 1.f, &zero, &zero,
                      &tbn, 1, out, ld, false, 0, d_out / 16, hs);
+}
+
+// expand_cols<V16>, or expand_cols_packed when B is a packed int8 pool's (wtype 4).
+template <typename W>
+static inline void expand16(bool packed, const float* h, const W* B, int64_t r, int64_t d_out, int64_t T,
+                            const int64_t* pair_token, const float* pair_weight, const float* scale, float scale_scalar,
+                            const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len, int64_t G,
+                            float* out, int64_t ld, bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf,
+                            const float* bscale) {
+#ifdef MS_ROUTED_VNNI
+    if constexpr (std::is_same_v<W, i8w>)
+        if (packed) {
+            expand_cols_packed(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start,
+                               seg_len, G, out, ld, zero, v0, v1, hs, pf, bscale);
+            return;
+        }
+#endif
+    (void)packed;
+    expand_cols<V16>(h, B, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G,
+                     out, ld, zero, v0, v1, hs, pf, bscale);
 }
 #endif
 
@@ -658,7 +828,7 @@ int routed_lora_cpu(const float* x, int64_t T, int64_t d_in, const void* A, cons
                     const float* pair_weight, const float* scale, float scale_scalar,
                     const int64_t* seg_slot, const int64_t* seg_start, const int64_t* seg_len,
                     int64_t G, float* h, float* out, int b_rows_are_r, int nt) {
-    if (wtype == 3) return 1;  // int8 weights need their row scales: route_lora only
+    if (wtype >= 3) return 1;  // int8 weights need their row scales: route_lora, routed_lora_cpu_int8
     return with_wtype(wtype, [&](auto tag) {
         using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
         routed(x, T, d_in, static_cast<const W*>(A), static_cast<const W*>(B), r, d_out, pair_token, pair_weight,
@@ -670,21 +840,39 @@ int routed_lora_cpu(const float* x, int64_t T, int64_t d_in, const void* A, cons
 // per-row scales a_scale, b_scale [S, r] (weight = value * its row's scale), read as stored, the scales
 // folded into the rank-r intermediate h (the general path's MixLoRA / MoLA calls, which route_lora does
 // not take).  AVX-512 and d_in, d_out multiples of 16 only: returns 1 otherwise (the caller then
-// dequantizes the slots it uses).
+// dequantizes the slots it uses).  packed: B is packed (expand_cols_packed; needs VNNI and r % 4 == 0).
 int routed_lora_cpu_int8(const float* x, int64_t T, int64_t d_in, const void* A, const void* B, int64_t r,
                          int64_t d_out, const float* a_scale, const float* b_scale, const int64_t* pair_token,
                          const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
-                         const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* h, float* out, int nt) {
+                         const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* h, float* out, int packed,
+                         int nt) {
 #ifdef MS_ROUTED_AVX512
     if (d_in % 16 != 0 || d_out % 16 != 0 || a_scale == nullptr || b_scale == nullptr) return 1;
     const i8w* a = static_cast<const i8w*>(A);
     const i8w* b = static_cast<const i8w*>(B);
     for_pair_groups(x, d_in, a, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx512<i8w>{d_in, r});
     for (int64_t g = 0; g < G; ++g) scale_h(h, r, seg_start[g], seg_len[g], a_scale + seg_slot[g] * r);
+    if (packed) {
+#ifdef MS_ROUTED_VNNI
+        if (r % 4 != 0) return 1;
+        const int64_t nvec = d_out / 16, nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
+#pragma omp parallel for num_threads(nth) schedule(static, 1)
+        for (int64_t th = 0; th < nth; ++th) {
+            std::vector<float> hs(static_cast<size_t>(4 * r));
+            expand_cols_packed(h, b, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start,
+                               seg_len, G, out, d_out, true, nvec * th / nth, nvec * (th + 1) / nth, hs.data(), nullptr,
+                               b_scale);
+        }
+        return 0;
+#else
+        return 1;
+#endif
+    }
     expand_par<V16>(h, b, r, d_out, T, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G,
                     out, nt, d_out, true, b_scale);
     return 0;
 #else
+    (void)packed;
     (void)x, (void)T, (void)d_in, (void)A, (void)B, (void)r, (void)d_out, (void)a_scale, (void)b_scale;
     (void)pair_token, (void)pair_weight, (void)scale, (void)scale_scalar, (void)seg_slot, (void)seg_start;
     (void)seg_len, (void)G, (void)h, (void)out, (void)nt;
@@ -876,8 +1064,17 @@ struct RLStep {
 int route_lora_check(const RLSites* s, const RLStep* st) {
 #ifdef MS_ROUTED_AVX2
     const int64_t M = s->M, T = st->T, n = st->n, S = s->S;
-    if (s->d_in % 8 || s->wtype < 0 || s->wtype > 3) return 4;
-    if (s->wtype == 3 && (s->A_scale == nullptr || s->B_scale == nullptr)) return 4;
+    if (s->d_in % 8 || s->wtype < 0 || s->wtype > 4) return 4;
+    if (s->wtype >= 3 && (s->A_scale == nullptr || s->B_scale == nullptr)) return 4;
+    if (s->wtype == 4) {  // packed B: the VNNI expand, on 16-column tiles and rank rows in fours
+#ifdef MS_ROUTED_VNNI
+        if (s->d_in % 16 || s->r % 4) return 4;
+        for (int64_t m = 0; m < s->M; ++m)
+            if (s->d_out[m] % 16) return 4;
+#else
+        return 4;
+#endif
+    }
     for (int64_t m = 0; m < M; ++m)
         if (s->d_out[m] % 8) return 4;
     if (n > 64 || n < 1 || (s->routers == nullptr && n != 1)) return 3;
@@ -891,11 +1088,21 @@ int route_lora_check(const RLSites* s, const RLStep* st) {
 #endif
 }
 
+// 1 when this build has the packed int8 expand (AVX-512 VNNI): an int8 pool then stores B packed.
+int route_lora_packs_b() {
+#ifdef MS_ROUTED_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const RLStep* st) {
 #ifdef MS_ROUTED_AVX2
     const int64_t M = s->M, T = st->T, n = st->n, S = s->S, d_in = s->d_in, r = s->r;
     if (const int rc = route_lora_check(s, st)) return rc;
     const bool plain = s->routers == nullptr;
+    const bool packed = s->wtype == 4;  // int8, B packed for the VNNI expand (route_lora_check: wide shapes)
     const int64_t tn = T * n, blk = 3 * tn + 3 * S + 3;
     // int8 weights: site m's row scales [S, r] (null: none)
     const auto a_scale = [s](int64_t m) -> const float* {
@@ -1034,7 +1241,7 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                         using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
                         dense_unit(x, d_in, reinterpret_cast<const W*>(s->A[m]), reinterpret_cast<const W*>(s->B[m]),
                                    r, n, s->d_out[m], udense[u], st->offset, T, wv + m * tn, s->scale, a_scale(m),
-                                   b_scale(m), out + s->col[m], ld, hsv.data());
+                                   b_scale(m), out + s->col[m], ld, hsv.data(), packed);
                     });
                     continue;
                 }
@@ -1058,12 +1265,13 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                             const int64_t k2 = uitems[idx + 1], m2 = wk[k2] / S, g2 = wk[k2] - m2 * S;
                             na = reinterpret_cast<const W*>(s->A[m2]) + ibp[m2 * blk + 3 * tn + g2] * r * d_in;
                         }
-                        pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)), groups * ((nvec + 11) / 12) * r);
+                        pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)),
+                               groups * (packed ? (nvec + 3) / 4 * (r / 4) : (nvec + 11) / 12 * r));
                         ShrinkAvx512<W> blk16{d_in, r, &pb};
                         shrink_segment(x, d_in, a, r, ib, slot, seg[S + g], len, hm, blk16);
                         const float* as = a_scale(m);
                         scale_h(hm, r, seg[S + g], len, as != nullptr ? as + slot * r : nullptr);
-                        expand_cols<V16>(hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g,
+                        expand16(packed, hm, b, r, d_out, T, ib, fb, s->scale, 0.f, seg + g, seg + S + g,
                                          seg + 2 * S + g, 1, out + s->col[m], ld, false, 0, nvec, hsv.data(), &pa,
                                          b_scale(m));
                     });
@@ -1111,9 +1319,8 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
 #ifdef MS_ROUTED_AVX512
                     if (wide) {
-                        expand_cols<V16>(hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale,
-                                         0.f, seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs, nullptr,
-                                         b_scale(m));
+                        expand16(packed, hm, reinterpret_cast<const W*>(s->B[m]), r, s->d_out[m], T, ib, fb, s->scale,
+                                 0.f, seg, seg + S, seg + 2 * S, G, o, ld, false, v0, v1, hs, nullptr, b_scale(m));
                         return;
                     }
 #endif

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's weight types
 INT8 = 3  # route_lora only: int8 weights with per-row scales (RouteLoraSites a_scale / b_scale)
+INT8_PACKED = 4  # INT8 with lora_b packed for the VNNI expand (pack_int8_b; packs_int8_b says when)
 
 
 @lru_cache(maxsize=1)
@@ -63,9 +64,34 @@ def load_library() -> ctypes.CDLL | None:
     lib.route_lora_check.argtypes = [p, p]
     lib.route_lora_check.restype = ctypes.c_int
     q8 = lib.routed_lora_cpu_int8
-    q8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, p, p, p, ctypes.c_float, p, p, p, i64, p, p, ctypes.c_int]
+    q8.argtypes = [p, i64, i64, p, p, i64, i64, p, p, p, p, p, ctypes.c_float, p, p, p, i64, p, p, ctypes.c_int,
+                   ctypes.c_int]
     q8.restype = ctypes.c_int
+    lib.route_lora_packs_b.argtypes = []
+    lib.route_lora_packs_b.restype = ctypes.c_int
     return lib
+
+
+def packs_int8_b() -> bool:
+    """Whether this machine's kernel build reads an int8 pool's lora_b packed (``pack_int8_b``): an
+    AVX-512 VNNI build, whose expand multiplies int8 B by the int8-quantized rank-r intermediate
+    (vpdpbusd) instead of widening B to fp32. An int8 pool stores B packed when this holds."""
+    lib = load_library()
+    return lib is not None and lib.route_lora_packs_b() == 1
+
+
+def pack_int8_b(b: Tensor) -> Tensor:
+    """An int8 lora_b [k, r, d_out] (r % 4 == 0, d_out % 16 == 0) in the packed order of the VNNI expand,
+    same shape: each slot's 16-column tiles in turn, a tile's rank rows in groups of four with a
+    column's four values adjacent, ``packed[c16][g][c][jj] = b[4 g + jj][16 c16 + c]``."""
+    k, r, d_out = b.shape
+    return b.reshape(k, r // 4, 4, d_out // 16, 16).permute(0, 3, 1, 4, 2).contiguous().view(k, r, d_out)
+
+
+def unpack_int8_b(b: Tensor) -> Tensor:
+    """``pack_int8_b``'s inverse: lora_b [k, r, d_out] in row order."""
+    k, r, d_out = b.shape
+    return b.reshape(k, d_out // 16, r // 4, 16, 4).permute(0, 2, 4, 1, 3).reshape(k, r, d_out)
 
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -157,17 +183,18 @@ class RouteLoraSites:
     """The constant arguments of ``route_lora`` for M sites sharing an input: their pooled routers
     [S, d_in] fp32 (None: plain LoRA sites, each row's one slot with weight 1), lora_a [S, r, d_in]
     and lora_b stored [S, r, d_out] (fp32, bf16 or fp16; or int8 with ``a_scale`` / ``b_scale``, each
-    site's row scales [S, r] fp32: weight = int8 value * its row's scale), scaling [S] fp32, each
+    site's row scales [S, r] fp32: weight = int8 value * its row's scale; ``b_packed``: int8 lora_b in
+    ``pack_int8_b``'s order), scaling [S] fp32, each
     site's first column in the output and its row in the step's selection counts
     (``RouteLoraStats``). Built once per pool state and cached (adapters.runtime.step)."""
 
     def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int], stat_rows: list[int] | None = None,
-                 a_scale=None, b_scale=None):
+                 a_scale=None, b_scale=None, b_packed: bool = False):
         self.m = len(lora_a)
         self.plain = routers is None
         self.num_slots, self.rank, self.d_in = lora_a[0].shape
         int8 = lora_a[0].dtype == torch.int8
-        self.wtype = INT8 if int8 else WTYPES.get(lora_a[0].dtype, -1)
+        self.wtype = (INT8_PACKED if b_packed else INT8) if int8 else WTYPES.get(lora_a[0].dtype, -1)
         self.d_out = [b.shape[2] for b in lora_b_rows]
         addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
         self._tables = (None if self.plain else addr(routers), addr(lora_a), addr(lora_b_rows),
@@ -373,11 +400,12 @@ def _call_kernel(lib, x, lora_a, lora_b, plan: PairPlan, scaling) -> Tensor:
 
 
 def routed_lora_int8_cpu(x: Tensor, lora_a: Tensor, a_scale: Tensor, lora_b: Tensor, b_scale: Tensor,
-                         plan: PairPlan, scaling: Tensor) -> Tensor | None:
+                         plan: PairPlan, scaling: Tensor, b_packed: bool = False) -> Tensor | None:
     """`routed_lora_cpu` on an int8 pool's site as stored: lora_a [S, r, d_in] and lora_b [S, r, d_out]
     int8 with row scales a_scale, b_scale [S, r] fp32 (weight = value * its row's scale), scaling [S];
-    the routed delta [T, d_out] fp32. None when the kernel does not take it (no AVX-512 build, shapes
-    not multiples of 16): the caller then dequantizes the slots it uses."""
+    the routed delta [T, d_out] fp32 (``b_packed``: lora_b in ``pack_int8_b``'s order). None when the
+    kernel does not take it (no AVX-512 build, shapes not multiples of 16, a packed B without a VNNI
+    build): the caller then dequantizes the slots it uses."""
     lib = load_library()
     if (lib is None or lora_a.dtype != torch.int8 or lora_b.dtype != torch.int8 or not lora_a.is_contiguous()
             or not lora_b.is_contiguous() or a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32
@@ -393,7 +421,7 @@ def routed_lora_int8_cpu(x: Tensor, lora_a: Tensor, a_scale: Tensor, lora_b: Ten
         xf.data_ptr(), t, d_in, lora_a.data_ptr(), lora_b.data_ptr(), r, d_out, a_scale.data_ptr(),
         b_scale.data_ptr(), plan.pair_token.data_ptr(), plan.pair_weight.data_ptr(), scale.data_ptr(), 0.0,
         plan.seg_slot.data_ptr(), plan.seg_start.data_ptr(), plan.seg_len.data_ptr(), plan.num_segments,
-        h.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        h.data_ptr(), out.data_ptr(), int(b_packed), torch.get_num_threads())
     if rc != 0:
         return None
     return out if x.dtype == torch.float32 else out.to(x.dtype)

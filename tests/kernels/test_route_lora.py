@@ -1,12 +1,20 @@
 """``route_lora`` (one routed linear in one C++ call) adds, given the routing it reports, exactly the
 routed LoRA of every site: every work split (whole banks per thread, or slot ranges then column
 ranges; a prefill's banks dense), both vector widths (shapes multiples of 16: AVX-512 where compiled;
-of 8: AVX2) and every weight dtype (int8 with per-row scales: the result is the dequantized weights')."""
+of 8: AVX2) and every weight dtype (int8 with per-row scales: the result is the dequantized weights';
+"int8 packed", B in the VNNI expand's order: within 2% rms of them, h being rounded to int8 per pair)."""
 
 import pytest
 import torch
 
-from kernels.routed_lora.cpu_ops import RouteLoraSites, RouteLoraStep, load_library
+from kernels.routed_lora.cpu_ops import (
+    RouteLoraSites,
+    RouteLoraStep,
+    load_library,
+    pack_int8_b,
+    packs_int8_b,
+    unpack_int8_b,
+)
 
 pytestmark = pytest.mark.skipif(load_library() is None, reason="C++ CPU kernel unavailable")
 
@@ -36,10 +44,13 @@ def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
 
 @pytest.mark.parametrize("dims", [(64, (96, 48)), (40, (24, 56))])  # wide (x16), and x8 only
 @pytest.mark.parametrize("layout", ["balanced", "one bank", "uneven", "random", "long", "long broadcast"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, "int8 packed"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads):
     d_in, d_outs = dims
+    packed = dtype == "int8 packed"
+    if packed and not packs_int8_b():
+        pytest.skip("this kernel build has no VNNI expand")
     gen = torch.Generator().manual_seed(d_in + len(layout))
     # "long": a prefill's many rows per bank (a bank whose rows select most of its experts runs dense:
     # all experts over all its rows, weight 0 where unselected); "long broadcast": every row selects
@@ -52,9 +63,12 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
     lora_b = [torch.randn(cap, R, o, generator=gen) * 0.1 for o in d_outs]
     scale = torch.rand(cap, generator=gen) + 0.5
     cols = [0, d_outs[0]]
-    if dtype == torch.int8:
+    if dtype == torch.int8 or packed:
         (qa, sa), (qb, sb) = zip(*map(_rows_int8, lora_a)), zip(*map(_rows_int8, lora_b))
-        sites = RouteLoraSites(routers, list(qa), list(qb), scale, cols, a_scale=list(sa), b_scale=list(sb))
+        # (shapes off the 16-column tiles cannot be packed: their bytes as they are, to see them refused)
+        stored = [pack_int8_b(q) if packed and d_in % 16 == 0 else q for q in qb]
+        sites = RouteLoraSites(routers, list(qa), stored, scale, cols, a_scale=list(sa), b_scale=list(sb),
+                               b_packed=packed)
         lora_a = [q.float() * sc.unsqueeze(-1) for q, sc in zip(qa, sa)]
         lora_b = [q.float() * sc.unsqueeze(-1) for q, sc in zip(qb, sb)]
     else:
@@ -73,6 +87,9 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
         torch.set_num_threads(prev)
     base = torch.randn(t, sum(d_outs), generator=gen)
     out = base.clone()
+    if packed and d_in % 16:  # the packed expand takes 16-column tiles only: the caller's general path runs
+        assert not step(x, sites, out) and torch.equal(out, base)
+        return
     assert step(x, sites, out)
     expect = base.clone()
     for m, d_out in enumerate(d_outs):
@@ -87,7 +104,22 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
                     s = off + e
                     expect[row, cols[m]:cols[m] + d_out] += w[m, row, e] * scale[s] * (b[s].t() @ (a[s] @ x[row]))
     assert (w > 0).sum(-1).max() > 1  # rows use several experts
-    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
+    if packed:
+        got, want = out - base, expect - base
+        # ~0.3% rms a segment; a dense unit rounds a row's n * r values of h on one scale (~1%)
+        assert (got - want).norm() <= 0.02 * want.norm() and (got - want).abs().max() <= 0.04 * want.abs().max()
+    else:
+        torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_int8_b_round_trips():
+    """pack_int8_b's order: packed[c16][g][c][jj] = b[4 g + jj][16 c16 + c], per slot; unpack inverts it."""
+    b = torch.randint(-127, 128, (3, 8, 32), dtype=torch.int8)
+    p = pack_int8_b(b)
+    assert p.shape == b.shape and torch.equal(unpack_int8_b(p), b)
+    flat = p[1].reshape(-1)
+    assert flat[0] == b[1, 0, 0] and flat[1] == b[1, 1, 0] and flat[4] == b[1, 0, 1]
+    assert flat[64] == b[1, 4, 0] and flat[8 * 16] == b[1, 0, 16]
 
 
 def test_int8_sites_without_row_scales_are_refused():

@@ -146,10 +146,14 @@ def test_static_plan_matches_reference_on_triton(case):
 @pytest.mark.parametrize("case", [(9, 2, 6, 16, 64, 96, "random"), (5, 3, 4, 8, 32, 48, "sparse"),
                                   (12, 2, 3, 16, 48, 32, "one_slot")])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int8_rows_as_stored_match_their_dequantized_weights(case, threads):
+@pytest.mark.parametrize("packed", [False, True])
+def test_int8_rows_as_stored_match_their_dequantized_weights(case, threads, packed):
     """An int8 pool's site (values and row scales, B [S, r, d_out] as the pool stores it) gives the
     dequantized weights' routed delta; shapes the kernel does not take give None (the caller then
-    dequantizes)."""
+    dequantizes). B packed for the VNNI expand (where the build has it): within 1% (h is rounded to
+    int8 per pair)."""
+    if packed and not cpu_ops.packs_int8_b():
+        pytest.skip("this kernel build has no VNNI expand")
     t, k, s, r, d_in, d_out, mode = case
     x, a, b, slots, weights, scaling = make_case(t, k, s, r, d_in, d_out, slot_mode=mode)
     b = b.transpose(1, 2).contiguous()  # [S, r, d_out]
@@ -165,12 +169,15 @@ def test_int8_rows_as_stored_match_their_dequantized_weights(case, threads):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = cpu_ops.routed_lora_int8_cpu(x, qa, sa, qb, sb, plan, scaling)
+        out = cpu_ops.routed_lora_int8_cpu(x, qa, sa, cpu_ops.pack_int8_b(qb) if packed else qb, sb, plan, scaling,
+                                           packed)
     finally:
         torch.set_num_threads(prev)
     if cpu_ops.load_library() is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         pytest.skip("no AVX-512 build of the kernel here")
     assert out is not None
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < (1e-2 if packed else 1e-5)
+    if packed:
+        assert rel_err(out, ref) > 1e-6  # the packed expand ran: its rounding of h shows
     assert cpu_ops.routed_lora_int8_cpu(x[:, :-8].contiguous(), qa[:, :, :-8].contiguous(), sa, qb, sb, plan,
                                         scaling) is None  # d_in not a multiple of 16

@@ -65,6 +65,7 @@ def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
     within half a step of its row; a freed range is zero (values and scales); compaction moves both."""
     from adapters import load_bank
     from adapters.runtime.pool import SlotPool
+    from kernels.routed_lora.cpu_ops import packs_int8_b, unpack_int8_b
 
     model = load_model(tiny_model_dir)
     fp = fingerprint_of(tiny_model_dir)
@@ -76,7 +77,9 @@ def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
     site = (1, "up_proj")
     off = min(reg.pool._ranges)
     a = st.lora_a[site][off:off + 4].float() * st.lora_a_scale[site][off:off + 4].unsqueeze(-1)
-    b = st.lora_b[site][off:off + 4].float() * st.lora_b_scale[site][off:off + 4].unsqueeze(-1)
+    assert st.b_packed == packs_int8_b()  # B in the VNNI expand's order where the kernel build has it
+    b = st.lora_b[site][off:off + 4]
+    b = (unpack_int8_b(b) if st.b_packed else b).float() * st.lora_b_scale[site][off:off + 4].unsqueeze(-1)
     ex = bank.layers[1].linears["up_proj"]
     step_a = ex.lora_a.abs().amax(-1, keepdim=True) / 127
     step_b = ex.lora_b.transpose(1, 2).abs().amax(-1, keepdim=True) / 127
@@ -87,6 +90,40 @@ def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
     assert not st.lora_a_scale[site][off:off + 4].any() and not st.lora_a[site][off:off + 4].any()
     with pytest.raises(ValueError, match="int8 expert pool runs on the CPU only"):
         SlotPool(model.config, device="cuda", dtype=torch.int8)
+
+
+def test_packed_int8_pool_keeps_its_banks_through_rank_growth(tmp_path, tiny_model_dir):
+    """Where B is stored packed (the VNNI expand's order depends on R), a bank of a larger rank regrows
+    the pool: R becomes a multiple of 4 and the banks already there keep their weights."""
+    from adapters import load_bank
+    from kernels.routed_lora.cpu_ops import packs_int8_b, unpack_int8_b
+
+    if not packs_int8_b():
+        pytest.skip("this kernel build has no VNNI expand: B is stored in rows")
+    model = load_model(tiny_model_dir)
+    fp = fingerprint_of(tiny_model_dir)
+    write_plugin_moe(tmp_path / "small", fp, kind="dynmole", r=4, alpha=8, num_experts=4, seed=1)
+    write_plugin_moe(tmp_path / "big", fp, kind="dynmole", r=6, alpha=8, num_experts=4, seed=2)
+    small, big = load_bank(tmp_path / "small", base=fp, name="small"), load_bank(tmp_path / "big", base=fp, name="big")
+    reg = BankRegistry(model.config, dtype=torch.int8)
+    site = (1, "down_proj")
+
+    def stored_b(name: str, r: int) -> torch.Tensor:
+        st = reg.pool.state
+        off = reg._current[name].offset
+        b = unpack_int8_b(st.lora_b[site][off:off + 4]).float() * st.lora_b_scale[site][off:off + 4].unsqueeze(-1)
+        assert not b[:, r:].any()  # zero beyond the bank's rank
+        return b[:, :r]
+
+    reg.add(small)
+    assert reg.pool.state.b_packed and reg.pool.state.rank == 4
+    before = stored_b("small", 4)
+    reg.add(big)
+    assert reg.pool.state.rank == 8  # 6, in fours
+    assert torch.equal(stored_b("small", 4), before)
+    want = big.layers[1].linears["down_proj"].lora_b.transpose(1, 2)
+    step = want.abs().amax(-1, keepdim=True) / 127
+    assert (stored_b("big", 6) - want).abs().le(step / 2 + 1e-7).all()
 
 
 def test_a_weight_beyond_float16_is_refused_by_a_float16_pool_not_turned_into_inf(tmp_path, tiny_model_dir):

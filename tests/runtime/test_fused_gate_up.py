@@ -113,7 +113,8 @@ def test_fused_gate_up_equals_separate_calls(setup, names, whole, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 def test_whole_linear_on_half_pools_equals_the_torch_path(setup, dtype):
     """The one-call C++ path reads fp16 / bf16 / int8 (+ row scales) pooled weights as the torch path
-    does (same rounded weights; int8: the general path dequantizes the slots it uses)."""
+    does (same rounded weights; int8: the general path dequantizes the slots it uses; a packed int8 B
+    (VNNI builds) is within 1% rms of it, h being rounded to int8 per pair)."""
     cfg, banks = setup
     names = ["a", "b", None, "a", "b", "b"]
     fast, torch_path = _steps(cfg, banks, names, dtype=dtype)
@@ -125,7 +126,12 @@ def test_whole_linear_on_half_pools_equals_the_torch_path(setup, dtype):
         fast.linear(layer, ("gate_proj", "up_proj"), x, a)
         torch_path.linear(layer, ("gate_proj", "up_proj"), x, b)
         assert (a - base).abs().max() > 1e-2  # the banks did something
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if dtype == torch.int8 and fast.state.b_packed:  # the VNNI expand rounds h to int8 per pair (~0.3% rms)
+            da, db = a - base, b - base
+            assert (da - db).norm() <= 0.01 * db.norm() and (da - db).abs().max() <= 0.02 * db.abs().max()
+            assert (da - db).abs().max() > 0  # the packed path ran (the general path's is exact)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert fast._fast.used
 
 
