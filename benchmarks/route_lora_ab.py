@@ -60,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", default="HEAD~1", help="git revision (or file) of build A")
     ap.add_argument("--b", default="HEAD", help="git revision (or file) of build B")
-    ap.add_argument("--dtypes", default="int8,float16")
+    ap.add_argument("--dtypes", default="int8,float16", help="pool dtypes; int8-packed: int8 with B packed for "
+                    "the VNNI expand (the builds must both read it)")
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=rls.T)
@@ -69,7 +70,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build(args.a, Path(tmp) / "a"), build(args.b, Path(tmp) / "b")]
-    pools = {name: rls.pool(getattr(torch, name)) for name in args.dtypes.split(",")}
+    pools = {name: rls.pool(torch.int8, packed=True) if name == "int8-packed" else rls.pool(getattr(torch, name))
+             for name in args.dtypes.split(",")}
     gen = torch.Generator().manual_seed(1)
     t = args.rows
     xh = torch.randn(t, rls.H, generator=gen) * args.x_scale
