@@ -12,7 +12,9 @@ build has that expand (``packs_int8_b``).
 
 ``--x-scale`` scales the random inputs against the random routers: 0.2 gives near-uniform routing
 (~5.9 experts per decision, as the random banks of benchmarks/banks.py), 1 peaked (~2.1).
-Prints ms per step, the expert bytes read per step and the rate (bytes / time), and beside them the
+The pools run in turn each repeat (the order reversed every other repeat). Prints ms per step (best
+of the repeats) and the median over the repeats of each pool's time over the first pool's (the figure
+to read on a noisy machine), the expert bytes read per step and the rate (bytes / time), and beside them the
 machine's read rate measured in the same run (one pass summing 256 MB, alternating with the pools)
 and the time all the step's weight bytes (experts, routers, int8 row scales) take at that rate: the
 floor of a step that reads each weight once from memory.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,31 +88,37 @@ def main() -> None:
                          eps=1e-5, stats=stats)
     flush = torch.empty(64 << 20)  # 256 MB, 8x the L3
     best: dict[str, float] = {}
+    runs: dict[str, list[float]] = {name: [] for name in pools}
     read = math.inf  # the machine's read rate, side by side: one pass summing the 256 MB
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         t0 = time.perf_counter()
         flush.sum()
         read = min(read, time.perf_counter() - t0)
-        for name, layers in pools.items():
+        order = list(pools.items())
+        for name, layers in (order if rep % 2 == 0 else order[::-1]):
             flush.add_(1)
             t0 = time.perf_counter()
             for gu, dn in layers:
                 step(xh, gu, out_gu)
                 step(xi, dn, out_d)
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
+            runs[name].append(time.perf_counter() - t0)
+            best[name] = min(best.get(name, math.inf), runs[name][-1])
     decisions = int(stats.acc[:, 0].sum())
     print(f"threads={args.threads}, rows {t}, x-scale {args.x_scale}: {stats.sel.sum().item() / decisions:.2f} experts "
           "per decision\n")
     rate = flush.numel() * 4 / read
     print(f"memory read rate (sum of 256 MB, {args.threads} threads): {rate / 1e9:.1f} GB/s\n")
-    print("| pool dtype | ms per step (60 calls) | expert bytes per step | rate | all bytes (+ routers, scales) "
-          "| their read time at the measured rate |\n|---|---|---|---|---|---|")
+    first = next(iter(pools))
+    print(f"| pool dtype | ms per step (60 calls) | expert bytes per step | rate | all bytes (+ routers, scales) "
+          f"| their read time at the measured rate | vs {first}, median of the repeats' ratios |\n"
+          "|---|---|---|---|---|---|---|")
     for name, layers in pools.items():
         nbytes = sum(t.numel() * t.element_size() for gu, dn in layers for s in (gu, dn) for t in (*s.keep[1], *s.keep[2]))
         allb = sum(t.numel() * t.element_size() for gu, dn in layers for s in (gu, dn)
                    for t in (*s.keep[0], *s.keep[1], *s.keep[2], *(s.keep[4] or []), *(s.keep[5] or [])))
+        paired = statistics.median(a / b for a, b in zip(runs[name], runs[first]))
         print(f"| {name} | {best[name] * 1000:.1f} | {nbytes / 1e6:.0f} MB | {nbytes / best[name] / 1e9:.1f} GB/s "
-              f"| {allb / 1e6:.0f} MB | {allb / rate * 1000:.1f} ms |")
+              f"| {allb / 1e6:.0f} MB | {allb / rate * 1000:.1f} ms | {paired:.3f} |")
 
 
 if __name__ == "__main__":
