@@ -60,8 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", default="HEAD~1", help="git revision (or file) of build A")
     ap.add_argument("--b", default="HEAD", help="git revision (or file) of build B")
-    ap.add_argument("--dtypes", default="int8,float16", help="pool dtypes; int8-packed: int8 with B packed for "
-                    "the VNNI expand (the builds must both read it)")
+    ap.add_argument("--dtypes", default="int8,float16", help="pool dtypes; int8-packed: int8 packed for the "
+                    "kernel's VNNI expand (the builds must both read it)")
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=rls.T)

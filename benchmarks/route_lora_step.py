@@ -7,8 +7,8 @@ between two layers. Each pool dtype has its own pool; the dtypes alternate, best
         [--rows 32]
 
 ``int8``: the int8 pool of ``--bank-dtype int8`` (each row int8 with one fp32 scale), B in rows;
-``int8-packed``: the same with B packed for the VNNI expand, as the pool stores it where the kernel
-build has that expand (``packs_int8_b``).
+``int8-packed``: the same with A and B packed for the kernel (its VNNI expand), as the pool stores them where the kernel
+build has that expand (``packs_int8``).
 
 ``--x-scale`` scales the random inputs against the random routers: 0.2 gives near-uniform routing
 (~5.9 experts per decision, as the random banks of benchmarks/banks.py), 1 peaked (~2.1).
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from adapters.runtime.layout import int8_rows  # noqa: E402
 from kernels.routed_lora.cpu_ops import (RouteLoraSites, RouteLoraStats, RouteLoraStep, load_library,  # noqa: E402
-                                         pack_int8_b, packs_int8_b)
+                                         pack_int8_a, pack_int8_b, packs_int8)
 from server.engine.routing_stats import ENTROPY_BUCKETS  # noqa: E402
 
 LAYERS, H, FFN, S, R, T, N = 30, 576, 1536, 48, 16, 32, 6
@@ -49,12 +49,14 @@ def pool(dtype: torch.dtype, seed: int = 0, packed: bool = False) -> list[tuple[
             a, b = torch.randn(S, R, i, generator=gen) / math.sqrt(i), torch.randn(S, R, o, generator=gen) * 0.01
             if dtype == torch.int8:
                 (a, sa), (b, sb) = int8_rows(a), int8_rows(b)
-                return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a, pack_int8_b(b) if packed else b, sa, sb
+                if packed:
+                    a, b = pack_int8_a(a), pack_int8_b(b)
+                return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a, b, sa, sb
             return torch.randn(S, i, generator=gen) * 2 / math.sqrt(i), a.to(dtype), b.to(dtype), None, None
         g, u, d = site(H, FFN), site(H, FFN), site(FFN, H)
         scale = torch.full((S,), 2.0)
         rows = lambda *sites: ({"a_scale": [s[3] for s in sites], "b_scale": [s[4] for s in sites],  # noqa: E731
-                                "b_packed": packed}
+                                "packed": packed}
                                if dtype == torch.int8 else {})
         layers.append((RouteLoraSites([g[0], u[0]], [g[1], u[1]], [g[2], u[2]], scale, [0, FFN],
                                       [2 * layer, 2 * layer + 1], **rows(g, u)),
@@ -75,7 +77,7 @@ def main() -> None:
         sys.exit("the C++ kernel is unavailable")
     torch.set_num_threads(args.threads)
     names = args.dtypes.split(",")
-    if "int8-packed" in names and not packs_int8_b():
+    if "int8-packed" in names and not packs_int8():
         sys.exit("int8-packed: this kernel build has no VNNI expand")
     pools = {name: pool(torch.int8, packed=True) if name == "int8-packed" else pool(getattr(torch, name))
              for name in names}

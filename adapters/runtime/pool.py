@@ -16,8 +16,9 @@ per row (``lora_a_scale``, ``lora_b_scale`` [S, R]: weight = value * its row's s
 rows over ``in`` for A and over ``out`` for B). ``route_lora`` and the general path's kernel
 (``routed_lora_int8_cpu``) read them as they are (the scales fold into the rank-r intermediate);
 without an AVX-512 build the general path dequantizes the slots a call uses. Where the kernel build
-has the VNNI expand (``packs_int8_b``), lora_b's slots are stored packed for it (``pack_int8_b``:
-same shape and bytes, tile order; ``PoolState.b_packed``) and R is a multiple of 4.
+has the VNNI expand (``packs_int8``), the slots are stored in the kernel's packed order
+(``pack_int8_a`` / ``pack_int8_b``: same shapes and bytes; ``PoolState.packed``): A's rank rows in
+fours read as one stream, B in 16-column tiles for the expand; R is then a multiple of 4.
 
 Tensors are swapped, never resized in place: a step holds the ``PoolState`` it was built with,
 so growth while a step runs cannot move memory under it. Writes only touch free slots, which no
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from kernels.pairs import PairPlan
-from kernels.routed_lora.cpu_ops import pack_int8_b, packs_int8_b, unpack_int8_b
+from kernels.routed_lora.cpu_ops import pack_int8_a, pack_int8_b, packs_int8, unpack_int8_a, unpack_int8_b
 from server.model import ModelConfig
 
 Site = tuple[int, str]  # (layer, target)
@@ -80,7 +81,7 @@ class PoolState:
     scaling: Tensor
     lora_a_scale: dict[Site, Tensor] = field(default_factory=dict)  # int8 pools: row scales [S, R] fp32
     lora_b_scale: dict[Site, Tensor] = field(default_factory=dict)
-    b_packed: bool = False  # int8 pools: lora_b's slots in pack_int8_b's order
+    packed: bool = False  # int8 pools: lora_a's and lora_b's slots in pack_int8_a's / pack_int8_b's order
     # values derived from this state's tensors (the C++ decode path's argument tables); a new state
     # (growth, compaction) starts empty, installs into the same tensors keep it valid
     cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -93,9 +94,11 @@ class PoolState:
         scaling [G]), and ``plan`` renumbered onto them: the general path's arguments, at the cost of
         the G slots a call reads, not of the pool."""
         used = plan.seg_slot
-        a = self.lora_a[site][used].float() * self.lora_a_scale[site][used].unsqueeze(-1)
-        b = self.lora_b[site][used]
-        b = (unpack_int8_b(b) if self.b_packed else b).float() * self.lora_b_scale[site][used].unsqueeze(-1)
+        a, b = self.lora_a[site][used], self.lora_b[site][used]
+        if self.packed:
+            a, b = unpack_int8_a(a), unpack_int8_b(b)
+        a = a.float() * self.lora_a_scale[site][used].unsqueeze(-1)
+        b = b.float() * self.lora_b_scale[site][used].unsqueeze(-1)
         remap = torch.full((self.capacity,), -1, dtype=torch.int64, device=used.device)
         remap[used] = torch.arange(used.numel(), device=used.device)
         slots = torch.where(plan.slots >= 0, remap[plan.slots.clamp(min=0)], plan.slots)
@@ -114,19 +117,20 @@ class SlotPool:
                              "scales); use --bank-dtype auto on this device")
         self.dtype = dtype
         self.int8 = dtype == torch.int8
-        # int8 B packed for the VNNI expand: the build has it and every linear's out is in 16-column tiles
-        self.b_packed = self.int8 and packs_int8_b() and all(
-            linear_shape(cfg, t)[1] % 16 == 0 for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                        "down_proj"))
+        # int8 slots packed for the kernel: the build has its VNNI expand and every linear's in and out
+        # are in 16-column tiles
+        self.packed = self.int8 and packs_int8() and all(
+            d % 16 == 0 for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+            for d in linear_shape(cfg, t))
         self.state = self._empty()
         self._ranges: dict[int, int] = {}  # offset -> n of every allocated range
 
     def _empty(self) -> PoolState:
-        return PoolState(0, 0, {}, {}, {}, {}, torch.zeros(0, device=self.device), b_packed=self.b_packed)
+        return PoolState(0, 0, {}, {}, {}, {}, torch.zeros(0, device=self.device), packed=self.packed)
 
     def _rank(self, rank: int) -> int:
-        """The pool's R for banks of rank up to ``rank``: a packed int8 B's rank rows go in fours."""
-        return -(-rank // 4) * 4 if self.b_packed else rank
+        """The pool's R for banks of rank up to ``rank``: a packed pool's rank rows go in fours."""
+        return -(-rank // 4) * 4 if self.packed else rank
 
     # -- accounting ---------------------------------------------------------------------------
 
@@ -186,12 +190,13 @@ class SlotPool:
         with torch.no_grad():
             for site, (a, b, router) in packed.linears.items():
                 k, r = a.shape[0], a.shape[1]
-                st.lora_a[site][offset:offset + k, :r].copy_(a)
-                if st.b_packed:  # whole slots, zero beyond the bank's rank, in the packed order
-                    full = torch.zeros_like(st.lora_b[site][offset:offset + k])
-                    full[:, :r] = b
-                    st.lora_b[site][offset:offset + k].copy_(pack_int8_b(full))
+                if st.packed:  # whole slots, zero beyond the bank's rank, in the packed order
+                    for pool, w, pack in ((st.lora_a[site], a, pack_int8_a), (st.lora_b[site], b, pack_int8_b)):
+                        full = torch.zeros_like(pool[offset:offset + k])
+                        full[:, :r] = w
+                        pool[offset:offset + k].copy_(pack(full))
                 else:
+                    st.lora_a[site][offset:offset + k, :r].copy_(a)
                     st.lora_b[site][offset:offset + k, :r].copy_(b)
                 if self.int8:
                     sa, sb = packed.row_scales[site]
@@ -227,13 +232,14 @@ class SlotPool:
             return
         dev, dt = self.device, self.dtype
 
-        def grown(old: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, packed: bool = False) -> Tensor:
+        def grown(old: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, order=None) -> Tensor:
             if old is not None and tuple(old.shape) == shape:
                 return old
             new = torch.zeros(shape, device=dev, dtype=dtype)
-            if old is not None and packed and old.shape[1] != shape[1]:  # a packed slot's order depends on R
-                new[:old.shape[0], :old.shape[1]].copy_(unpack_int8_b(old))
-                return pack_int8_b(new)
+            if old is not None and order is not None and old.shape[1] != shape[1]:  # a packed slot's order
+                pack, unpack = order                                                 # depends on R
+                new[:old.shape[0], :old.shape[1]].copy_(unpack(old))
+                return pack(new)
             if old is not None:
                 new[tuple(slice(0, d) for d in old.shape)].copy_(old)
             return new
@@ -241,8 +247,10 @@ class SlotPool:
         lora_a, lora_b, router, block, a_scale, b_scale = {}, {}, {}, {}, {}, {}
         for site in [*st.lora_a, *new_sites]:
             i, o = linear_shape(self.cfg, site[1])
-            lora_a[site] = grown(st.lora_a.get(site), (capacity, rank, i), dt)
-            lora_b[site] = grown(st.lora_b.get(site), (capacity, rank, o), dt, st.b_packed)
+            lora_a[site] = grown(st.lora_a.get(site), (capacity, rank, i), dt,
+                                 (pack_int8_a, unpack_int8_a) if st.packed else None)
+            lora_b[site] = grown(st.lora_b.get(site), (capacity, rank, o), dt,
+                                 (pack_int8_b, unpack_int8_b) if st.packed else None)
             if self.int8:
                 a_scale[site] = grown(st.lora_a_scale.get(site), (capacity, rank), torch.float32)
                 b_scale[site] = grown(st.lora_b_scale.get(site), (capacity, rank), torch.float32)

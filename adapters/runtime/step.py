@@ -455,7 +455,7 @@ class BankStep:
         if st.lora_a[site].dtype == torch.int8:
             if self.backend in ("auto", "cpu"):  # the int8 rows as stored, their scales folded into h
                 out = routed_lora_int8_cpu(x, st.lora_a[site], st.lora_a_scale[site], st.lora_b[site],
-                                           st.lora_b_scale[site], plan, st.scaling, st.b_packed)
+                                           st.lora_b_scale[site], plan, st.scaling, st.packed)
                 if out is not None:
                     return out
             a, b, scaling, plan = st.dequantized(site, plan)  # the slots this call uses, dequantized
@@ -579,12 +579,12 @@ class BankStep:
 
     def _row_scales(self, sites) -> dict:
         """An int8 pool's row scales of ``sites`` and its B's order (RouteLoraSites' a_scale / b_scale /
-        b_packed); none otherwise."""
+        packed); none otherwise."""
         st = self.state
         if not st.lora_a_scale:
             return {}
         return {"a_scale": [st.lora_a_scale[s] for s in sites], "b_scale": [st.lora_b_scale[s] for s in sites],
-                "b_packed": st.b_packed}
+                "packed": st.packed}
 
     def _whole_linear(self, d: WholeLinear, x: Tensor, out: Tensor) -> bool:
         """Routing, plans, routed LoRA and statistics of every target of ``d`` in one C++ call; False

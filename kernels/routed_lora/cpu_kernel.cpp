@@ -404,16 +404,20 @@ static inline __m256 fold16(__m512 v) {  // the two halves added: 16 lanes -> 8,
 
 // h[p, j] for four pairs (x0..x3; nb of them real) and every rank row of the segment's A, four rows a pass.
 // pf (null: none): stepped once per inner iteration; a segment of n pairs makes ceil(n / 4) calls of
-// ceil(r / 4) * d_in / 16 iterations each.
+// ceil(r / 4) * d_in / 16 iterations each.  packed: A in pack_int8_a's order (r % 4 == 0): each group of
+// four rank rows [d_in / 16][4][16], so a pass reads its four rows as one stream, in order.
 template <typename W>
 struct ShrinkAvx512 {
     int64_t d_in, r;
     Prefetcher* pf = nullptr;
+    bool packed = false;
     void operator()(const W* a, const float* x0, const float* x1, const float* x2, const float* x3, int64_t nb,
                     float* hg) const {
+        const int64_t step = packed ? 4 : 1;  // elements of a row's 16-value chunk i / 16 start at rw[k] + step * i
         for (int64_t j = 0; j < r; j += 4) {
             const W* rw[4];
-            for (int k = 0; k < 4; ++k) rw[k] = a + std::min<int64_t>(j + k, r - 1) * d_in;
+            for (int k = 0; k < 4; ++k)
+                rw[k] = packed ? a + j * d_in + 16 * k : a + std::min<int64_t>(j + k, r - 1) * d_in;
             __m512 acc[4][4];
             for (int k = 0; k < 4; ++k)
                 for (int q = 0; q < 4; ++q) acc[k][q] = _mm512_setzero_ps();
@@ -422,7 +426,7 @@ struct ShrinkAvx512 {
                 const __m512 v0 = _mm512_loadu_ps(x0 + i), v1 = _mm512_loadu_ps(x1 + i);
                 const __m512 v2 = _mm512_loadu_ps(x2 + i), v3 = _mm512_loadu_ps(x3 + i);
                 for (int k = 0; k < 4; ++k) {
-                    const __m512 w = load16(rw[k] + i);
+                    const __m512 w = load16(rw[k] + step * i);
                     acc[k][0] = _mm512_fmadd_ps(w, v0, acc[k][0]);
                     acc[k][1] = _mm512_fmadd_ps(w, v1, acc[k][1]);
                     acc[k][2] = _mm512_fmadd_ps(w, v2, acc[k][2]);
@@ -455,10 +459,13 @@ struct V16 {
 #endif
 
 #if defined(MS_ROUTED_AVX512) && defined(__AVX512VNNI__)
-// An int8 pool's B packed for the VNNI expand (wtype 4, INT8_PACKED in cpu_ops.py): each slot's
-// [r, d_out] values in 16-column tiles, each tile's rank rows in groups of four with the four values
-// of a column adjacent,
-//   Bp[c16][g][c][jj] = B[4 g + jj][16 c16 + c]    (r % 4 == 0, d_out % 16 == 0; r * d_out bytes a slot)
+// An int8 pool packed for this kernel (wtype 4, INT8_PACKED in cpu_ops.py; r % 4 == 0, d_in and d_out
+// multiples of 16).  A for the shrink (ShrinkAvx512's packed), each group of four rank rows chunk by chunk,
+//   Ap[g][i16][jj][c] = A[4 g + jj][16 i16 + c]
+// so a pass over four rank rows reads one stream in order (a bank's n slots are then the packed
+// [n r, d_in] of a dense unit); B for the VNNI expand, each slot's [r, d_out] values in 16-column
+// tiles, each tile's rank rows in groups of four with the four values of a column adjacent,
+//   Bp[c16][g][c][jj] = B[4 g + jj][16 c16 + c]    (r * d_out bytes a slot)
 // so one 64-byte load is a [16 columns x 4 rank rows] operand of vpdpbusd, and a tile's bytes (and
 // four tiles') are contiguous: a segment's B streams in order, where the row layout read 16 rows in
 // pieces.  The rank-r intermediate h is quantized per pair (symmetric int8 over the pair's r values,
@@ -760,7 +767,7 @@ static void dense_unit(const float* x, int64_t d_in, const W* A, const W* B, int
     const int64_t tbn = static_cast<int64_t>(tb.size());
     hd.resize(static_cast<size_t>(tbn * rr));
     ones.assign(static_cast<size_t>(tbn), 1.f);
-    ShrinkAvx512<W> blk16{d_in, rr};
+    ShrinkAvx512<W> blk16{d_in, rr, nullptr, packed};  // packed slots in a row are the packed [n r, d_in]
     shrink_segment(x, d_in, A + off * r * d_in, rr, tb.data(), 0, 0, tbn, hd.data(), blk16);
     for (int64_t k = 0; k < tbn; ++k)  // the routing weight, slot scaling and int8 row scales, folded into h
         for (int64_t e = 0; e < n; ++e) {
@@ -840,7 +847,8 @@ int routed_lora_cpu(const float* x, int64_t T, int64_t d_in, const void* A, cons
 // per-row scales a_scale, b_scale [S, r] (weight = value * its row's scale), read as stored, the scales
 // folded into the rank-r intermediate h (the general path's MixLoRA / MoLA calls, which route_lora does
 // not take).  AVX-512 and d_in, d_out multiples of 16 only: returns 1 otherwise (the caller then
-// dequantizes the slots it uses).  packed: B is packed (expand_cols_packed; needs VNNI and r % 4 == 0).
+// dequantizes the slots it uses).  packed: A and B packed (ShrinkAvx512, expand_cols_packed; VNNI builds,
+// r % 4 == 0).
 int routed_lora_cpu_int8(const float* x, int64_t T, int64_t d_in, const void* A, const void* B, int64_t r,
                          int64_t d_out, const float* a_scale, const float* b_scale, const int64_t* pair_token,
                          const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
@@ -850,11 +858,15 @@ int routed_lora_cpu_int8(const float* x, int64_t T, int64_t d_in, const void* A,
     if (d_in % 16 != 0 || d_out % 16 != 0 || a_scale == nullptr || b_scale == nullptr) return 1;
     const i8w* a = static_cast<const i8w*>(A);
     const i8w* b = static_cast<const i8w*>(B);
-    for_pair_groups(x, d_in, a, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt, ShrinkAvx512<i8w>{d_in, r});
+#ifndef MS_ROUTED_VNNI
+    if (packed) return 1;
+#endif
+    if (packed && r % 4 != 0) return 1;
+    for_pair_groups(x, d_in, a, r, pair_token, seg_slot, seg_start, seg_len, G, h, nt,
+                    ShrinkAvx512<i8w>{d_in, r, nullptr, packed != 0});
     for (int64_t g = 0; g < G; ++g) scale_h(h, r, seg_start[g], seg_len[g], a_scale + seg_slot[g] * r);
     if (packed) {
 #ifdef MS_ROUTED_VNNI
-        if (r % 4 != 0) return 1;
         const int64_t nvec = d_out / 16, nth = std::max<int64_t>(1, std::min<int64_t>(nt, nvec / 4));
 #pragma omp parallel for num_threads(nth) schedule(static, 1)
         for (int64_t th = 0; th < nth; ++th) {
@@ -1267,7 +1279,7 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                         }
                         pa.arm(na, r * d_in * static_cast<int64_t>(sizeof(W)),
                                groups * (packed ? (nvec + 3) / 4 * (r / 4) : (nvec + 11) / 12 * r));
-                        ShrinkAvx512<W> blk16{d_in, r, &pb};
+                        ShrinkAvx512<W> blk16{d_in, r, &pb, packed};
                         shrink_segment(x, d_in, a, r, ib, slot, seg[S + g], len, hm, blk16);
                         const float* as = a_scale(m);
                         scale_h(hm, r, seg[S + g], len, as != nullptr ? as + slot * r : nullptr);
@@ -1290,7 +1302,7 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
                     using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
 #ifdef MS_ROUTED_AVX512
                     if (wide) {
-                        ShrinkAvx512<W> blk16{d_in, r};
+                        ShrinkAvx512<W> blk16{d_in, r, nullptr, packed};
                         shrink_segment(x, d_in, reinterpret_cast<const W*>(s->A[m]), r, ib, seg[g], seg[S + g],
                                        seg[2 * S + g], hm, blk16);
                         return;

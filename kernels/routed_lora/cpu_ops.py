@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's weight types
 INT8 = 3  # route_lora only: int8 weights with per-row scales (RouteLoraSites a_scale / b_scale)
-INT8_PACKED = 4  # INT8 with lora_b packed for the VNNI expand (pack_int8_b; packs_int8_b says when)
+INT8_PACKED = 4  # INT8 with lora_a and lora_b in the kernel's packed order (pack_int8_a / _b; packs_int8 says when)
 
 
 @lru_cache(maxsize=1)
@@ -72,12 +72,26 @@ def load_library() -> ctypes.CDLL | None:
     return lib
 
 
-def packs_int8_b() -> bool:
-    """Whether this machine's kernel build reads an int8 pool's lora_b packed (``pack_int8_b``): an
-    AVX-512 VNNI build, whose expand multiplies int8 B by the int8-quantized rank-r intermediate
-    (vpdpbusd) instead of widening B to fp32. An int8 pool stores B packed when this holds."""
+def packs_int8() -> bool:
+    """Whether this machine's kernel build reads an int8 pool packed (``pack_int8_a``, ``pack_int8_b``):
+    an AVX-512 VNNI build, whose expand multiplies int8 B by the int8-quantized rank-r intermediate
+    (vpdpbusd) instead of widening B to fp32. An int8 pool stores its slots packed when this holds."""
     lib = load_library()
     return lib is not None and lib.route_lora_packs_b() == 1
+
+
+def pack_int8_a(a: Tensor) -> Tensor:
+    """An int8 lora_a [k, r, d_in] (r % 4 == 0, d_in % 16 == 0) in the shrink's packed order, same shape:
+    each slot's rank rows in groups of four, a group's four rows chunk by chunk,
+    ``packed[g][i16][jj][c] = a[4 g + jj][16 i16 + c]``: a pass over four rank rows reads one stream."""
+    k, r, d_in = a.shape
+    return a.reshape(k, r // 4, 4, d_in // 16, 16).transpose(2, 3).contiguous().view(k, r, d_in)
+
+
+def unpack_int8_a(a: Tensor) -> Tensor:
+    """``pack_int8_a``'s inverse: lora_a [k, r, d_in] in row order."""
+    k, r, d_in = a.shape
+    return a.reshape(k, r // 4, d_in // 16, 4, 16).transpose(2, 3).reshape(k, r, d_in)
 
 
 def pack_int8_b(b: Tensor) -> Tensor:
@@ -183,18 +197,18 @@ class RouteLoraSites:
     """The constant arguments of ``route_lora`` for M sites sharing an input: their pooled routers
     [S, d_in] fp32 (None: plain LoRA sites, each row's one slot with weight 1), lora_a [S, r, d_in]
     and lora_b stored [S, r, d_out] (fp32, bf16 or fp16; or int8 with ``a_scale`` / ``b_scale``, each
-    site's row scales [S, r] fp32: weight = int8 value * its row's scale; ``b_packed``: int8 lora_b in
-    ``pack_int8_b``'s order), scaling [S] fp32, each
+    site's row scales [S, r] fp32: weight = int8 value * its row's scale; ``packed``: int8 lora_a and
+    lora_b in ``pack_int8_a``'s / ``pack_int8_b``'s order), scaling [S] fp32, each
     site's first column in the output and its row in the step's selection counts
     (``RouteLoraStats``). Built once per pool state and cached (adapters.runtime.step)."""
 
     def __init__(self, routers, lora_a, lora_b_rows, scaling: Tensor, cols: list[int], stat_rows: list[int] | None = None,
-                 a_scale=None, b_scale=None, b_packed: bool = False):
+                 a_scale=None, b_scale=None, packed: bool = False):
         self.m = len(lora_a)
         self.plain = routers is None
         self.num_slots, self.rank, self.d_in = lora_a[0].shape
         int8 = lora_a[0].dtype == torch.int8
-        self.wtype = (INT8_PACKED if b_packed else INT8) if int8 else WTYPES.get(lora_a[0].dtype, -1)
+        self.wtype = (INT8_PACKED if packed else INT8) if int8 else WTYPES.get(lora_a[0].dtype, -1)
         self.d_out = [b.shape[2] for b in lora_b_rows]
         addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
         self._tables = (None if self.plain else addr(routers), addr(lora_a), addr(lora_b_rows),
@@ -400,12 +414,12 @@ def _call_kernel(lib, x, lora_a, lora_b, plan: PairPlan, scaling) -> Tensor:
 
 
 def routed_lora_int8_cpu(x: Tensor, lora_a: Tensor, a_scale: Tensor, lora_b: Tensor, b_scale: Tensor,
-                         plan: PairPlan, scaling: Tensor, b_packed: bool = False) -> Tensor | None:
+                         plan: PairPlan, scaling: Tensor, packed: bool = False) -> Tensor | None:
     """`routed_lora_cpu` on an int8 pool's site as stored: lora_a [S, r, d_in] and lora_b [S, r, d_out]
     int8 with row scales a_scale, b_scale [S, r] fp32 (weight = value * its row's scale), scaling [S];
-    the routed delta [T, d_out] fp32 (``b_packed``: lora_b in ``pack_int8_b``'s order). None when the
-    kernel does not take it (no AVX-512 build, shapes not multiples of 16, a packed B without a VNNI
-    build): the caller then dequantizes the slots it uses."""
+    the routed delta [T, d_out] fp32 (``packed``: lora_a and lora_b in ``pack_int8_a``'s / ``pack_int8_b``'s
+    order). None when the kernel does not take it (no AVX-512 build, shapes not multiples of 16, a packed
+    pool without a VNNI build): the caller then dequantizes the slots it uses."""
     lib = load_library()
     if (lib is None or lora_a.dtype != torch.int8 or lora_b.dtype != torch.int8 or not lora_a.is_contiguous()
             or not lora_b.is_contiguous() or a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32
@@ -421,7 +435,7 @@ def routed_lora_int8_cpu(x: Tensor, lora_a: Tensor, a_scale: Tensor, lora_b: Ten
         xf.data_ptr(), t, d_in, lora_a.data_ptr(), lora_b.data_ptr(), r, d_out, a_scale.data_ptr(),
         b_scale.data_ptr(), plan.pair_token.data_ptr(), plan.pair_weight.data_ptr(), scale.data_ptr(), 0.0,
         plan.seg_slot.data_ptr(), plan.seg_start.data_ptr(), plan.seg_len.data_ptr(), plan.num_segments,
-        h.data_ptr(), out.data_ptr(), int(b_packed), torch.get_num_threads())
+        h.data_ptr(), out.data_ptr(), int(packed), torch.get_num_threads())
     if rc != 0:
         return None
     return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -2,7 +2,8 @@
 routed LoRA of every site: every work split (whole banks per thread, or slot ranges then column
 ranges; a prefill's banks dense), both vector widths (shapes multiples of 16: AVX-512 where compiled;
 of 8: AVX2) and every weight dtype (int8 with per-row scales: the result is the dequantized weights';
-"int8 packed", B in the VNNI expand's order: within 2% rms of them, h being rounded to int8 per pair)."""
+"int8 packed", A and B in the kernel's packed order: within 2% rms of them, h being rounded to int8 per
+pair for the VNNI expand)."""
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ from kernels.routed_lora.cpu_ops import (
     RouteLoraSites,
     RouteLoraStep,
     load_library,
+    pack_int8_a,
     pack_int8_b,
-    packs_int8_b,
+    packs_int8,
+    unpack_int8_a,
     unpack_int8_b,
 )
 
@@ -49,7 +52,7 @@ def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
 def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads):
     d_in, d_outs = dims
     packed = dtype == "int8 packed"
-    if packed and not packs_int8_b():
+    if packed and not packs_int8():
         pytest.skip("this kernel build has no VNNI expand")
     gen = torch.Generator().manual_seed(d_in + len(layout))
     # "long": a prefill's many rows per bank (a bank whose rows select most of its experts runs dense:
@@ -66,9 +69,11 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
     if dtype == torch.int8 or packed:
         (qa, sa), (qb, sb) = zip(*map(_rows_int8, lora_a)), zip(*map(_rows_int8, lora_b))
         # (shapes off the 16-column tiles cannot be packed: their bytes as they are, to see them refused)
-        stored = [pack_int8_b(q) if packed and d_in % 16 == 0 else q for q in qb]
-        sites = RouteLoraSites(routers, list(qa), stored, scale, cols, a_scale=list(sa), b_scale=list(sb),
-                               b_packed=packed)
+        pack = packed and d_in % 16 == 0
+        stored_a = [pack_int8_a(q) if pack else q for q in qa]
+        stored_b = [pack_int8_b(q) if pack else q for q in qb]
+        sites = RouteLoraSites(routers, stored_a, stored_b, scale, cols, a_scale=list(sa), b_scale=list(sb),
+                               packed=packed)
         lora_a = [q.float() * sc.unsqueeze(-1) for q, sc in zip(qa, sa)]
         lora_b = [q.float() * sc.unsqueeze(-1) for q, sc in zip(qb, sb)]
     else:
@@ -112,14 +117,21 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
         torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
 
 
-def test_packed_int8_b_round_trips():
-    """pack_int8_b's order: packed[c16][g][c][jj] = b[4 g + jj][16 c16 + c], per slot; unpack inverts it."""
+def test_packed_int8_round_trips():
+    """pack_int8_b's order: packed[c16][g][c][jj] = b[4 g + jj][16 c16 + c], pack_int8_a's
+    packed[g][i16][jj][c] = a[4 g + jj][16 i16 + c], per slot; the unpacks invert them."""
     b = torch.randint(-127, 128, (3, 8, 32), dtype=torch.int8)
     p = pack_int8_b(b)
     assert p.shape == b.shape and torch.equal(unpack_int8_b(p), b)
     flat = p[1].reshape(-1)
     assert flat[0] == b[1, 0, 0] and flat[1] == b[1, 1, 0] and flat[4] == b[1, 0, 1]
     assert flat[64] == b[1, 4, 0] and flat[8 * 16] == b[1, 0, 16]
+    a = torch.randint(-127, 128, (2, 8, 48), dtype=torch.int8)
+    p = pack_int8_a(a)
+    assert p.shape == a.shape and torch.equal(unpack_int8_a(p), a)
+    flat = p[1].reshape(-1)
+    assert flat[0] == a[1, 0, 0] and flat[15] == a[1, 0, 15] and flat[16] == a[1, 1, 0]
+    assert flat[64] == a[1, 0, 16] and flat[4 * 48] == a[1, 4, 0]
 
 
 def test_int8_sites_without_row_scales_are_refused():

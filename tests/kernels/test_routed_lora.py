@@ -150,9 +150,9 @@ def test_static_plan_matches_reference_on_triton(case):
 def test_int8_rows_as_stored_match_their_dequantized_weights(case, threads, packed):
     """An int8 pool's site (values and row scales, B [S, r, d_out] as the pool stores it) gives the
     dequantized weights' routed delta; shapes the kernel does not take give None (the caller then
-    dequantizes). B packed for the VNNI expand (where the build has it): within 1% (h is rounded to
+    dequantizes). Packed for the kernel (where the build has its VNNI expand): within 1% (h is rounded to
     int8 per pair)."""
-    if packed and not cpu_ops.packs_int8_b():
+    if packed and not cpu_ops.packs_int8():
         pytest.skip("this kernel build has no VNNI expand")
     t, k, s, r, d_in, d_out, mode = case
     x, a, b, slots, weights, scaling = make_case(t, k, s, r, d_in, d_out, slot_mode=mode)
@@ -169,8 +169,8 @@ def test_int8_rows_as_stored_match_their_dequantized_weights(case, threads, pack
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = cpu_ops.routed_lora_int8_cpu(x, qa, sa, cpu_ops.pack_int8_b(qb) if packed else qb, sb, plan, scaling,
-                                           packed)
+        out = cpu_ops.routed_lora_int8_cpu(x, cpu_ops.pack_int8_a(qa) if packed else qa, sa,
+                                           cpu_ops.pack_int8_b(qb) if packed else qb, sb, plan, scaling, packed)
     finally:
         torch.set_num_threads(prev)
     if cpu_ops.load_library() is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):

@@ -65,7 +65,7 @@ def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
     within half a step of its row; a freed range is zero (values and scales); compaction moves both."""
     from adapters import load_bank
     from adapters.runtime.pool import SlotPool
-    from kernels.routed_lora.cpu_ops import packs_int8_b, unpack_int8_b
+    from kernels.routed_lora.cpu_ops import packs_int8, unpack_int8_a, unpack_int8_b
 
     model = load_model(tiny_model_dir)
     fp = fingerprint_of(tiny_model_dir)
@@ -76,10 +76,12 @@ def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
     st = reg.pool.state
     site = (1, "up_proj")
     off = min(reg.pool._ranges)
-    a = st.lora_a[site][off:off + 4].float() * st.lora_a_scale[site][off:off + 4].unsqueeze(-1)
-    assert st.b_packed == packs_int8_b()  # B in the VNNI expand's order where the kernel build has it
-    b = st.lora_b[site][off:off + 4]
-    b = (unpack_int8_b(b) if st.b_packed else b).float() * st.lora_b_scale[site][off:off + 4].unsqueeze(-1)
+    assert st.packed == packs_int8()  # in the kernel's packed order where its build has the VNNI expand
+    a, b = st.lora_a[site][off:off + 4], st.lora_b[site][off:off + 4]
+    if st.packed:
+        a, b = unpack_int8_a(a), unpack_int8_b(b)
+    a = a.float() * st.lora_a_scale[site][off:off + 4].unsqueeze(-1)
+    b = b.float() * st.lora_b_scale[site][off:off + 4].unsqueeze(-1)
     ex = bank.layers[1].linears["up_proj"]
     step_a = ex.lora_a.abs().amax(-1, keepdim=True) / 127
     step_b = ex.lora_b.transpose(1, 2).abs().amax(-1, keepdim=True) / 127
@@ -93,13 +95,13 @@ def test_int8_pool_rows_install_free_and_compact(tmp_path, tiny_model_dir):
 
 
 def test_packed_int8_pool_keeps_its_banks_through_rank_growth(tmp_path, tiny_model_dir):
-    """Where B is stored packed (the VNNI expand's order depends on R), a bank of a larger rank regrows
+    """Where the slots are stored packed (the order depends on R), a bank of a larger rank regrows
     the pool: R becomes a multiple of 4 and the banks already there keep their weights."""
     from adapters import load_bank
-    from kernels.routed_lora.cpu_ops import packs_int8_b, unpack_int8_b
+    from kernels.routed_lora.cpu_ops import packs_int8, unpack_int8_a, unpack_int8_b
 
-    if not packs_int8_b():
-        pytest.skip("this kernel build has no VNNI expand: B is stored in rows")
+    if not packs_int8():
+        pytest.skip("this kernel build has no VNNI expand: the pool stores rows")
     model = load_model(tiny_model_dir)
     fp = fingerprint_of(tiny_model_dir)
     write_plugin_moe(tmp_path / "small", fp, kind="dynmole", r=4, alpha=8, num_experts=4, seed=1)
@@ -108,22 +110,26 @@ def test_packed_int8_pool_keeps_its_banks_through_rank_growth(tmp_path, tiny_mod
     reg = BankRegistry(model.config, dtype=torch.int8)
     site = (1, "down_proj")
 
-    def stored_b(name: str, r: int) -> torch.Tensor:
+    def stored(name: str, r: int) -> torch.Tensor:  # the bank's dequantized A and B at the site, flat
         st = reg.pool.state
         off = reg._current[name].offset
+        a = unpack_int8_a(st.lora_a[site][off:off + 4]).float() * st.lora_a_scale[site][off:off + 4].unsqueeze(-1)
         b = unpack_int8_b(st.lora_b[site][off:off + 4]).float() * st.lora_b_scale[site][off:off + 4].unsqueeze(-1)
-        assert not b[:, r:].any()  # zero beyond the bank's rank
-        return b[:, :r]
+        assert not a[:, r:].any() and not b[:, r:].any()  # zero beyond the bank's rank
+        return torch.cat([a[:, :r].flatten(), b[:, :r].flatten()])
 
     reg.add(small)
-    assert reg.pool.state.b_packed and reg.pool.state.rank == 4
-    before = stored_b("small", 4)
+    assert reg.pool.state.packed and reg.pool.state.rank == 4
+    before = stored("small", 4)
     reg.add(big)
     assert reg.pool.state.rank == 8  # 6, in fours
-    assert torch.equal(stored_b("small", 4), before)
-    want = big.layers[1].linears["down_proj"].lora_b.transpose(1, 2)
-    step = want.abs().amax(-1, keepdim=True) / 127
-    assert (stored_b("big", 6) - want).abs().le(step / 2 + 1e-7).all()
+    assert torch.equal(stored("small", 4), before)
+    ex = big.layers[1].linears["down_proj"]
+    want_a, want_b = ex.lora_a, ex.lora_b.transpose(1, 2)
+    half = torch.cat([(want_a.abs().amax(-1, keepdim=True) / 254).expand_as(want_a).flatten(),
+                      (want_b.abs().amax(-1, keepdim=True) / 254).expand_as(want_b).flatten()])
+    got = stored("big", 6)
+    assert (got - torch.cat([want_a.flatten(), want_b.flatten()])).abs().le(half + 1e-7).all()
 
 
 def test_a_weight_beyond_float16_is_refused_by_a_float16_pool_not_turned_into_inf(tmp_path, tiny_model_dir):

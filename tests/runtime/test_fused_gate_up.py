@@ -126,7 +126,7 @@ def test_whole_linear_on_half_pools_equals_the_torch_path(setup, dtype):
         fast.linear(layer, ("gate_proj", "up_proj"), x, a)
         torch_path.linear(layer, ("gate_proj", "up_proj"), x, b)
         assert (a - base).abs().max() > 1e-2  # the banks did something
-        if dtype == torch.int8 and fast.state.b_packed:  # the VNNI expand rounds h to int8 per pair (~0.3% rms)
+        if dtype == torch.int8 and fast.state.packed:  # the VNNI expand rounds h to int8 per pair (~0.3% rms)
             da, db = a - base, b - base
             assert (da - db).norm() <= 0.01 * db.norm() and (da - db).abs().max() <= 0.02 * db.abs().max()
             assert (da - db).abs().max() > 0  # the packed path ran (the general path's is exact)
