@@ -328,20 +328,18 @@ static inline void expand_pairs(const W* bs, int64_t d_out, int64_t r, const flo
 // bound by loads: one per FMA).  hs: scratch [4 r].  A thread owns one column range: no races.
 // pf (null: none): stepped once per rank row of every tile.  bscale (null: none): int8 B's row scales
 // [S, r], folded into hs.
-template <typename V, typename W>
-static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T, const int64_t* pair_token,
-                        const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
-                        const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
-                        bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf = nullptr,
-                        const float* bscale = nullptr) {
-    if (zero)
-        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + V::L * v0, 0, (v1 - v0) * V::L * sizeof(float));
-    if (v1 <= v0) return;
+// The expand's walk over the segments: each segment's pairs four at a time, hs [np, r] = each pair's h
+// times its weight and its slot's scaling (and int8 B's row scales, bscale: null none), rows = their
+// out rows (ld apart); fn(slot, np, rows) then adds them.
+template <typename Fn>
+static inline void for_pair_quads(const float* h, int64_t r, const int64_t* pair_token, const float* pair_weight,
+                                  const float* scale, float scale_scalar, const int64_t* seg_slot,
+                                  const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
+                                  float* hs, const float* bscale, Fn&& fn) {
     for (int64_t g = 0; g < G; ++g) {
         const int64_t s = seg_slot[g];
         const float sc = scale ? scale[s] : scale_scalar;
         const int64_t p0 = seg_start[g], n = seg_len[g];
-        const W* bs = B + s * r * d_out;
         for (int64_t pb = 0; pb < n; pb += 4) {
             const int np = static_cast<int>(std::min<int64_t>(4, n - pb));
             float* rows[4];
@@ -354,14 +352,30 @@ static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, in
                     for (int64_t j = 0; j < r; ++j) hs[k * r + j] = c * h[p * r + j];
                 rows[k] = out + pair_token[p] * ld;
             }
-            switch (np) {
-                case 4: expand_pairs<V, 4>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-                case 3: expand_pairs<V, 3>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-                case 2: expand_pairs<V, 2>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-                default: expand_pairs<V, 1>(bs, d_out, r, hs, rows, v0, v1, pf); break;
-            }
+            fn(s, np, rows);
         }
     }
+}
+
+template <typename V, typename W>
+static void expand_cols(const float* h, const W* B, int64_t r, int64_t d_out, int64_t T, const int64_t* pair_token,
+                        const float* pair_weight, const float* scale, float scale_scalar, const int64_t* seg_slot,
+                        const int64_t* seg_start, const int64_t* seg_len, int64_t G, float* out, int64_t ld,
+                        bool zero, int64_t v0, int64_t v1, float* hs, Prefetcher* pf = nullptr,
+                        const float* bscale = nullptr) {
+    if (zero)
+        for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + V::L * v0, 0, (v1 - v0) * V::L * sizeof(float));
+    if (v1 <= v0) return;
+    for_pair_quads(h, r, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G, out, ld, hs,
+                   bscale, [&](int64_t s, int np, float* const* rows) {
+                       const W* bs = B + s * r * d_out;
+                       switch (np) {
+                           case 4: expand_pairs<V, 4>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                           case 3: expand_pairs<V, 3>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                           case 2: expand_pairs<V, 2>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                           default: expand_pairs<V, 1>(bs, d_out, r, hs, rows, v0, v1, pf); break;
+                       }
+                   });
 }
 
 // expand_cols over all columns, one contiguous column range per thread.
@@ -573,24 +587,11 @@ static void expand_cols_packed(const float* h, const i8w* B, int64_t r, int64_t 
     if (zero)
         for (int64_t t = 0; t < T; ++t) std::memset(out + t * ld + 16 * v0, 0, (v1 - v0) * 16 * sizeof(float));
     if (v1 <= v0) return;
-    for (int64_t g = 0; g < G; ++g) {
-        const int64_t s = seg_slot[g];
-        const float sc = scale ? scale[s] : scale_scalar;
-        const int64_t p0 = seg_start[g], n = seg_len[g];
-        const int8_t* part = reinterpret_cast<const int8_t*>(B + s * r * d_out);
-        for (int64_t pb = 0; pb < n; pb += 4) {
-            const int np = static_cast<int>(std::min<int64_t>(4, n - pb));
-            float* rows[4];
-            for (int k = 0; k < np; ++k) {
-                const int64_t p = p0 + pb + k;
-                const float c = sc * pair_weight[p];
-                for (int64_t j = 0; j < r; ++j)
-                    hs[k * r + j] = c * h[p * r + j] * (bscale != nullptr ? bscale[s * r + j] : 1.f);
-                rows[k] = out + pair_token[p] * ld;
-            }
-            vnni_pairs(&part, 1, r, hs, np, rows, v0, v1, pf);
-        }
-    }
+    for_pair_quads(h, r, pair_token, pair_weight, scale, scale_scalar, seg_slot, seg_start, seg_len, G, out, ld, hs,
+                   bscale, [&](int64_t s, int np, float* const* rows) {
+                       const int8_t* part = reinterpret_cast<const int8_t*>(B + s * r * d_out);
+                       vnni_pairs(&part, 1, r, hs, np, rows, v0, v1, pf);
+                   });
 }
 #endif
 
