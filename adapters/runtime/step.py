@@ -578,8 +578,8 @@ class BankStep:
         return WholeLinear(sites, members, g.key[1], args)
 
     def _row_scales(self, sites) -> dict:
-        """An int8 pool's row scales of ``sites`` and its B's order (RouteLoraSites' a_scale / b_scale /
-        packed); none otherwise."""
+        """An int8 pool's row scales of ``sites`` and whether its slots are packed (RouteLoraSites'
+        a_scale / b_scale / packed); none otherwise."""
         st = self.state
         if not st.lora_a_scale:
             return {}

@@ -60,7 +60,7 @@ static inline int with_wtype(int64_t wtype, Fn&& fn) {
         case 1: fn(static_cast<const bf16w*>(nullptr)); return 0;
         case 2: fn(static_cast<const f16w*>(nullptr)); return 0;
         case 3:
-        case 4: fn(static_cast<const i8w*>(nullptr)); return 0;  // 4: int8, B packed (expand_cols_packed)
+        case 4: fn(static_cast<const i8w*>(nullptr)); return 0;  // 4: int8, A and B packed (MS_ROUTED_VNNI)
         default: return 1;
     }
 }
