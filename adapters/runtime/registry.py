@@ -695,7 +695,8 @@ class BankRegistry:
 
     async def ensure(self, model: str) -> None:
         """Make the banks ``model`` names (``a`` or ``factor+b``) loaded before a request acquires
-        them. A loaded bank counts a host hit. One that is not counts a miss and, with
+        them. A loaded bank counts a host hit (and a use: eviction takes the least recently used
+        bank, so one a request just asked for is not the next to go). One that is not counts a miss and, with
         ``on_demand`` (or when it was evicted from host memory), is loaded from ``<root>/<name>``
         (an evicted bank: from where it was loaded) on a load worker; concurrent callers await the
         same load, and the engine keeps stepping meanwhile. Raises ``BankNotOnDisk`` (404) for no
@@ -707,6 +708,8 @@ class BankRegistry:
             with self._lock:
                 loaded = part in self._current or part in self._failed
                 (self.stats.hits if loaded else self.stats.misses)["host"] += 1
+                if part in self._current:  # a bank a request asks for is used now: the last to evict (LRU)
+                    self._current[part].last_used = time.monotonic()
                 evicted = self._on_disk.get(part)
             if loaded or not (self.on_demand or evicted is not None) or not part:
                 continue

@@ -115,6 +115,17 @@ def test_lru_idle_unpinned_banks_are_evicted_within_max_loaded(root, tiny_model_
     assert reg.max_resident(64) == 3  # max_lora for the endpoint picker stays the bound
 
 
+def test_a_bank_a_request_asks_for_counts_as_used(root, tiny_model_dir):
+    """``ensure`` on a loaded bank (the request's hit, before it acquires the bank) makes it the most
+    recently used: the next load evicts another bank, not the one the request is about to run on."""
+    reg = _registry(tiny_model_dir, [root], max_loaded=2)
+    asyncio.run(reg.ensure("b0"))
+    asyncio.run(reg.ensure("b1"))
+    asyncio.run(reg.ensure("b0"))  # a hit: b1 is now the least recently used
+    asyncio.run(reg.ensure("b2"))
+    assert _names(reg) == ["b0", "b2"]
+
+
 def test_a_bank_with_requests_in_flight_is_never_evicted(root, tiny_model_dir):
     reg = _registry(tiny_model_dir, [root], max_loaded=2, load_timeout=0.5)
     asyncio.run(reg.ensure("b0"))
