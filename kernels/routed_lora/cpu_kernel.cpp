@@ -490,19 +490,15 @@ struct V16 {
 #define MS_ROUTED_VNNI 1
 
 // A pair group's h as vpdpbusd operands: hq[k][j] = round(hs[k, j] / sk[k]) + 128, sk[k] = max|hs[k, :]| / 127
-// (rr values a pair; pairs np..3 zero).
+// for its np pairs (rr values a pair; vnni_cols<np> reads no others).
 static inline void quantize_h(const float* hs, int64_t rr, int np, uint8_t* hq, float* sk) {
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < np; ++k) {
+        const float* h = hs + k * rr;
         float m = 0.f;
-        if (k < np)
-            for (int64_t j = 0; j < rr; ++j) m = std::max(m, std::fabs(hs[k * rr + j]));
+        for (int64_t j = 0; j < rr; ++j) m = std::max(m, std::fabs(h[j]));
         sk[k] = m / 127.f;
         const float inv = m > 0.f ? 127.f / m : 0.f;
-        uint8_t* q = hq + k * rr;
-        if (k < np)
-            for (int64_t j = 0; j < rr; ++j) q[j] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(hs[k * rr + j] * inv)) + 128);
-        else
-            std::memset(q, 128, static_cast<size_t>(rr));
+        for (int64_t j = 0; j < rr; ++j) hq[k * rr + j] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(h[j] * inv)) + 128);
     }
 }
 
