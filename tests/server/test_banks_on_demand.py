@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import time
 
 import pytest
 
+from adapters.runtime.registry import ON_DEMAND_HOLD_S
 from server.settings import Settings
 from tests.adapters.bank_builders import fingerprint_of, random_bank
 from tests.server.conftest import ServerThread
@@ -99,6 +101,11 @@ def test_a_request_whose_bank_is_evicted_before_it_runs_loads_it_again(served, m
             assert "b3" not in {b["name"] for b in banks.list()}
 
     monkeypatch.setattr(banks, "ensure", racing_ensure)
+    # no hold on banks loaded on demand, and none left from the test before (its last loads are held
+    # for ON_DEMAND_HOLD_S): b3 must be evictable before its request acquires it. With a hold on b3,
+    # loading b2 evicts a resident idle b1 instead, so the race depended on what was left resident.
+    monkeypatch.setattr(banks, "on_demand_hold", 0.0)
+    time.sleep(ON_DEMAND_HOLD_S)
     before = banks.residency_stats().loads[("on_demand", "ok")]
     r = _complete(client, "b3")
     assert r.status_code == 200, r.text
