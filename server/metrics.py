@@ -31,6 +31,7 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # vLLM's for its max batch
 EXPERTS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)
 BANK_OP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -221,6 +222,8 @@ class ServerMetrics:
                                 ["block_size", "num_gpu_blocks", "cache_dtype"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token.", m, buckets=TTFT_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", m, buckets=LATENCY_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Tokens per engine step (prefill and decode).", m,
+                                          buckets=ITERATION_TOKENS_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens of finished requests.", m, registry=r)
         self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens (of sequences admitted).",
@@ -276,6 +279,8 @@ class ServerMetrics:
         self.running.labels(name).set(stats.num_running)
         self.waiting.labels(name).set(stats.num_waiting)
         self.kv_usage.labels(name).set(stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0)
+        if stats.num_prefill_tokens or stats.num_decode_tokens:
+            self.iteration_tokens.labels(name).observe(stats.num_prefill_tokens + stats.num_decode_tokens)
         if stats.num_preempted:
             self.preemptions.inc(stats.num_preempted)
         if stats.prefix_cache_queries:

@@ -50,6 +50,13 @@ def test_step_and_request_stats():
     assert s[("moleserve_requests_total", (("bank", "base"), ("finish_reason", "abort")))] == 1
     assert s[("moleserve_generation_tokens_total", (("bank", "a"),))] == 5
     assert s[("moleserve_preemptions_total", ())] == 2
+    it = "vllm:iteration_tokens_total"  # vLLM's tokens-per-step histogram: its count is the engine's steps
+    assert s[(it + "_count", mn)] == 1 and s[(it + "_sum", mn)] == 1
+    m.on_step(step(num_prefill_tokens=300, num_decode_tokens=20))
+    m.on_step(step(num_decode_tokens=0))  # an idle step (nothing scheduled) is no iteration
+    s = samples(m)
+    assert s[(it + "_count", mn)] == 2 and s[(it + "_sum", mn)] == 321
+    assert s[(it + "_bucket", (("le", "256.0"),) + mn)] == 1 and s[(it + "_bucket", (("le", "512.0"),) + mn)] == 2
     itl = "moleserve_inter_token_latency_seconds"
     assert s[(itl + "_count", (("bank", "a"),))] == 3
     assert s[(itl + "_bucket", (("bank", "a"), ("le", "0.01")))] == 1
