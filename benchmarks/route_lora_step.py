@@ -17,7 +17,8 @@ of the repeats) and the median over the repeats of each pool's time over the fir
 to read on a noisy machine), the expert bytes read per step and the rate (bytes / time), and beside them the
 machine's read rate measured in the same run (one pass summing 256 MB, alternating with the pools)
 and the time all the step's weight bytes (experts, routers, int8 row scales) take at that rate: the
-floor of a step that reads each weight once from memory.
+floor of a step that reads each weight once from memory.  Bytes count what the step reads: the experts
+some row selected (with their row scales) and the routers of the banks that have rows.
 """
 
 from __future__ import annotations
@@ -114,10 +115,20 @@ def main() -> None:
     print(f"| pool dtype | ms per step (60 calls) | expert bytes per step | rate | all bytes (+ routers, scales) "
           f"| their read time at the measured rate | vs {first}, median of the repeats' ratios |\n"
           "|---|---|---|---|---|---|---|")
+    # the experts the step reads: a slot of a site that some row selected (the same inputs every repeat,
+    # so the same slots every step); with few rows (--rows 1) most slots are not read
+    # (and their int8 row scales); the routers of the banks that have rows
+    used = stats.sel > 0  # [site's stats row, slot]
+    banks = min(t, 8)
+
+    def read(sites, k: int, per_slot: bool) -> int:
+        return sum((int(used[row].sum()) if per_slot else banks * N) * (w.numel() * w.element_size()) // S
+                   for s in sites for row, w in zip(s.stat_rows, s.keep[k] or []))
+
     for name, layers in pools.items():
-        nbytes = sum(t.numel() * t.element_size() for gu, dn in layers for s in (gu, dn) for t in (*s.keep[1], *s.keep[2]))
-        allb = sum(t.numel() * t.element_size() for gu, dn in layers for s in (gu, dn)
-                   for t in (*s.keep[0], *s.keep[1], *s.keep[2], *(s.keep[4] or []), *(s.keep[5] or [])))
+        sites = [s for gu, dn in layers for s in (gu, dn)]
+        nbytes = read(sites, 1, True) + read(sites, 2, True)
+        allb = nbytes + read(sites, 0, False) + read(sites, 4, True) + read(sites, 5, True)
         paired = statistics.median(a / b for a, b in zip(runs[name], runs[first]))
         print(f"| {name} | {best[name] * 1000:.1f} | {nbytes / 1e6:.0f} MB | {nbytes / best[name] / 1e9:.1f} GB/s "
               f"| {allb / 1e6:.0f} MB | {allb / rate * 1000:.1f} ms | {paired:.3f} |")

@@ -1359,7 +1359,12 @@ int route_lora(const float* x, float* out, int64_t ld, const RLSites* s, const R
 // loaded), e.g. one bank, or one bank with most of the rows.
 // Out: the number of units; ustart [units + 1], uitems: unit u's work items (indices into wk) at
 // ustart[u]..ustart[u + 1].
+// A bank's rows for a dense unit: a prefill's many (fp32 / fp16 / bf16 and row-layout int8 pools), two for
+// a packed int8 pool, whose segments are short streams (an int8 expert's A is 9-24 KB): over 8 banks'
+// decode rows, route_lora_ab.py measured the dense units 0.82-0.87x the segments at 4 rows a bank, 0.76x at
+// 8 and 0.97x at 2 (neutral at 1), where the row-layout int8 pool ran 1.06x slower dense at 4.
 constexpr int64_t DENSE_MIN_ROWS = 16;
+constexpr int64_t DENSE_MIN_ROWS_PACKED = 2;
 static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* ibp, int64_t blk, const int64_t* wk,
                              int64_t nwork, int nt, int64_t* ustart, int64_t* uitems, int64_t* udense) {
     const int64_t T = st->T, n = st->n, S = s->S, tn = T * n, M = s->M;
@@ -1414,14 +1419,16 @@ static int64_t split_by_bank(const RLSites* s, const RLStep* st, const int64_t* 
     for (int64_t u = 0; u < units; ++u) ustart[u + 1] += ustart[u];
     pos.assign(ustart, ustart + units);
     for (int64_t k = 0; k < nwork; ++k) uitems[pos[rank[unit(k)]]++] = k;
-    // dense (the bank's offset; else -1): a prefill's many rows of the bank (DENSE_MIN_ROWS), every expert
-    // of the bank with pairs here (its weights are read anyway) and at least half of the (row, expert)
-    // products selected (the rest are computed for weight 0).  A decode step's few rows per bank keep
-    // the segments: their software prefetch of the next segment's weights is worth more there.
+    // dense (the bank's offset; else -1): enough rows of the bank (DENSE_MIN_ROWS: a prefill's many, or a
+    // packed pool's decode rows), every expert of the bank with pairs here (its weights are read anyway)
+    // and at least half of the (row, expert) products selected (the rest are computed for weight 0).  A
+    // decode step's few rows per bank keep the segments on the other pools: their software prefetch of
+    // the next segment's weights is worth more there.
+    const int64_t min_rows = s->wtype == 4 ? DENSE_MIN_ROWS_PACKED : DENSE_MIN_ROWS;
     for (int64_t u = 0; u < nu; ++u)
         if (rank[u] >= 0) {
             const int64_t b = u % nb;
-            udense[rank[u]] = rows[b] >= DENSE_MIN_ROWS && segs[u] == n && 2 * pairs[u] >= rows[b] * n ? banks[b] : -1;
+            udense[rank[u]] = rows[b] >= min_rows && segs[u] == n && 2 * pairs[u] >= rows[b] * n ? banks[b] : -1;
         }
     return units;
 }

@@ -210,10 +210,11 @@ class RouteLoraSites:
         int8 = lora_a[0].dtype == torch.int8
         self.wtype = (INT8_PACKED if packed else INT8) if int8 else WTYPES.get(lora_a[0].dtype, -1)
         self.d_out = [b.shape[2] for b in lora_b_rows]
+        self.stat_rows = list(stat_rows) if stat_rows is not None else [0] * self.m
         addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
         self._tables = (None if self.plain else addr(routers), addr(lora_a), addr(lora_b_rows),
                         torch.tensor(self.d_out, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64),
-                        torch.tensor(stat_rows if stat_rows is not None else [0] * self.m, dtype=torch.int64),
+                        torch.tensor(self.stat_rows, dtype=torch.int64),
                         addr(a_scale) if int8 and a_scale is not None else None,
                         addr(b_scale) if int8 and b_scale is not None else None)
         self.keep = (routers, lora_a, lora_b_rows, scaling, a_scale, b_scale)  # the addresses above stay valid

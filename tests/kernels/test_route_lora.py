@@ -31,7 +31,7 @@ def _rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
-    if layout in ("balanced", "long", "long broadcast"):  # every bank the same rows: whole banks per thread
+    if layout in ("balanced", "long", "long broadcast", "few broadcast"):  # every bank the same rows: whole banks per thread
         off = torch.arange(t) % banks
     elif layout == "one bank":  # one bank: the column split
         off = torch.zeros(t, dtype=torch.int64)
@@ -46,7 +46,8 @@ def _offsets(layout: str, t: int, banks: int, gen) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dims", [(64, (96, 48)), (40, (24, 56))])  # wide (x16), and x8 only
-@pytest.mark.parametrize("layout", ["balanced", "one bank", "uneven", "random", "long", "long broadcast"])
+@pytest.mark.parametrize("layout", ["balanced", "one bank", "uneven", "random", "long", "long broadcast",
+                                    "few broadcast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, "int8 packed"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads):
@@ -57,8 +58,9 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
     gen = torch.Generator().manual_seed(d_in + len(layout))
     # "long": a prefill's many rows per bank (a bank whose rows select most of its experts runs dense:
     # all experts over all its rows, weight 0 where unselected); "long broadcast": every row selects
-    # every expert (the entropy threshold 0), so the dense path surely runs
-    t, banks = (96, 2) if layout.startswith("long") else (21, 4)
+    # every expert (the entropy threshold 0), so the dense path surely runs; "few broadcast": a decode
+    # step's two rows per bank, every expert selected (a packed pool's banks run dense, the others' segments)
+    t, banks = (96, 2) if layout.startswith("long") else (8, 4) if layout.startswith("few") else (21, 4)
     cap = banks * N
     x = torch.randn(t, d_in, generator=gen)
     routers = [torch.randn(cap, d_in, generator=gen) * 2 / d_in**0.5 for _ in d_outs]
@@ -86,7 +88,7 @@ def test_route_lora_adds_the_routed_lora_it_reports(dims, layout, dtype, threads
     torch.set_num_threads(threads)
     try:
         step = RouteLoraStep(offsets, N, top_p=0.75, keep_top_k=2.0,
-                             entropy_threshold=0.0 if layout == "long broadcast" else 0.9, q=1.1, eps=1e-5,
+                             entropy_threshold=0.0 if layout.endswith("broadcast") else 0.9, q=1.1, eps=1e-5,
                              outputs=(logits, w, ent))
     finally:
         torch.set_num_threads(prev)
