@@ -39,15 +39,20 @@ from server.engine.routing_stats import ENTROPY_BUCKETS  # noqa: E402
 SOURCE = "kernels/routed_lora/cpu_kernel.cpp"
 
 
-def build(rev: str, folder: Path) -> ctypes.CDLL:
-    """The kernel at git revision ``rev`` (or the file ``rev``), compiled and loaded."""
+def kernel_source(rev: str, folder: Path) -> Path:
+    """The kernel source at git revision ``rev`` (or the file ``rev``), written to ``folder``."""
     path = Path(rev)
     text = path.read_text() if path.is_file() else subprocess.run(
         ["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     src = folder / "cpu_kernel.cpp"
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text(text)
-    lib = load_cpp_library(src, f"route_lora at {rev}")
+    return src
+
+
+def build(rev: str, folder: Path) -> ctypes.CDLL:
+    """The kernel at git revision ``rev`` (or the file ``rev``), compiled and loaded."""
+    lib = load_cpp_library(kernel_source(rev, folder), f"route_lora at {rev}")
     if lib is None:
         sys.exit(f"the kernel at {rev} does not build")
     p, i64 = ctypes.c_void_p, ctypes.c_int64

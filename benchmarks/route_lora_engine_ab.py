@@ -30,19 +30,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from kernels.routed_lora import cpu_ops  # noqa: E402
-from route_lora_ab import SOURCE  # noqa: E402
+from route_lora_ab import kernel_source  # noqa: E402
 
 
 def build(rev: str, folder: Path):
     """The kernel at git revision ``rev`` (or the file ``rev``), loaded as ``load_library`` loads it."""
-    import subprocess
-
-    path = Path(rev)
-    text = path.read_text() if path.is_file() else subprocess.run(
-        ["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    src = folder / "cpu_kernel.cpp"
-    src.parent.mkdir(parents=True, exist_ok=True)
-    src.write_text(text)
+    src = kernel_source(rev, folder)
     keep = cpu_ops._SOURCE
     try:
         cpu_ops._SOURCE = src
