@@ -215,14 +215,14 @@ int ms_decode_forward(const MsModel* model, float* h, int64_t M, const float* co
     return 0;
 }
 
-// y [M, n] = x [M, k] @ W^T for a plain fp32 W [n, k] (weight: an MsF32Weight). Threads split W's
-// rows in tiles of 4; each tile is read once from memory and, from L1, multiplied with the rows
+// y [M, n] = x [M, k] @ W^T for a plain fp32 W [n, k] (weight: an MsF32Weight). Threads take W's
+// rows in tiles of 4, 8 tiles at a time in turn (as quant_cpu.cpp's blocks); each tile is read once from memory and, from L1, multiplied with the rows
 // of x up to 4 at a time: up to 16 dot products in vector registers, summed across lanes at the end.
 void ms_f32linear(const void* weight, const float* x, int64_t M, float* y, int nt) {
     const MsF32Weight& W = *static_cast<const MsF32Weight*>(weight);
     const int64_t N = W.n, K = W.k;
     const int64_t tiles = (N + 3) / 4;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * 4, nn = std::min<int64_t>(4, N - n0);
         const float* w[4];

@@ -12,7 +12,10 @@
 // Arithmetic (fixed, whatever M, the row's neighbours or the thread count): per (m, n)
 //   acc = 0;  for k = 0..K-1:  acc = fma(x[m, k], w[n, k], acc)   with int4 w = fma(q, s, z'), int8 w = q
 //   y = acc + bias[n]   (int8: fma(acc, s[n], bias[n]), or acc * s[n] without bias)
-// so a row's output is bitwise the same alone or in any batch.  Threads split the column blocks only.
+// so a row's output is bitwise the same alone or in any batch.  Threads split the column blocks only,
+// taking them in turn (schedule(dynamic)): when the host or the server's event loop delays one thread,
+// the other takes its blocks instead of waiting for it at the region's end (static halves ran 5-11%
+// slower in the median on a shared 2-core host; BENCHMARKS.md, thirteenth session).
 // Two schedules with that arithmetic: small M dequantizes in registers, each weight used by all M
 // rows at once; larger M dequantizes a whole column block into a per-thread buffer once (L2) and
 // runs 12-row register tiles over it.
@@ -218,7 +221,7 @@ void qlinear(const QWeight& w, const float* x, int64_t M, float* y, int nt) {
     if (M <= DIRECT_MAX_M) {
         // chunks of 4 blocks (a multiple of every CB) so the split does not change the schedule's shape
         const int64_t chunks = (nblk + 3) / 4;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks; ++c) {
             const int64_t b0 = c * 4, nb = b0 + 4 <= nblk ? 4 : nblk - b0;
             switch (M) {
@@ -237,7 +240,7 @@ void qlinear(const QWeight& w, const float* x, int64_t M, float* y, int nt) {
 #pragma omp parallel num_threads(nt)
     {
         float* buf = (float*)std::aligned_alloc(64, (size_t)w.K * NB * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < nblk; ++b) {
             dequant_block(w, b, buf);
             int64_t m = 0;
