@@ -4,6 +4,7 @@ BENCHMARKS.md table ("Served throughput").
 
     python benchmarks/served.py [--threads 2] [--concurrency 32] [--new-tokens 64] [--repeats 2]
                                 [--workloads short long] [--skip-hf] [--skip-mixlora] [--dynmole] [--only-banks]
+                                [--client-nice N]
 
 Workloads: N requests of prompt token ids (seeded random), ``short`` 30-44 tokens (a chat turn's
 size), ``long`` 64-128 tokens (benchmarks/engine.py's); N new tokens each, greedy, ignore_eos. The
@@ -22,7 +23,9 @@ then whichever system runs first pays the prefill and the later ones read it fro
 A second table gives CPU seconds per 1000 tokens, of the whole server process and of its event loop
 (the main thread), next to the in-process engine's, counted over the timed requests only (not the
 client's warm-up request, which the in-process engine does not make): CPU time is what the served
-path adds whatever the machine's load. A third: 16 requests over 4 MixLoRA banks served (``--banks``) vs transformers +
+path adds whatever the machine's load. Beside it, the client's own CPU (this process, warm-up
+included): the load generator shares the server's 2 cores, which a real client's machine does not;
+``--client-nice N`` runs it at nice N so it takes the cores' idle time (a diagnostic, not the default). A third: 16 requests over 4 MixLoRA banks served (``--banks``) vs transformers +
 the ``mixlora`` package (benchmarks/banks.py's peer).
 """
 
@@ -350,11 +353,17 @@ def main() -> None:
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="also serve from this checkout (e.g. the commit before a change), alternating with this one")
     ap.add_argument("--server-env", nargs="*", default=[], help="NAME=VALUE for the server process (this tree's)")
+    ap.add_argument("--client-nice", type=int, default=0,
+                    help="run the load generator (this process's main thread) at this nice value, so it takes the "
+                         "cores' idle time as a client on another machine would, not the server's (the in-process "
+                         "engine runs on the same thread, with nothing else running then)")
     ap.add_argument("--reuse-prompts", action="store_true",
                     help="the same prompts every run (the first run of each system pays their prefill, later runs "
                          "read it from the prefix cache); default: prompts of its own per run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.client_nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.client_nice)  # Linux: this thread (the client's event loop)
 
     from server.model import ensure_default_model
 
@@ -400,22 +409,24 @@ def main() -> None:
             for _ in range(args.repeats):  # alternate the systems within each repeat
                 c0 = time.process_time()
                 rates.setdefault("engine in-process", []).append(n * nt / in_process(engine, next_prompts(prompts), nt))
-                acc = cpu.setdefault("engine in-process", [0.0, 0.0, 0, []])
+                acc = cpu.setdefault("engine in-process", [0.0, 0.0, 0, [], 0.0])
                 acc[1] += time.process_time() - c0
                 acc[2] += n * nt
                 acc[3].append(1000 * (time.process_time() - c0) / (n * nt))
                 for label, (proc, url) in servers.items():
                     for stream in (False, True):
                         system = f"{label}, {'streaming' if stream else 'non-streaming'}"
+                        c0 = time.process_time()
                         wall, tokens, counts, (loop_s, all_s) = asyncio.run(
                             served(url, next_prompts(prompts), nt, stream, pid=proc.pid))
                         assert tokens == n * nt, (tokens, counts)
                         rates.setdefault(system, []).append(tokens / wall)
-                        acc = cpu.setdefault(system, [0.0, 0.0, 0, []])
+                        acc = cpu.setdefault(system, [0.0, 0.0, 0, [], 0.0])
                         acc[0] += loop_s
                         acc[1] += all_s
                         acc[2] += tokens
                         acc[3].append(1000 * all_s / tokens)
+                        acc[4] += time.process_time() - c0  # the client's (its warm-up request included)
                 if hf is not None:
                     rates.setdefault("transformers generate", []).append(
                         n * nt / hf_generate(hf, next_prompts(prompts), nt, pad))
@@ -427,12 +438,16 @@ def main() -> None:
                       f"{paired(runs, rates['engine in-process']):.2f}x | {vs_hf} |", flush=True)
         # CPU time does not depend on how busy the machine is the way wall time does: where the
         # served path spends more than the engine, per token, whatever the load.
-        print("\n| system | CPU s / 1000 tokens, whole process (runs) | of which the event loop (main thread) |")
-        print("| --- | --- | --- |")
-        for system, (loop_s, all_s, tokens, per_run) in cpu.items():
-            loop = f"{1000 * loop_s / tokens:.2f}" if system != "engine in-process" else "-"
-            print(f"| {system} | {1000 * all_s / tokens:.2f} ({', '.join(f'{r:.2f}' for r in per_run)}) | {loop} |",
-                  flush=True)
+        # The client's CPU: the load generator shares the server's cores here, where a real client's would not.
+        print("\n| system | CPU s / 1000 tokens, whole process (runs) | of which the event loop (main thread) "
+              "| the client's, beside it |")
+        print("| --- | --- | --- | --- |")
+        for system, (loop_s, all_s, tokens, per_run, client_s) in cpu.items():
+            served_row = system != "engine in-process"
+            loop = f"{1000 * loop_s / tokens:.2f}" if served_row else "-"
+            client = f"{1000 * client_s / tokens:.2f}" if served_row else "-"
+            print(f"| {system} | {1000 * all_s / tokens:.2f} ({', '.join(f'{r:.2f}' for r in per_run)}) | {loop} "
+                  f"| {client} |", flush=True)
         if not args.skip_mixlora:
             del engine, hf  # their memory, before the banks' server and the peer's models load
             mixlora_table(args, flags, folder)
