@@ -25,8 +25,9 @@ A second table gives CPU seconds per 1000 tokens, of the whole server process an
 client's warm-up request, which the in-process engine does not make): CPU time is what the served
 path adds whatever the machine's load. Beside it, the client's own CPU (this process, warm-up
 included): the load generator shares the server's 2 cores, which a real client's machine does not;
-``--client-nice N`` runs it at nice N so it takes the cores' idle time (a diagnostic, not the default). A third: 16 requests over 4 MixLoRA banks served (``--banks``) vs transformers +
-the ``mixlora`` package (benchmarks/banks.py's peer).
+``--client-nice N`` runs it at nice N so it takes the cores' idle time (a diagnostic, not the default).
+A third: 16 requests over 4 MixLoRA banks served (``--banks``) vs transformers + the ``mixlora``
+package (benchmarks/banks.py's peer).
 """
 
 from __future__ import annotations

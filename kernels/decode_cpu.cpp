@@ -216,8 +216,9 @@ int ms_decode_forward(const MsModel* model, float* h, int64_t M, const float* co
 }
 
 // y [M, n] = x [M, k] @ W^T for a plain fp32 W [n, k] (weight: an MsF32Weight). Threads take W's
-// rows in tiles of 4, 8 tiles at a time in turn (as quant_cpu.cpp's blocks); each tile is read once from memory and, from L1, multiplied with the rows
-// of x up to 4 at a time: up to 16 dot products in vector registers, summed across lanes at the end.
+// rows in tiles of 4, 8 tiles at a time in turn (as quant_cpu.cpp's blocks); each tile is read once
+// from memory and, from L1, multiplied with the rows of x up to 4 at a time: up to 16 dot products in
+// vector registers, summed across lanes at the end.
 void ms_f32linear(const void* weight, const float* x, int64_t M, float* y, int nt) {
     const MsF32Weight& W = *static_cast<const MsF32Weight*>(weight);
     const int64_t N = W.n, K = W.k;

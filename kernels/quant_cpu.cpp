@@ -14,7 +14,7 @@
 //   y = acc + bias[n]   (int8: fma(acc, s[n], bias[n]), or acc * s[n] without bias)
 // so a row's output is bitwise the same alone or in any batch.  Threads split the column blocks only,
 // taking them in turn (schedule(dynamic)): when the host or the server's event loop delays one thread,
-// the other takes its blocks instead of waiting for it at the region's end (static halves ran 5-11%
+// the other takes its blocks instead of waiting for it at the region's end (fixed halves ran 3-6%
 // slower in the median on a shared 2-core host; BENCHMARKS.md, thirteenth session).
 // Two schedules with that arithmetic: small M dequantizes in registers, each weight used by all M
 // rows at once; larger M dequantizes a whole column block into a per-thread buffer once (L2) and
