@@ -61,6 +61,15 @@ def dynmole_bank(fp: BaseFingerprint, name: str, seed: int, experts=6, r=16, rou
                       routing=RoutingConfig("dynmole"), targets=("gate_proj", "up_proj", "down_proj"), layers=layers)
 
 
+
+def save_dynmole_banks(folder: Path, fp: BaseFingerprint, n: int = 8) -> list[str]:
+    """``n`` random DynMoLE banks (``dynmole_bank``, seeds 0..n-1) saved under ``folder`` as
+    ``dyn0``..: a ``serve --banks`` folder; their names."""
+    names = [f"dyn{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        dynmole_bank(fp, name, seed=i).save(folder / name)
+    return names
+
 def requests(n: int, banks: list[str | None], max_tokens: int, vocab: int, seed=0) -> list[GenerationRequest]:
     gen = torch.Generator().manual_seed(seed)
     return [GenerationRequest(f"r{i}", torch.randint(10, vocab, (PROMPT_LEN,), generator=gen).tolist(),

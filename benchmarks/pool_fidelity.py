@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    from banks import PROMPT_LEN, dynmole_bank
+    from banks import PROMPT_LEN, save_dynmole_banks
     from served import in_process_engine, serve_flags
 
     from adapters import BaseFingerprint
@@ -38,14 +38,12 @@ def main() -> None:
     folder = ensure_default_model()
     cfg = ModelConfig.from_folder(folder)
     fp = BaseFingerprint.from_hf_config(cfg.raw)
-    names = [f"dyn{i}" for i in range(8)]
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, cfg.vocab_size, (PROMPT_LEN,), generator=gen).tolist() for _ in range(32)]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, name in enumerate(names):
-            dynmole_bank(fp, name, seed=i).save(Path(tmp) / name)
+        names = save_dynmole_banks(Path(tmp), fp)
         for dtype in ("float32", args.dtype):
             engine = in_process_engine([*serve_flags(64, []), "--banks", tmp, "--bank-dtype", dtype])
             reqs = [GenerationRequest(f"{dtype}-{i}", p, params, bank=names[i % 8]) for i, p in enumerate(prompts)]

@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    from banks import PROMPT_LEN, dynmole_bank
+    from banks import PROMPT_LEN, save_dynmole_banks
     from served import in_process_engine, serve_flags
 
     from adapters import BaseFingerprint
@@ -67,11 +67,9 @@ def main() -> None:
     folder = ensure_default_model()
     cfg = ModelConfig.from_folder(folder)
     fp = BaseFingerprint.from_hf_config(cfg.raw)
-    names = [f"dyn{i}" for i in range(8)]
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"A": build(args.a, Path(tmp) / "a"), "B": build(args.b, Path(tmp) / "b")}
-        for i, name in enumerate(names):
-            dynmole_bank(fp, name, seed=i).save(Path(tmp) / name)
+        names = save_dynmole_banks(Path(tmp), fp)
         engine = in_process_engine([*serve_flags(64, []), "--banks", tmp])
         registry = engine.adapter_provider
         gen = torch.Generator().manual_seed(0)

@@ -277,17 +277,16 @@ def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
     a bank step beyond a base step."""
     import tempfile
 
-    from banks import PROMPT_LEN, dynmole_bank, requests
+    from banks import PROMPT_LEN, requests, save_dynmole_banks
 
     from adapters import BaseFingerprint
     from server.model import ModelConfig
 
     cfg = ModelConfig.from_folder(folder)
     fp, vocab = BaseFingerprint.from_hf_config(cfg.raw), cfg.vocab_size
-    names, nt, n = [f"dyn{i}" for i in range(8)], args.new_tokens, 32
+    nt, n = args.new_tokens, 32
     with tempfile.TemporaryDirectory() as tmp:
-        for i, name in enumerate(names):
-            dynmole_bank(fp, name, seed=i).save(Path(tmp) / name)
+        names = save_dynmole_banks(Path(tmp), fp)
         reqs = requests(n, names, nt, vocab, seed=5)
         prompts = [r.prompt_token_ids for r in reqs]
         proc, url = start_server(args.threads, [*flags, "--banks", tmp])
