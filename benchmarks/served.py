@@ -10,7 +10,8 @@ Workloads: N requests of prompt token ids (seeded random), ``short`` 30-44 token
 size), ``long`` 64-128 tokens (benchmarks/engine.py's); N new tokens each, greedy, ignore_eos. The
 server runs as its own process, started once, as a user runs it; the client (aiohttp, all N requests
 at once on one event loop, as a load generator does) runs in this process. Systems alternate within
-each repeat so the machine's load hits them alike; the best run of each is reported, and beside
+each repeat, every other repeat in the reverse order (ABC CBA ...), so the machine's load and its
+drift within a repeat hit them alike; the best run of each is reported, and beside
 the best-against-best ratio the median over the repeats of each repeat's own ratio (robust to a
 stretch of load that favours one system's best run). The in-process
 engine is the one ``moleserve serve`` builds from the same flags (int4 base weights by default).
@@ -248,14 +249,16 @@ def mixlora_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
         proc, url = start_server(args.threads, [*flags, "--banks", tmp])
         try:
             rates: dict[str, list[float]] = {}
-            for _ in range(args.repeats):  # alternate
-                for stream in (False, True):
+            systems = [False, True] + ([] if args.skip_hf else [None])  # streaming or not; None: the peer
+            for rep in range(args.repeats):  # alternate, every other repeat in the reverse order
+                for stream in (systems if rep % 2 == 0 else systems[::-1]):
+                    if stream is None:
+                        wall, tokens = mixlora_peer(folder, folders, reqs, nt)
+                        rates.setdefault("transformers + mixlora", []).append(tokens / wall)
+                        continue
                     wall, tokens, counts, _ = asyncio.run(served(url, prompts, nt, stream, models))
                     assert tokens == 16 * nt, (tokens, counts)
                     rates.setdefault(f"served, {'streaming' if stream else 'non-streaming'}", []).append(tokens / wall)
-                if not args.skip_hf:
-                    wall, tokens = mixlora_peer(folder, folders, reqs, nt)
-                    rates.setdefault("transformers + mixlora", []).append(tokens / wall)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -296,12 +299,16 @@ def dynmole_table(args: argparse.Namespace, flags: list[str], folder: Path) -> N
             if engine is not None:
                 bank_run(engine, prompts[:8], names, 4)
             rates: dict[str, list[float]] = {}
-            for _ in range(args.repeats):  # alternate
-                for label, models in (("base alone", None), ("over 8 DynMoLE banks", [r.bank for r in reqs])):
-                    wall, tokens, counts, _ = asyncio.run(served(url, prompts, nt, True, models))
-                    assert tokens == n * nt, (tokens, counts)
-                    rates.setdefault(label, []).append(tokens / wall)
-                    if engine is not None:
+            systems = [(label, models, path) for label, models in (("base alone", None),
+                                                                   ("over 8 DynMoLE banks", [r.bank for r in reqs]))
+                       for path in ("served", *(("in-process",) if engine is not None else ()))]
+            for rep in range(args.repeats):  # alternate, every other repeat in the reverse order
+                for label, models, path in (systems if rep % 2 == 0 else systems[::-1]):
+                    if path == "served":
+                        wall, tokens, counts, _ = asyncio.run(served(url, prompts, nt, True, models))
+                        assert tokens == n * nt, (tokens, counts)
+                        rates.setdefault(label, []).append(tokens / wall)
+                    else:
                         wall = bank_run(engine, prompts, models, nt)
                         rates.setdefault(f"{label}, in-process", []).append(n * nt / wall)
         finally:
@@ -406,17 +413,26 @@ def main() -> None:
             lo, hi = WORKLOADS[name]
             prompts = prompts_for(n, vocab, lo, hi, seed=n + lo)
             rates: dict[str, list[float]] = {}
-            for _ in range(args.repeats):  # alternate the systems within each repeat
-                c0 = time.process_time()
-                rates.setdefault("engine in-process", []).append(n * nt / in_process(engine, next_prompts(prompts), nt))
-                acc = cpu.setdefault("engine in-process", [0.0, 0.0, 0, [], 0.0])
-                acc[1] += time.process_time() - c0
-                acc[2] += n * nt
-                acc[3].append(1000 * (time.process_time() - c0) / (n * nt))
-                for label, (proc, url) in servers.items():
-                    for stream in (False, True):
-                        system = f"{label}, {'streaming' if stream else 'non-streaming'}"
-                        c0 = time.process_time()
+            # A repeat runs every system once, in this order and the next repeat in the reverse order (a
+            # host whose speed drifts within a repeat then favours no system by its place in it).
+            systems: list[tuple[str, object]] = [("engine in-process", None)]
+            systems += [(f"{label}, {'streaming' if stream else 'non-streaming'}", (proc, url, stream))
+                        for label, (proc, url) in servers.items() for stream in (False, True)]
+            if hf is not None:
+                systems.append(("transformers generate", None))
+            for rep in range(args.repeats):
+                for system, spec in (systems if rep % 2 == 0 else systems[::-1]):
+                    c0 = time.process_time()
+                    if system == "engine in-process":
+                        rates.setdefault(system, []).append(n * nt / in_process(engine, next_prompts(prompts), nt))
+                        acc = cpu.setdefault(system, [0.0, 0.0, 0, [], 0.0])
+                        acc[1] += time.process_time() - c0
+                        acc[2] += n * nt
+                        acc[3].append(1000 * (time.process_time() - c0) / (n * nt))
+                    elif system == "transformers generate":
+                        rates.setdefault(system, []).append(n * nt / hf_generate(hf, next_prompts(prompts), nt, pad))
+                    else:
+                        proc, url, stream = spec
                         wall, tokens, counts, (loop_s, all_s) = asyncio.run(
                             served(url, next_prompts(prompts), nt, stream, pid=proc.pid))
                         assert tokens == n * nt, (tokens, counts)
@@ -427,9 +443,6 @@ def main() -> None:
                         acc[2] += tokens
                         acc[3].append(1000 * all_s / tokens)
                         acc[4] += time.process_time() - c0  # the client's (its warm-up request included)
-                if hf is not None:
-                    rates.setdefault("transformers generate", []).append(
-                        n * nt / hf_generate(hf, next_prompts(prompts), nt, pad))
             best = {k: max(v) for k, v in rates.items()}
             for system, runs in rates.items():
                 vs_hf = f"{best[system] / best['transformers generate']:.2f}x" if hf is not None else "-"
