@@ -55,6 +55,11 @@ def configs(B: int, V: int, rng: random.Random):
         [SamplingParams(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.5)] * B,
         prompts, outs, [None] * B)
     yield "logprobs=5, temperature=0.8", plain(SamplingParams(temperature=0.8, logprobs=5))
+    yield "logit_bias (20 tokens), greedy", plain(SamplingParams(
+        temperature=0.0, logit_bias={rng.randrange(V): rng.uniform(-100, 100) for _ in range(20)}))
+    # a request biasing every token (a hostile tenant's): one dense row, built once per request
+    yield "logit_bias (every token), greedy", plain(SamplingParams(
+        temperature=0.0, logit_bias={t: rng.uniform(-1, 1) for t in range(V)}))
     kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.95),
              SamplingParams(temperature=1.0, top_k=40, seed=1), SamplingParams(temperature=0.9, min_p=0.1, logprobs=3),
              SamplingParams(temperature=0.6, presence_penalty=0.5, repetition_penalty=1.05, min_tokens=4)]

@@ -95,6 +95,23 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of range [0, {vocab})", param=param)
 
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's ``logit_bias`` ({"token id": value}) as the engine's {token id: value}: keys must be
+        integers naming tokens of the vocabulary (400 otherwise), values are clamped to [-100, 100] as
+        vLLM does (-100 in effect bans a token, 100 all but forces it)."""
+        if not bias:
+            return None
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids (integers), got {key!r}",
+                               param="logit_bias") from None
+            out[token] = min(100.0, max(-100.0, float(value)))
+        self.check_token_ids(list(out), "logit_bias")
+        return out
+
     def num_choices(self, n: int | None, best_of: int | None = None, stream: bool = False) -> tuple[int, int]:
         """(n, samples): the choices returned per prompt and the samples drawn per prompt (``best_of``:
         the ``n`` of them with the highest cumulative log-probability are returned; vLLM's semantics).
@@ -116,8 +133,7 @@ class OpenAIServing:
 
     def sampling_params(self, req: _Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None,
                         prompt_param: str) -> SamplingParams:
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        logit_bias = self.logit_bias(req.logit_bias)
         limit = self.ctx.max_model_len
         if prompt_len >= limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt has "
@@ -155,6 +171,7 @@ class OpenAIServing:
             min_tokens=req.min_tokens,
             logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=logit_bias,
         )
         params.validate()  # InvalidRequest -> 400
         return params

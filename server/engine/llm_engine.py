@@ -174,6 +174,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(request.prompt_token_ids) < 0 or max(request.prompt_token_ids) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        for param, ids in (("stop_token_ids", request.params.stop_token_ids),
+                           ("logit_bias", list(request.params.logit_bias or ()))):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(f"{param}: token id {bad} is out of range [0, {vocab})", param=param)
         if request.request_id in self.sequences:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
         if request.images:

@@ -8,6 +8,7 @@ Adapters reach the engine only through ``AdapterProvider``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -89,6 +90,9 @@ class SamplingParams:
     # (with ``logprobs`` = k > 0, also the k most likely tokens at each of those positions)
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # the output must match it (token masks in the sampler)
+    # token id -> value added to its logit before penalties and sampling (OpenAI's logit_bias; the API
+    # clamps values to [-100, 100]); the raw logprobs do not see it
+    logit_bias: dict[int, float] | None = None
 
     def validate(self) -> None:
         def bad(msg: str, param: str) -> InvalidRequest:
@@ -113,6 +117,11 @@ class SamplingParams:
             raise bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        for token, value in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise bad(f"logit_bias keys must be token ids (non-negative integers), got {token!r}", "logit_bias")
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"logit_bias values must be finite numbers, got {value!r} for token {token}", "logit_bias")
 
 
 @dataclass

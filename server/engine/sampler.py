@@ -2,6 +2,8 @@
 
 Per row ``i`` (one scheduled sequence, ``params[i]``), on its logits ``[V]``, in this order:
 
+0. ``logit_bias``: each listed token's value added to its logit (OpenAI's; vLLM applies it before the
+   penalties too);
 1. penalties: repetition (over prompt + output tokens, HF/vLLM style: a seen token's logit is divided
    by the penalty when positive and multiplied by it otherwise), then frequency and presence (over
    output tokens only): ``l -= frequency * count + presence * (count > 0)``;
@@ -54,6 +56,22 @@ def _flat_pairs(rows: list[int], ids_per_row: list[list[int]], device) -> tuple[
             torch.tensor(tok_idx, dtype=torch.long, device=device))
 
 
+def _bias_tensors(params: SamplingParams, vocab: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A request's ``logit_bias`` as (token ids [K] long, values [K] float32) on ``device``, or (None, a
+    dense [vocab] vector) when it lists more than a sixteenth of the vocabulary; built once per request
+    and kept on its params, so a bias of thousands of tokens costs a step one small op for its row."""
+    cached = getattr(params, "_bias_tensors", None)
+    if cached is None or cached[1].device != device or (cached[0] is None and cached[1].numel() != vocab):
+        toks = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+        vals = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+        if 16 * len(toks) > vocab:
+            cached = (None, torch.zeros(vocab, dtype=torch.float32, device=device).index_put_((toks,), vals))
+        else:
+            cached = (toks, vals)
+        params._bias_tensors = cached
+    return cached
+
+
 @dataclass
 class SamplingBatch:
     """One step's sampling settings as tensors on the logits' device, built by ``build``.
@@ -78,6 +96,7 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None  # [B, 1]
     output_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (row, token) over output tokens
     banned_pairs: tuple[torch.Tensor, torch.Tensor] | None  # (row, token) masked by min_tokens
+    logit_bias: list[tuple[int, SamplingParams]] = field(default_factory=list)  # rows with a logit_bias
     seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)  # sampled rows only
     any_unseeded_sampled: bool = False
     logprob_rows: torch.Tensor | None = None  # [R] long: rows that asked for logprobs
@@ -136,6 +155,8 @@ class SamplingBatch:
                 banned_rows.append(i)
                 banned_ids.append(sorted(stop_ids))
 
+        bias = [(i, p) for i, p in enumerate(params) if p.logit_bias]
+
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         trunc = [i for i in sampled if top_k[i] or top_p[i] < 1.0 or min_p[i] > 0.0]
         full = [i for i in sampled if not (top_k[i] or top_p[i] < 1.0 or min_p[i] > 0.0)] if trunc else []
@@ -161,6 +182,7 @@ class SamplingBatch:
             output_pairs=_flat_pairs(freq_rows, [output_ids[i] for i in freq_rows], device) if freq_rows else None,
             banned_pairs=(_flat_pairs(banned_rows, banned_ids, device)
                           if any(banned_ids) else None),
+            logit_bias=bias,
             seeded=seeded,
             any_unseeded_sampled=len(seeded) < len(sampled),
             logprob_rows=column(logprob_rows, torch.long) if logprob_rows else None,
@@ -192,6 +214,14 @@ class Sampler:
             rows = batch.logprob_rows
             raw_logprobs = (logits if len(rows) == batch.num_rows else logits.index_select(0, rows)).log_softmax(dim=-1)
 
+        if batch.logit_bias:
+            logits = logits.clone()
+            for row, params in batch.logit_bias:
+                toks, vals = _bias_tensors(params, logits.shape[1], logits.device)
+                if toks is None:
+                    logits[row] += vals
+                else:
+                    logits[row].index_add_(0, toks, vals)
         logits = apply_penalties(logits, batch)
         if batch.grammar_bitmask is not None:
             logits = apply_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)

@@ -112,7 +112,16 @@ def test_validation_errors_name_lengths(make_engine):
         engine.add_request(GenerationRequest("a", [], SamplingParams()))
     with pytest.raises(UnknownBank):
         engine.add_request(GenerationRequest("a", _prompt(3), SamplingParams(), bank="nope"))
+    # token ids the sampler indexes the logits with (a step would fail on them) are refused at admission
+    vocab = engine.model_config.vocab_size
+    with pytest.raises(InvalidRequest, match=f"logit_bias: token id {vocab} is out of range"):
+        engine.add_request(GenerationRequest("a", _prompt(3), SamplingParams(logit_bias={5: 1.0, vocab: 2.0})))
+    with pytest.raises(InvalidRequest, match="stop_token_ids: token id"):
+        engine.add_request(GenerationRequest("a", _prompt(3), SamplingParams(stop_token_ids=[vocab + 1], min_tokens=2)))
     assert not engine.has_unfinished()
+    # in range, the bias steers the engine's greedy tokens
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={77: 100.0})
+    assert _ids(engine.generate([GenerationRequest("b", _prompt(3), params)])["b"]) == [77] * 4
 
 
 def test_stats(make_engine):

@@ -398,3 +398,55 @@ def test_penalties_against_restatement_with_long_histories():
         expected = penalised(logits[i], prompts[i], outputs[i], p.repetition_penalty,
                              p.frequency_penalty, p.presence_penalty)
         torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_logit_bias_before_penalties_only_its_rows_and_raw_logprobs():
+    torch.manual_seed(9)
+    logits = torch.randn(3, V)
+    logits[2] = 0.0
+    logits[2, 12] = 60.0
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0.0, logit_bias={top[0]: -100.0, 3: 0.25}, logprobs=2),  # bans its argmax
+              SamplingParams(temperature=0.0),  # no bias: untouched by its neighbours'
+              SamplingParams(temperature=0.0, logit_bias={11: 100.0}, repetition_penalty=2.0)]
+    out = run(logits, params, prompt=[[], [], [11]])
+    biased0 = logits[0].clone()
+    biased0[top[0]] -= 100.0
+    biased0[3] += 0.25
+    assert out.token_ids[0] == biased0.argmax().item() != top[0]
+    assert out.token_ids[1] == top[1]
+    # the bias comes first and the penalty sees it (vLLM's order): token 11's 0 + 100 halved is 50 < 60;
+    # penalised first it would be 0 / 2 + 100 and win
+    assert out.token_ids[2] == 12
+    params[2] = SamplingParams(temperature=0.0, logit_bias={11: 100.0})
+    assert run(logits, params).token_ids[2] == 11
+    # a bias listing much of the vocabulary is applied as a dense row, to the same effect
+    wide = {t: -100.0 for t in range(V) if t != 40} | {3: 0.25}
+    dense = run(logits[:2], [SamplingParams(temperature=0.0, logit_bias=wide, logprobs=0)] * 2)
+    assert dense.token_ids == [40, 40] and dense.logprobs[0].logprob == pytest.approx(
+        logits[0].log_softmax(-1)[40].item(), abs=1e-5)
+    assert run(logits[:1], [SamplingParams(temperature=0.0, logit_bias=wide | {40: -100.0, 3: 0.0})]).token_ids == [3]
+    # logprobs describe the model's raw distribution (vLLM's raw_logprobs), not the biased one
+    lp = out.logprobs[0]
+    assert lp.logprob == pytest.approx(logits[0].log_softmax(-1)[lp.token_id].item(), abs=1e-5)
+    assert lp.top[0][0] == top[0]
+    b = SamplingBatch.build([SamplingParams(temperature=0.0)] * 2, [[]] * 2, [[]] * 2, [None] * 2, "cpu")
+    assert b.logit_bias == []
+
+
+def test_logit_bias_moves_sampled_rows():
+    logits = torch.zeros(1, V)
+    drawn = draw_many(logits[0], SamplingParams(temperature=1.0, logit_bias={5: 100.0}), n=200)
+    assert drawn == {5}
+    drawn = draw_many(logits[0], SamplingParams(temperature=1.0, logit_bias={t: -100.0 for t in range(V - 2)}), n=400)
+    assert drawn == {V - 2, V - 1}
+
+
+@pytest.mark.parametrize("bias, message", [
+    ({-1: 1.0}, "non-negative"), ({"5": 1.0}, "non-negative"), ({True: 1.0}, "non-negative"),
+    ({5: float("nan")}, "finite"), ({5: float("inf")}, "finite"), ({5: "x"}, "finite"),
+])
+def test_logit_bias_validation(bias, message):
+    from server.engine.protocol import InvalidRequest
+    with pytest.raises(InvalidRequest, match=message):
+        SamplingParams(logit_bias=bias).validate()

@@ -42,7 +42,10 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
     ({"messages": MSG, "max_tokens": 4, "min_tokens": 5}, 400, ["min_tokens"], None),
     ({"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, ["logprobs"], None),
     ({"messages": MSG, "top_logprobs": 2}, 400, ["top_logprobs"], "top_logprobs"),
-    ({"messages": MSG, "logit_bias": {"5": 1.0}}, 400, ["logit_bias"], "logit_bias"),
+    ({"messages": MSG, "logit_bias": {"abc": 1.0}}, 400, ["logit_bias keys must be token ids", "'abc'"], "logit_bias"),
+    ({"messages": MSG, "logit_bias": {"1000000000": 1.0}}, 400, ["out of range"], "logit_bias"),
+    ({"messages": MSG, "logit_bias": {"-3": 1.0}}, 400, ["out of range"], "logit_bias"),
+    ({"messages": MSG, "logit_bias": {"5": "much"}}, 422, ["logit_bias"], None),
     ({"messages": MSG, "tools": [{"type": "function"}]}, 422, ["tools"], "tools.0.function"),
     ({"messages": MSG, "tools": [TOOL, TOOL]}, 400, ["unique"], "tools"),
     ({"messages": MSG, "tool_choice": "required"}, 400, ["needs tools"], "tool_choice"),
@@ -93,6 +96,7 @@ def test_chat_client_errors(served, body, status, words, param):
     ({"prompt": "x", "best_of": 3, "stream": True}, 400, ["best_of > n cannot be streamed"]),
     ({"prompt": "x", "logprobs": 30}, 400, ["logprobs"]),
     ({"prompt": {"a": 1}}, 422, ["prompt"]),
+    ({"prompt": "x", "logit_bias": {"7.5": 1}}, 400, ["logit_bias keys must be token ids"]),
 ])
 def test_completion_client_errors(served, body, status, words):
     with served.client() as c:
@@ -115,6 +119,8 @@ def test_bad_json_and_wrong_content(served):
         assert_error(c.post(CHAT, content=b"[1, 2]", headers={"content-type": "application/json"}), 422)
         assert_error(c.post(CHAT, content=b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
                             headers={"content-type": "application/json"}), 422, "temperature")
+        assert_error(c.post(CHAT, content=b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": NaN}}',
+                            headers={"content-type": "application/json"}), 422, "logit_bias")
 
 
 def test_unknown_route_and_method(served):

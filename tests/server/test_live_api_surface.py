@@ -159,3 +159,33 @@ def test_n_choices_each_match_the_schema_and_tools(live):
         assert choice.finish_reason == "tool_calls"
         for call in choice.message.tool_calls:
             jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_logit_bias_bans_and_forces_tokens(live):
+    """OpenAI's logit_bias through the openai client: +100 forces a token (greedy and sampled, chat and
+    completions, streamed or not), -100 bans the greedy choice; logprobs stay the model's own."""
+    client, model, tok = live["client"], live["model"], live["engine"].tokenizer
+    prompt = "The capital of France is"
+    banana = tok.encode(" banana", add_special_tokens=False)[0]
+    forced = tok.decode([banana] * 3)
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, logprobs=0,
+                                    logit_bias={str(banana): 100})
+    assert out.choices[0].text == forced
+    assert all(lp < -1.0 for lp in out.choices[0].logprobs.token_logprobs)  # raw: the model finds it unlikely
+    sampled = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=1.0, seed=3,
+                                        logit_bias={str(banana): 100})
+    assert sampled.choices[0].text == forced
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}],
+                                          max_tokens=3, temperature=0, logit_bias={str(banana): 100})
+    assert chat.choices[0].message.content == forced.strip() or chat.choices[0].message.content == forced
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, stream=True,
+                                       logit_bias={str(banana): 100})
+    assert "".join(c.choices[0].text for c in stream if c.choices) == forced
+
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0).choices[0].text
+    first_ids = tok.encode(first, add_special_tokens=False)
+    banned = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0,
+                                       logit_bias={str(first_ids[0]): -100}).choices[0].text
+    assert banned and banned != first
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0).choices[0].text
+    assert again == first  # the bias was that request's alone
