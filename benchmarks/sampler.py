@@ -1,6 +1,6 @@
 """Time per call of the sampler against one softmax of the same [B, V]; prints the BENCHMARKS.md table.
 
-    python benchmarks/sampler.py [--threads 2] [--vocab 49152] [--batches 1,32,256] [--calls 30]
+    python benchmarks/sampler.py [--threads 2] [--vocab 49152] [--batches 1,32,256] [--calls 30] [--nucleus-ab]
 
 Each cell builds the step's ``SamplingBatch`` (timed with the call: the engine pays both) and samples
 from LM-like logits (a N(0, 1.5^2) body plus 20 tokens raised by ~14 per row, so a top-p of 0.9 holds a
@@ -92,15 +92,64 @@ def measure(B: int, V: int, calls: int, sampler: Sampler, seed: int = 0):
     return rows
 
 
+def nucleus_ab(B: int, V: int, calls: int, sampler: Sampler, seed: int = 0):
+    """The configs with top-p, with large nuclei placed by their histogram (the sampler's path) and by
+    a full sort (the path before it), calls alternating: (name, B, hist median, sort median, hist min,
+    sort min); the two must sample the same tokens (the rows' nuclei have no ties at their edge)."""
+    from server.engine import sampler as sampler_module
+
+    hist = sampler_module._top_p_by_histogram
+    gen = torch.Generator().manual_seed(seed)
+    logits = lm_logits(B, V, gen)
+    rows = []
+    for name, (params, prompts, outs, gens) in configs(B, V, random.Random(seed)):
+        if not any(p.top_p < 1 for p in params):
+            continue
+
+        def call(by_histogram: bool):
+            sampler_module._top_p_by_histogram = hist if by_histogram else (lambda *a: None)
+            try:
+                for g, p in zip(gens, params):  # the same draws for both paths
+                    if g is not None:
+                        g.manual_seed(p.seed)
+                torch.manual_seed(seed)
+                batch = SamplingBatch.build(params, prompts, outs, gens, "cpu", eos_token_ids=EOS)
+                t0 = time.perf_counter()
+                out = sampler(logits, batch)
+                return time.perf_counter() - t0, out.token_ids
+            finally:
+                sampler_module._top_p_by_histogram = hist
+
+        assert call(True)[1] == call(False)[1], name
+        th, ts = [], []
+        for _ in range(calls):
+            th.append(call(True)[0] * 1e3)
+            ts.append(call(False)[0] * 1e3)
+        rows.append((name, B, statistics.median(th), statistics.median(ts), min(th), min(ts)))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--nucleus-ab", action="store_true",
+                    help="only the top-p configs, large nuclei by histogram (today) against a full sort (before)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sampler = Sampler()
+    if args.nucleus_ab:
+        print(f"V = {args.vocab}, {args.threads} threads, {args.calls} alternating calls per cell (ms per call, "
+              "SamplingBatch.build excluded)\n")
+        print("| config | B | histogram (median) | sort (median) | ratio (median) | histogram (min) | sort (min) |")
+        print("|---|---|---|---|---|---|---|")
+        with torch.inference_mode():
+            for B in [int(b) for b in args.batches.split(",")]:
+                for name, b, h, srt, hmin, smin in nucleus_ab(B, args.vocab, args.calls, sampler):
+                    print(f"| {name} | {b} | {h:.2f} | {srt:.2f} | {h / srt:.2f}x | {hmin:.2f} | {smin:.2f} |", flush=True)
+        return
     print(f"V = {args.vocab}, {args.threads} threads, torch {torch.__version__}, {args.calls} alternating calls per cell")
     print()
     print("| config | B | sampler ms (median) | softmax ms (median) | ratio (median) | sampler ms (min) | softmax ms (min) | ratio (min) |")

@@ -308,8 +308,10 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_k_ma
     probable token always survives). Tokens tied at a threshold value all survive.
 
     No full sort unless needed: top-k alone is one ``topk`` of the batch's largest k, and top-p looks
-    at each row's ``_NUCLEUS_CANDIDATES`` most likely tokens first, sorting the whole vocabulary only
-    when some row's nucleus is larger than that (a full sort of [B, 49152] is ~20x a topk on CPU).
+    at each row's ``_NUCLEUS_CANDIDATES`` most likely tokens first; when some row's nucleus is larger
+    than that, top-p alone places each row's nucleus by a histogram of its mass
+    (``_top_p_by_histogram``), and with top-k it sorts the whole vocabulary (a full sort of
+    [B, 49152] is ~20x a topk on CPU).
     """
     B, V = logits.shape
     neg_inf = float("-inf")
@@ -323,7 +325,51 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_k_ma
         masked = _top_k_top_p_by_topk(logits, top_k, top_p, candidates)
         if masked is not None:
             return masked
+        if top_k is None or not bool((top_k > 0).any()):
+            masked = _top_p_by_histogram(logits, top_p)
+            if masked is not None:
+                return masked
     return _top_k_top_p_by_sort(logits, top_k, top_p)
+
+
+# Bins of logit value (below each row's maximum) that ``_top_p_by_histogram`` sums the mass in.
+_NUCLEUS_BINS = 2048
+
+
+def _top_p_by_histogram(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor | None:
+    """``apply_top_k_top_p`` without top-k, for rows whose nucleus is large, without sorting the vocabulary.
+
+    Each row's probability mass is summed into ``_NUCLEUS_BINS`` equal bins of logit value below its
+    maximum (one ``scatter_add_``); the cumulative mass over the bins finds the bin holding the nucleus's
+    last token, and only that bin's tokens are ordered (a ``topk`` of its largest count) to place it
+    exactly: a token is kept when the mass above it is below ``top_p``, as in the sort. So the kept set
+    is the sort's, up to the rounding of the cumulative sums (summed per bin here, token by token there).
+    A flat row (a nucleus of ~13,000 of 49,152 tokens) costs about a fifth of the sort. None (the caller
+    sorts) when a row's maximum is not finite.
+    """
+    neg_inf = float("-inf")
+    m = logits.amax(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(m).all()):
+        return None
+    e = (logits - m).exp_()
+    z = e.sum(dim=-1, keepdim=True)
+    probs = e.div_(z)
+    lo = logits.masked_fill(logits == neg_inf, float("inf")).amin(dim=-1, keepdim=True)
+    width = ((m - lo) / _NUCLEUS_BINS).clamp_(min=torch.finfo(logits.dtype).tiny)
+    # bin 0 holds the maximum; -inf logits (no mass) land in the last bin
+    bins = (m - logits).div_(width).clamp_(max=_NUCLEUS_BINS - 1).long()
+    mass = torch.zeros(logits.shape[0], _NUCLEUS_BINS, dtype=probs.dtype, device=logits.device)
+    cum = mass.scatter_add_(1, bins, probs).cumsum_(dim=-1)
+    p = top_p.unsqueeze(1)
+    edge = (cum < p).sum(dim=-1, keepdim=True).clamp_(max=_NUCLEUS_BINS - 1)  # the bin where the mass reaches p
+    before = cum.gather(1, (edge - 1).clamp_(min=0)).masked_fill_(edge == 0, 0.0)
+    in_edge = (bins == edge) & (p < 1)  # (rows keeping everything need no edge)
+    vals = logits.masked_fill(~in_edge, neg_inf).topk(int(in_edge.sum(dim=-1).max()), dim=-1).values
+    pv = (vals - m).exp_().div_(z)
+    keep = (before + pv.cumsum(dim=-1) - pv < p) & (vals > neg_inf)
+    threshold = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)
+    threshold = threshold.masked_fill(p >= 1, neg_inf)
+    return logits.masked_fill(logits < threshold, neg_inf)
 
 
 # How many of a row's most likely tokens top-p examines before it falls back to a full sort.
@@ -497,12 +543,16 @@ def _sample_candidates(x, temperature, top_k, top_k_max, top_p, min_p, cand, u):
         z = w.sum(dim=-1, keepdim=True)
         no_k = needs_p if has_k is None else needs_p & ~has_k
         if bool(no_k.any()):
-            nk = no_k.squeeze(1).nonzero().squeeze(1)
-            xs = x.index_select(0, nk)
-            scale = 1.0 if temperature is None else (temperature if isinstance(temperature, float)
-                                                      else temperature.index_select(0, nk))
-            zs = (xs - vals.index_select(0, nk)[:, :1]).div_(scale).exp_().sum(dim=-1, keepdim=True)
-            z = z.index_put((nk,), zs)
+            if bool(no_k.all()):  # (no copy of the rows)
+                scale = 1.0 if temperature is None else temperature
+                z = (x - vals[:, :1]).div_(scale).exp_().sum(dim=-1, keepdim=True)
+            else:
+                nk = no_k.squeeze(1).nonzero().squeeze(1)
+                xs = x.index_select(0, nk)
+                scale = 1.0 if temperature is None else (temperature if isinstance(temperature, float)
+                                                          else temperature.index_select(0, nk))
+                zs = (xs - vals.index_select(0, nk)[:, :1]).div_(scale).exp_().sum(dim=-1, keepdim=True)
+                z = z.index_put((nk,), zs)
         probs = w / z
         mass_above = probs.cumsum(dim=-1) - probs
         keep &= (mass_above < p) | ~needs_p

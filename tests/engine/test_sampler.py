@@ -450,3 +450,57 @@ def test_logit_bias_validation(bias, message):
     from server.engine.protocol import InvalidRequest
     with pytest.raises(InvalidRequest, match=message):
         SamplingParams(logit_bias=bias).validate()
+
+
+def test_large_nuclei_by_histogram_keep_the_sorts_set():
+    """Top-p rows whose nucleus passes the candidates are placed by a histogram of their mass, not a
+    sort of the vocabulary: the same kept set as vLLM's sort (up to the rounding of cumulative sums),
+    the nucleus rule held in float64, and rows keeping everything or with -inf tokens handled."""
+    from server.engine import sampler as sampler_module
+    from server.engine.sampler import _top_k_top_p_by_sort, _top_p_by_histogram, apply_top_k_top_p
+
+    V_big, rows, same = 8192, 0, 0
+    for seed, scale in enumerate((0.05, 0.3, 1.0, 1.5, 2.5, 4.0)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(8, V_big, generator=g) * scale
+        x[1, : V_big // 2] = float("-inf")  # a grammar's or min_tokens' mask
+        x[2] = x[2].round()  # many exact ties
+        p = torch.rand(8, generator=g) * 0.98 + 0.01
+        p[3] = 1.0  # keeps everything
+        got = _top_p_by_histogram(x, p)
+        ref = _top_k_top_p_by_sort(x, None, p)
+        kept, kept_ref = got > float("-inf"), ref > float("-inf")
+        assert torch.equal(got[kept], x[kept])
+        assert bool(kept[3][x[3] > float("-inf")].all())
+        probs = x.double().softmax(-1)
+        for r in range(8):
+            if r != 2:  # (the sort keeps only some of the tokens tied at the edge; here, as in the
+                rows += 1  # candidates' path, they all survive)
+                same += bool(torch.equal(kept[r], kept_ref[r]))
+            if p[r] >= 1:
+                continue
+            k = kept[r]
+            # a top set: every kept token at least as likely as every dropped one
+            assert not bool((~k).any()) or x[r][k].min() >= x[r][~k].max()
+            mass, smallest = probs[r][k].sum().item(), probs[r][k].min().item()
+            # the mass above the least likely kept token (and its ties) is below p; all of it reaches p
+            least = x[r][k].min()
+            above = probs[r][x[r] > least].sum().item()
+            assert above < p[r].item() + 1e-5 and mass >= p[r].item() - 1e-5, (seed, r, above, mass, smallest)
+    assert same == rows, (same, rows)
+    # apply_top_k_top_p takes it for large nuclei without top-k, never sorting
+    flat = torch.randn(4, V_big, generator=torch.Generator().manual_seed(7)) * 0.2
+    calls = []
+    orig = sampler_module._top_k_top_p_by_sort
+    sampler_module._top_k_top_p_by_sort = lambda *a: calls.append(1) or orig(*a)
+    try:
+        out = apply_top_k_top_p(flat, None, 0, torch.tensor([0.9, 0.95, 1.0, 0.5]))
+        assert not calls and torch.equal(out, orig(flat, None, torch.tensor([0.9, 0.95, 1.0, 0.5])))
+        apply_top_k_top_p(flat, torch.tensor([0, 3000, 0, 0]), 3000, torch.tensor([0.9, 0.95, 1.0, 0.5]))
+        assert calls  # with top-k, the sort
+    finally:
+        sampler_module._top_k_top_p_by_sort = orig
+    # a row whose maximum is not finite goes to the sort
+    bad = flat.clone()
+    bad[0, 0] = float("inf")
+    assert _top_p_by_histogram(bad, torch.full((4,), 0.9)) is None
