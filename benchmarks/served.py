@@ -4,7 +4,7 @@ BENCHMARKS.md table ("Served throughput").
 
     python benchmarks/served.py [--threads 2] [--concurrency 32] [--new-tokens 64] [--repeats 2]
                                 [--workloads short long] [--skip-hf] [--skip-mixlora] [--dynmole] [--only-banks]
-                                [--client-nice N]
+                                [--client-nice N] [--sampling JSON]
 
 Workloads: N requests of prompt token ids (seeded random), ``short`` 30-44 tokens (a chat turn's
 size), ``long`` 64-128 tokens (benchmarks/engine.py's); N new tokens each, greedy, ignore_eos. The
@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 KEY = "bench-key"
+# Sampling fields of every request, served and in-process (``--sampling``): greedy by default.
+SAMPLING: dict = {"temperature": 0}
 
 
 def prompts_for(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -117,7 +119,7 @@ async def served(url: str, prompts: list[list[int]], new_tokens: int, stream: bo
         import aiohttp
     except ImportError:
         return await served_httpx(url, prompts, new_tokens, stream, models, pid)
-    body = dict(max_tokens=new_tokens, temperature=0, ignore_eos=True, stream=stream)
+    body = dict(max_tokens=new_tokens, ignore_eos=True, stream=stream, **SAMPLING)
     headers = {"Authorization": f"Bearer {KEY}"}
     connector = aiohttp.TCPConnector(limit=len(prompts) + 4)
     async with aiohttp.ClientSession(base_url=url, headers=headers, connector=connector,
@@ -161,7 +163,7 @@ async def served_httpx(url: str, prompts: list[list[int]], new_tokens: int, stre
     """``served`` with httpx."""
     import httpx
 
-    body = dict(max_tokens=new_tokens, temperature=0, ignore_eos=True, stream=stream)
+    body = dict(max_tokens=new_tokens, ignore_eos=True, stream=stream, **SAMPLING)
     headers = {"Authorization": f"Bearer {KEY}"}
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
@@ -187,7 +189,7 @@ async def served_httpx(url: str, prompts: list[list[int]], new_tokens: int, stre
 def in_process(engine, prompts: list[list[int]], new_tokens: int) -> float:
     from server.engine.protocol import GenerationRequest, SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **SAMPLING)
     t0 = time.perf_counter()
     engine.generate([GenerationRequest(f"b{i}-{time.monotonic_ns()}", p, params) for i, p in enumerate(prompts)])
     return time.perf_counter() - t0
@@ -335,7 +337,7 @@ def bank_run(engine, prompts: list[list[int]], models: list[str] | None, new_tok
     """Seconds for ``prompts`` through the in-process ``engine``, request i on bank ``models[i]``."""
     from server.engine.protocol import GenerationRequest, SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **SAMPLING)
     t0 = time.perf_counter()
     engine.generate([GenerationRequest(f"d{i}-{time.monotonic_ns()}", p, params, bank=models[i] if models else None)
                      for i, p in enumerate(prompts)])
@@ -367,8 +369,14 @@ def main() -> None:
     ap.add_argument("--reuse-prompts", action="store_true",
                     help="the same prompts every run (the first run of each system pays their prefill, later runs "
                          "read it from the prefix cache); default: prompts of its own per run")
+    ap.add_argument("--sampling", type=json.loads, default=None,
+                    help='JSON sampling fields for every served and in-process request instead of greedy, e.g. '
+                         '\'{"temperature": 0.8, "top_p": 0.9}\' (transformers stays greedy: use --skip-hf)')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sampling is not None:
+        SAMPLING.clear()
+        SAMPLING.update(args.sampling)
     if args.client_nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.client_nice)  # Linux: this thread (the client's event loop)
 
