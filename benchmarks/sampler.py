@@ -51,9 +51,11 @@ def configs(B: int, V: int, rng: random.Random):
     yield "min_p=0.05", plain(SamplingParams(temperature=0.8, min_p=0.05))
     outs = [hist(32, 350) for _ in range(B)]
     prompts = [hist(32, 350) for _ in range(B)]
-    yield "penalties (rep+freq+pres), greedy", (
-        [SamplingParams(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.5)] * B,
-        prompts, outs, [None] * B)
+    pen = [SamplingParams(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.5)] * B
+    # prompts as the model runner hands them: each sequence's cached long tensor (Sequence.prompt_tensor)
+    yield "penalties (rep+freq+pres), greedy", (pen, [torch.tensor(p) for p in prompts], outs, [None] * B)
+    long_prompts = [torch.tensor(hist(2000, 2000)) for _ in range(B)]
+    yield "penalties, 2000-token prompts, greedy", (pen, long_prompts, outs, [None] * B)
     yield "logprobs=5, temperature=0.8", plain(SamplingParams(temperature=0.8, logprobs=5))
     yield "logit_bias (20 tokens), greedy", plain(SamplingParams(
         temperature=0.0, logit_bias={rng.randrange(V): rng.uniform(-100, 100) for _ in range(20)}))
@@ -65,7 +67,7 @@ def configs(B: int, V: int, rng: random.Random):
              SamplingParams(temperature=0.6, presence_penalty=0.5, repetition_penalty=1.05, min_tokens=4)]
     params = [kinds[i % len(kinds)] for i in range(B)]
     gens = [make_generator(i, "cpu") if p.seed is not None else None for i, p in enumerate(params)]
-    yield "mixed batch", (params, prompts, outs, gens)
+    yield "mixed batch", (params, [torch.tensor(p) for p in prompts], outs, gens)
 
 
 def measure(B: int, V: int, calls: int, sampler: Sampler, seed: int = 0):

@@ -222,7 +222,7 @@ class ModelRunner:
             for i in (~finite).nonzero().flatten().tolist():
                 where = f" with bank {sampling[i].bank!r}" if sampling[i].bank else ""
                 sampling[i].fault = f"the model produced NaN or infinite logits for this request{where}"
-        sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_token_ids for s in sampling],
+        sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_tensor(self.device) for s in sampling],
                                      [s.output_token_ids for s in sampling], [s.generator for s in sampling],
                                      self.device, eos_token_ids=self.eos_token_ids,
                                      matchers=[s.grammar for s in sampling] if any(s.grammar is not None for s in sampling) else None,

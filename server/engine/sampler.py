@@ -56,6 +56,21 @@ def _flat_pairs(rows: list[int], ids_per_row: list[list[int]], device) -> tuple[
             torch.tensor(tok_idx, dtype=torch.long, device=device))
 
 
+def _seen_pairs(rows: list[int], prompt_ids: list, output_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_flat_pairs`` over prompt + output tokens of ``rows``; a prompt may come as a long tensor (a
+    sequence's cached ``prompt_tensor``), so a long prompt is not re-read in Python every step."""
+    parts, lens = [], []
+    for r in rows:
+        prompt = torch.as_tensor(prompt_ids[r], dtype=torch.long, device=device)
+        parts.append(prompt)
+        if output_ids[r]:
+            parts.append(torch.tensor(output_ids[r], dtype=torch.long, device=device))
+        lens.append(len(prompt) + len(output_ids[r]))
+    row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long, device=device),
+                                      torch.tensor(lens, dtype=torch.long, device=device))
+    return row_idx, torch.cat(parts)
+
+
 def _bias_tensors(params: SamplingParams, vocab: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
     """A request's ``logit_bias`` as (token ids [K] long, values [K] float32) on ``device``, or (None, a
     dense [vocab] vector) when it lists more than a sixteenth of the vocabulary; built once per request
@@ -118,7 +133,8 @@ class SamplingBatch:
         """``params``, ``prompt_ids``, ``output_ids``, ``generators``: one entry per row, batch order.
 
         ``output_ids[i]`` are the tokens row ``i`` generated so far (its penalties and min_tokens read
-        them); ``eos_token_ids`` are the model's EOS ids, masked with ``stop_token_ids`` by min_tokens.
+        them); ``prompt_ids[i]`` (a list or a long tensor) only the repetition penalty reads;
+        ``eos_token_ids`` are the model's EOS ids, masked with ``stop_token_ids`` by min_tokens.
         ``matchers``: each row's grammar matcher (None: unconstrained), with the logits' ``vocab_size``.
         """
         n = len(params)
@@ -175,8 +191,7 @@ class SamplingBatch:
             top_p=column(top_p) if any(p < 1.0 for p in top_p) else None,
             min_p=column(min_p) if any(p > 0.0 for p in min_p) else None,
             repetition_penalty=(column([[p.repetition_penalty] for p in params]) if rep_rows else None),
-            seen_pairs=(_flat_pairs(rep_rows, [prompt_ids[i] + output_ids[i] for i in rep_rows], device)
-                        if rep_rows else None),
+            seen_pairs=_seen_pairs(rep_rows, prompt_ids, output_ids, device) if rep_rows else None,
             frequency_penalty=column([[p.frequency_penalty] for p in params]) if freq_rows else None,
             presence_penalty=column([[p.presence_penalty] for p in params]) if freq_rows else None,
             output_pairs=_flat_pairs(freq_rows, [output_ids[i] for i in freq_rows], device) if freq_rows else None,

@@ -74,6 +74,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     inter_token_s: list[float] = field(default_factory=list)
+    _prompt_tensor: tuple | None = None  # prompt_tensor's (device, tensor)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -102,6 +103,15 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    def prompt_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The prompt's token ids as a long tensor on ``device``, built once (the prompt never changes):
+        the sampler's repetition penalty reads them every step, which as a list costs a long prompt
+        milliseconds of Python a step."""
+        cached = self._prompt_tensor
+        if cached is None or cached[0] != device:
+            cached = self._prompt_tensor = (device, torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device))
+        return cached[1]
 
     @property
     def output_token_ids(self) -> list[int]:

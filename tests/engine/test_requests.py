@@ -151,3 +151,17 @@ def test_step_error_fails_its_requests_not_the_engine(make_engine, monkeypatch):
     monkeypatch.setattr(engine.runner, "run", real)
     out = engine.generate([GenerationRequest("b", _prompt(5), SamplingParams(max_tokens=3, ignore_eos=True))])
     assert len(_ids(out["b"])) == 3
+
+
+def test_repetition_penalty_reads_the_prompt_through_the_engine(make_engine):
+    """The model runner hands the sampler each sequence's cached prompt tensor: a strong repetition
+    penalty then keeps every prompt token (and every earlier output) out of the greedy output, where
+    the same prompt without it repeats some."""
+    engine = make_engine()
+    prompt = _prompt(12, 5)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    plain = _ids(engine.generate([GenerationRequest("p", prompt, greedy)])["p"])
+    assert any(t in prompt or t in plain[:i] for i, t in enumerate(plain)), plain  # it repeats without the penalty
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, repetition_penalty=50.0)
+    got = _ids(engine.generate([GenerationRequest("q", prompt, params)])["q"])
+    assert not any(t in prompt or t in got[:i] for i, t in enumerate(got)), (prompt, got)

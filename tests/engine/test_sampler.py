@@ -504,3 +504,19 @@ def test_large_nuclei_by_histogram_keep_the_sorts_set():
     bad = flat.clone()
     bad[0, 0] = float("inf")
     assert _top_p_by_histogram(bad, torch.full((4,), 0.9)) is None
+
+
+def test_prompts_as_tensors_penalise_as_lists():
+    """The engine hands each sequence's prompt as its cached tensor (``Sequence.prompt_tensor``): the
+    repetition penalty must see the same tokens as from lists, empty prompts and outputs included."""
+    torch.manual_seed(10)
+    logits = torch.randn(3, V) * 3
+    prompts = [[1, 2, 3, 3], [], [7, 8]]
+    outputs = [[3, 4], [6], []]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.7)] * 3
+    as_lists = SamplingBatch.build(params, prompts, outputs, [None] * 3, "cpu")
+    as_tensors = SamplingBatch.build(params, [torch.tensor(p, dtype=torch.long) for p in prompts], outputs,
+                                     [None] * 3, "cpu")
+    assert [t.tolist() for t in as_lists.seen_pairs] == [t.tolist() for t in as_tensors.seen_pairs] == [
+        [0, 0, 0, 0, 0, 0, 1, 2, 2], [1, 2, 3, 3, 3, 4, 6, 7, 8]]
+    assert sampler(logits, as_lists).token_ids == sampler(logits, as_tensors).token_ids
