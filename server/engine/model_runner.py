@@ -222,7 +222,9 @@ class ModelRunner:
             for i in (~finite).nonzero().flatten().tolist():
                 where = f" with bank {sampling[i].bank!r}" if sampling[i].bank else ""
                 sampling[i].fault = f"the model produced NaN or infinite logits for this request{where}"
-        sbatch = SamplingBatch.build([s.params for s in sampling], [s.prompt_tensor(self.device) for s in sampling],
+        # prompts only for the rows that read them (the repetition penalty), as each sequence's cached tensor
+        prompts = [s.prompt_tensor(self.device) if s.params.repetition_penalty != 1.0 else () for s in sampling]
+        sbatch = SamplingBatch.build([s.params for s in sampling], prompts,
                                      [s.output_token_ids for s in sampling], [s.generator for s in sampling],
                                      self.device, eos_token_ids=self.eos_token_ids,
                                      matchers=[s.grammar for s in sampling] if any(s.grammar is not None for s in sampling) else None,
