@@ -93,6 +93,8 @@ class SamplingParams:
     # token id -> value added to its logit before penalties and sampling (OpenAI's logit_bias; the API
     # clamps values to [-100, 100]); the raw logprobs do not see it
     logit_bias: dict[int, float] | None = None
+    # the sampler's tensors of logit_bias, built on first use (sampler._bias_tensors)
+    _bias_tensors: Any = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         def bad(msg: str, param: str) -> InvalidRequest:

@@ -28,7 +28,6 @@ penalties is one ``argmax``.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -48,34 +47,28 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return g
 
 
-def _flat_pairs(rows: list[int], ids_per_row: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) pairs ``[N]`` for every token of the given rows, for index_put_."""
-    row_idx = list(itertools.chain.from_iterable([r] * len(ids) for r, ids in zip(rows, ids_per_row)))
-    tok_idx = list(itertools.chain.from_iterable(ids_per_row))
-    return (torch.tensor(row_idx, dtype=torch.long, device=device),
-            torch.tensor(tok_idx, dtype=torch.long, device=device))
-
-
-def _seen_pairs(rows: list[int], prompt_ids: list, output_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_flat_pairs`` over prompt + output tokens of ``rows``; a prompt may come as a long tensor (a
-    sequence's cached ``prompt_tensor``), so a long prompt is not re-read in Python every step."""
-    parts, lens = [], []
-    for r in rows:
-        prompt = torch.as_tensor(prompt_ids[r], dtype=torch.long, device=device)
-        parts.append(prompt)
-        if output_ids[r]:
-            parts.append(torch.tensor(output_ids[r], dtype=torch.long, device=device))
-        lens.append(len(prompt) + len(output_ids[r]))
+def _flat_pairs(rows: list[int], parts_per_row: list[tuple], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) pairs ``[N]`` for every token of the given rows, for index_put_. Each row's
+    tokens come in parts (lists, or long tensors: a sequence's cached ``prompt_tensor``, so a long
+    prompt is not re-read in Python every step)."""
+    tensors, lens = [], []
+    for parts in parts_per_row:
+        n = 0
+        for part in parts:
+            if len(part):
+                tensors.append(torch.as_tensor(part, dtype=torch.long, device=device))
+                n += len(part)
+        lens.append(n)
     row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long, device=device),
                                       torch.tensor(lens, dtype=torch.long, device=device))
-    return row_idx, torch.cat(parts)
+    return row_idx, (torch.cat(tensors) if tensors else torch.empty(0, dtype=torch.long, device=device))
 
 
 def _bias_tensors(params: SamplingParams, vocab: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
     """A request's ``logit_bias`` as (token ids [K] long, values [K] float32) on ``device``, or (None, a
     dense [vocab] vector) when it lists more than a sixteenth of the vocabulary; built once per request
     and kept on its params, so a bias of thousands of tokens costs a step one small op for its row."""
-    cached = getattr(params, "_bias_tensors", None)
+    cached = params._bias_tensors
     if cached is None or cached[1].device != device or (cached[0] is None and cached[1].numel() != vocab):
         toks = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
         vals = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
@@ -191,11 +184,12 @@ class SamplingBatch:
             top_p=column(top_p) if any(p < 1.0 for p in top_p) else None,
             min_p=column(min_p) if any(p > 0.0 for p in min_p) else None,
             repetition_penalty=(column([[p.repetition_penalty] for p in params]) if rep_rows else None),
-            seen_pairs=_seen_pairs(rep_rows, prompt_ids, output_ids, device) if rep_rows else None,
+            seen_pairs=(_flat_pairs(rep_rows, [(prompt_ids[i], output_ids[i]) for i in rep_rows], device)
+                        if rep_rows else None),
             frequency_penalty=column([[p.frequency_penalty] for p in params]) if freq_rows else None,
             presence_penalty=column([[p.presence_penalty] for p in params]) if freq_rows else None,
-            output_pairs=_flat_pairs(freq_rows, [output_ids[i] for i in freq_rows], device) if freq_rows else None,
-            banned_pairs=(_flat_pairs(banned_rows, banned_ids, device)
+            output_pairs=_flat_pairs(freq_rows, [(output_ids[i],) for i in freq_rows], device) if freq_rows else None,
+            banned_pairs=(_flat_pairs(banned_rows, [(ids,) for ids in banned_ids], device)
                           if any(banned_ids) else None),
             logit_bias=bias,
             seeded=seeded,

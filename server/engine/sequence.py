@@ -74,7 +74,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     inter_token_s: list[float] = field(default_factory=list)
-    _prompt_tensor: tuple | None = None  # prompt_tensor's (device, tensor)
+    _prompt_tensor: tuple | None = field(default=None, repr=False)  # prompt_tensor's (device, tensor)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
